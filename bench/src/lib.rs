@@ -1,0 +1,504 @@
+//! Shared fixtures of the `aio` benchmarks, used by the criterion bench
+//! (`benches/fd_scaling.rs`) and the `aio-bench` binary.
+//!
+//! * **fd scaling.** A ping-pong with `N` idle eventfds registered (never
+//!   signalled) and one active [`aio::EventNotifier`] registered last. One
+//!   iteration sets the notifier and runs one blocking
+//!   [`AioContext::poll`], which must dispatch its handler (one 8-byte
+//!   read). [`RawEpollPingPong`] is the same ping-pong written directly
+//!   against libc epoll: the floor no loop can beat.
+//! * **timers.** The lateness of one-shot [`aio::Timer`]s on the
+//!   `Realtime` clock, and of the same wait done with a plain `epoll_wait`
+//!   whose timeout is rounded up to milliseconds ([`ms_epoll_lateness`]).
+//!
+//! All `unsafe` lives in the private `sys` module.
+
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
+
+mod sys;
+
+pub use sys::{MsEpollSleeper, RawEpollPingPong};
+
+/// The idle-fd counts of the fd-scaling benchmark.
+pub const IDLE_COUNTS: [usize; 5] = [1, 16, 256, 4096, 10_000];
+
+/// Descriptors wanted on top of the idle ones: the active eventfd, the
+/// context's notifier, epoll and timerfd, stdio, criterion's files.
+const FD_SLACK: u64 = 1_024;
+
+/// Errors of the fixtures (setup failures from `aio` or the kernel).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Raises `RLIMIT_NOFILE` so that a fixture with `max_idle` idle fds fits
+/// (one fixture at a time), and returns the limit in force.
+///
+/// # Errors
+///
+/// When the limit cannot be raised, or the hard limit is too low.
+pub fn raise_fd_limit_for(max_idle: usize) -> Result<u64> {
+    let want = max_idle as u64 + FD_SLACK;
+    let got = aio::raise_fd_limit(want)?;
+    if got < max_idle as u64 + 64 {
+        return Err(format!(
+            "RLIMIT_NOFILE is {got}, {max_idle} idle fds need about {want}; raise the hard limit"
+        )
+        .into());
+    }
+    Ok(got)
+}
+
+/// What runs the ping-pong: one of the `aio` backends, or the raw floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// libc `epoll_wait` with no loop around it.
+    RawEpoll,
+    /// [`Backend::Epoll`] (`epoll_pwait2` for deadlines).
+    Epoll,
+    /// [`Backend::EpollTimerfd`].
+    EpollTimerfd,
+    /// [`Backend::Ppoll`].
+    Ppoll,
+}
+
+impl Flavor {
+    /// Every flavor, in table order.
+    pub const ALL: [Flavor; 4] = [
+        Flavor::RawEpoll,
+        Flavor::Epoll,
+        Flavor::EpollTimerfd,
+        Flavor::Ppoll,
+    ];
+
+    /// The name used in tables and JSON: `raw-epoll`, `epoll`,
+    /// `epoll+timerfd`, `ppoll`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Flavor::RawEpoll => "raw-epoll",
+            Flavor::Epoll => "epoll",
+            Flavor::EpollTimerfd => "epoll+timerfd",
+            Flavor::Ppoll => "ppoll",
+        }
+    }
+
+    /// The flavor whose [`label`](Flavor::label) is `s`.
+    pub fn parse(s: &str) -> Option<Flavor> {
+        Flavor::ALL.into_iter().find(|f| f.label() == s)
+    }
+
+    /// The `aio` backend, or `None` for the raw floor.
+    pub fn backend(self) -> Option<Backend> {
+        match self {
+            Flavor::RawEpoll => None,
+            Flavor::Epoll => Some(Backend::Epoll),
+            Flavor::EpollTimerfd => Some(Backend::EpollTimerfd),
+            Flavor::Ppoll => Some(Backend::Ppoll),
+        }
+    }
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// The ping-pong on an [`AioContext`]: `idle` never-signalled eventfds
+/// with (empty) read handlers, then one active [`EventNotifier`] whose read
+/// handler clears it with `test_and_clear`.
+pub struct AioPingPong {
+    // Field order is drop order: the context (and the handlers in it) goes
+    // before the fds it watches.
+    ctx: AioContext,
+    active: Arc<EventNotifier>,
+    idle: Vec<OwnedFd>,
+}
+
+impl fmt::Debug for AioPingPong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AioPingPong")
+            .field("backend", &self.ctx.backend_name())
+            .field("idle", &self.idle.len())
+            .finish()
+    }
+}
+
+impl AioPingPong {
+    /// Builds the fixture on a new context of `backend`, whose home thread
+    /// is the calling thread.
+    ///
+    /// # Errors
+    ///
+    /// When a context, an eventfd or a registration fails (e.g. out of fds:
+    /// see [`raise_fd_limit_for`]).
+    pub fn new(backend: Backend, idle: usize) -> Result<Self> {
+        let ctx = AioContext::with_options(ContextOptions::new().backend(backend))?;
+        let mut idle_fds = Vec::with_capacity(idle);
+        for _ in 0..idle {
+            let fd = sys::eventfd()?;
+            ctx.set_fd_handler(
+                fd.as_raw_fd(),
+                Some(FdHandler::new(ClientType::INTERNAL).on_read(|_| {})),
+            )?;
+            idle_fds.push(fd);
+        }
+        let active = Arc::new(EventNotifier::new()?);
+        let n = Arc::clone(&active);
+        ctx.set_event_notifier(
+            &active,
+            Some(FdHandler::new(ClientType::INTERNAL).on_read(move |_| {
+                // One 8-byte read; an error here shows up as a missing
+                // dispatch in the stats, never as a hang (level-triggered).
+                let _ = n.test_and_clear();
+            })),
+        )?;
+        Ok(Self {
+            ctx,
+            active,
+            idle: idle_fds,
+        })
+    }
+
+    /// One ping-pong: set the notifier, run one blocking poll. Returns
+    /// whether the poll made progress (dispatched the handler).
+    #[inline]
+    pub fn iteration(&mut self) -> bool {
+        if self.active.set().is_err() {
+            return false;
+        }
+        self.ctx.poll(true)
+    }
+
+    /// The context, e.g. for [`AioContext::stats`].
+    pub fn context(&self) -> &AioContext {
+        &self.ctx
+    }
+
+    /// The number of idle fds.
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+/// A ping-pong fixture of any [`Flavor`].
+#[derive(Debug)]
+pub enum Fixture {
+    /// The raw-epoll floor.
+    Raw(RawEpollPingPong),
+    /// An `aio` context.
+    Aio(AioPingPong),
+}
+
+impl Fixture {
+    /// Builds the fixture of `flavor` with `idle` idle fds.
+    ///
+    /// # Errors
+    ///
+    /// When setup fails (see [`AioPingPong::new`]).
+    pub fn new(flavor: Flavor, idle: usize) -> Result<Self> {
+        Ok(match flavor.backend() {
+            None => Fixture::Raw(RawEpollPingPong::new(idle)?),
+            Some(b) => Fixture::Aio(AioPingPong::new(b, idle)?),
+        })
+    }
+
+    /// Runs `iters` iterations; returns how many dispatched the active fd.
+    pub fn run(&mut self, iters: u64) -> u64 {
+        let mut ok = 0;
+        match self {
+            Fixture::Raw(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+            Fixture::Aio(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+        }
+        ok
+    }
+
+    /// Runs and times `iters` iterations.
+    ///
+    /// # Errors
+    ///
+    /// When an iteration did not dispatch the active fd: the fixture is
+    /// broken and the time means nothing.
+    pub fn run_timed(&mut self, iters: u64) -> Result<Duration> {
+        let start = Instant::now();
+        let ok = self.run(iters);
+        let elapsed = start.elapsed();
+        if ok != iters {
+            return Err(format!("only {ok} of {iters} ping-pong iterations dispatched").into());
+        }
+        Ok(elapsed)
+    }
+
+    /// The `aio` backend's own name (`epoll` falls back to `epoll+timerfd`
+    /// on kernels without `epoll_pwait2`), or `raw-epoll`.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Fixture::Raw(_) => Flavor::RawEpoll.label(),
+            Fixture::Aio(f) => f.ctx.backend_name(),
+        }
+    }
+
+    /// The context's counters, for `aio` fixtures.
+    pub fn aio_stats(&self) -> Option<aio::Stats> {
+        match self {
+            Fixture::Raw(_) => None,
+            Fixture::Aio(f) => Some(f.ctx.stats()),
+        }
+    }
+
+    /// The number of idle fds.
+    pub fn idle_count(&self) -> usize {
+        match self {
+            Fixture::Raw(f) => f.idle_count(),
+            Fixture::Aio(f) => f.idle_count(),
+        }
+    }
+}
+
+// ----- timers ----------------------------------------------------------
+
+/// What a timer-lateness run waits with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerSource {
+    /// A one-shot `aio` timer on a context of this backend.
+    Aio(Backend),
+    /// Plain `epoll_wait` with the timeout rounded up to whole milliseconds.
+    MsEpoll,
+}
+
+impl TimerSource {
+    /// Every source, in table order.
+    pub const ALL: [TimerSource; 4] = [
+        TimerSource::Aio(Backend::Epoll),
+        TimerSource::Aio(Backend::EpollTimerfd),
+        TimerSource::Aio(Backend::Ppoll),
+        TimerSource::MsEpoll,
+    ];
+
+    /// The name used in tables and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            TimerSource::Aio(Backend::Epoll) => "epoll",
+            TimerSource::Aio(Backend::EpollTimerfd) => "epoll+timerfd",
+            TimerSource::Aio(Backend::Ppoll) => "ppoll",
+            TimerSource::Aio(_) => "aio",
+            TimerSource::MsEpoll => "ms-epoll",
+        }
+    }
+
+    /// Measures `samples` lateness values (after `warmup` discarded ones)
+    /// of a wait for an absolute deadline `period_ns` ahead.
+    ///
+    /// # Errors
+    ///
+    /// When the context or epoll instance cannot be created.
+    pub fn lateness(self, period_ns: i64, warmup: usize, samples: usize) -> Result<Vec<i64>> {
+        match self {
+            TimerSource::Aio(b) => aio_lateness(b, period_ns, warmup, samples),
+            TimerSource::MsEpoll => ms_epoll_lateness(period_ns, warmup, samples),
+        }
+    }
+}
+
+const NOT_FIRED: i64 = i64::MIN;
+
+/// Lateness of one-shot `Realtime` timers on a fresh context of `backend`.
+///
+/// Each sample arms the timer at the absolute deadline
+/// `T = monotonic_ns() + period_ns`, then runs `poll(true)` until the
+/// callback has run. The callback reads [`aio::monotonic_ns`] before
+/// anything else; the sample is that time minus `T` (negative = early).
+///
+/// # Errors
+///
+/// When the context cannot be created.
+pub fn aio_lateness(
+    backend: Backend,
+    period_ns: i64,
+    warmup: usize,
+    samples: usize,
+) -> Result<Vec<i64>> {
+    let ctx = AioContext::with_options(ContextOptions::new().backend(backend))?;
+    let fired = Arc::new(AtomicI64::new(NOT_FIRED));
+    let f = Arc::clone(&fired);
+    let timer = ctx.timer_new(ClockType::Realtime, move |_| {
+        let now = aio::monotonic_ns();
+        f.store(now, Ordering::Relaxed);
+    });
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        fired.store(NOT_FIRED, Ordering::Relaxed);
+        let deadline = aio::monotonic_ns() + period_ns;
+        timer.mod_ns(deadline);
+        let t_cb = loop {
+            ctx.poll(true);
+            let t = fired.load(Ordering::Relaxed);
+            if t != NOT_FIRED {
+                break t;
+            }
+        };
+        if i >= warmup {
+            out.push(t_cb - deadline);
+        }
+    }
+    Ok(out)
+}
+
+/// The same waits as [`aio_lateness`], done the way a millisecond-granular
+/// loop does them: `epoll_wait` with the remaining time rounded *up* to
+/// whole milliseconds, repeated until the deadline has passed; the sample
+/// is the time after the wait minus the deadline.
+///
+/// # Errors
+///
+/// When the epoll instance cannot be created or a wait fails.
+pub fn ms_epoll_lateness(period_ns: i64, warmup: usize, samples: usize) -> Result<Vec<i64>> {
+    let mut sleeper = MsEpollSleeper::new()?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let deadline = aio::monotonic_ns() + period_ns;
+        let woke = loop {
+            let now = aio::monotonic_ns();
+            if now >= deadline {
+                break now;
+            }
+            let ms = (deadline - now + 999_999) / 1_000_000;
+            sleeper.wait_ms(i32::try_from(ms).unwrap_or(i32::MAX))?;
+        };
+        if i >= warmup {
+            out.push(woke - deadline);
+        }
+    }
+    Ok(out)
+}
+
+/// Order statistics of lateness samples, in ns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatenessSummary {
+    /// Number of samples.
+    pub samples: usize,
+    /// Median (nearest rank).
+    pub median: i64,
+    /// 99th percentile (nearest rank).
+    pub p99: i64,
+    /// Largest sample.
+    pub max: i64,
+    /// Samples below zero: fired before the deadline.
+    pub early: usize,
+}
+
+impl LatenessSummary {
+    /// Summarises `samples` (`None` if there are none).
+    pub fn of(samples: &[i64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut s = samples.to_vec();
+        s.sort_unstable();
+        Some(Self {
+            samples: s.len(),
+            median: nearest_rank(&s, 0.5),
+            p99: nearest_rank(&s, 0.99),
+            max: s[s.len() - 1],
+            early: s.iter().filter(|&&x| x < 0).count(),
+        })
+    }
+}
+
+/// The nearest-rank `q` quantile of sorted, non-empty `sorted`.
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> T {
+    let n = sorted.len();
+    let rank = (q * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ITERS: u64 = 64;
+
+    #[test]
+    fn every_flavor_dispatches_every_iteration() {
+        raise_fd_limit_for(300).unwrap();
+        for flavor in Flavor::ALL {
+            for idle in [0, 1, 16, 256] {
+                let mut fx = Fixture::new(flavor, idle).unwrap();
+                assert_eq!(fx.idle_count(), idle);
+                for i in 0..ITERS {
+                    assert_eq!(
+                        fx.run(1),
+                        1,
+                        "{flavor} idle={idle}: iteration {i} did not dispatch"
+                    );
+                }
+                match &mut fx {
+                    Fixture::Aio(f) => {
+                        let s = f.context().stats();
+                        // Exactly one handler per poll: the active one, never an idle one.
+                        assert_eq!(s.iterations, ITERS, "{flavor} idle={idle}");
+                        assert_eq!(s.dispatches, ITERS, "{flavor} idle={idle}");
+                        assert_eq!(s.timer_runs + s.bh_runs, 0);
+                        // The handler drained the notifier: nothing is left.
+                        assert!(
+                            !f.context().poll(false),
+                            "{flavor} idle={idle}: left pending"
+                        );
+                        assert_eq!(f.context().stats().dispatches, ITERS);
+                    }
+                    Fixture::Raw(f) => {
+                        assert!(
+                            !f.anything_pending().unwrap(),
+                            "raw idle={idle}: left pending"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn run_timed_checks_every_iteration() {
+        let mut fx = Fixture::new(Flavor::Epoll, 4).unwrap();
+        assert!(fx.backend_name().starts_with("epoll"));
+        fx.run_timed(1_000).unwrap();
+        assert_eq!(fx.aio_stats().unwrap().dispatches, 1_000);
+    }
+
+    #[test]
+    fn timers_never_fire_early() {
+        for src in TimerSource::ALL {
+            let s = src.lateness(100_000, 2, 20).unwrap();
+            let sum = LatenessSummary::of(&s).unwrap();
+            assert_eq!(sum.samples, 20);
+            assert_eq!(sum.early, 0, "{}: {s:?}", src.label());
+            assert!(sum.median <= sum.p99 && sum.p99 <= sum.max);
+        }
+    }
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(nearest_rank(&v, 0.5), 50);
+        assert_eq!(nearest_rank(&v, 0.99), 99);
+        assert_eq!(nearest_rank(&v, 1.0), 100);
+        assert_eq!(nearest_rank(&[7], 0.5), 7);
+    }
+}

@@ -304,6 +304,7 @@ pub(crate) struct Inner {
     batch_len: AtomicU64,
     local: Mutex<Local>,
     stats: Counters,
+    pub(crate) executor: crate::executor::Executor,
 }
 
 impl Inner {
@@ -440,7 +441,7 @@ impl AioContext {
             .context(|| "registering the notify eventfd".to_string())?;
         let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
         let vclock = opts.virtual_clock.unwrap_or_default();
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
             id,
             name: if opts.name.is_empty() {
                 format!("ctx{id}")
@@ -459,6 +460,7 @@ impl AioContext {
             batch_len: AtomicU64::new(0),
             local: Mutex::new(Local::default()),
             stats: Counters::default(),
+            executor: crate::executor::Executor::new(weak.clone()),
         });
         vclock.attach(Arc::downgrade(&inner));
         log::debug!(
@@ -467,6 +469,10 @@ impl AioContext {
             inner.monitor.name()
         );
         Ok(Self { inner })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// A weak handle.

@@ -25,6 +25,19 @@ pub enum Error {
     /// The context the handle belongs to has been dropped.
     #[error("the AioContext has been dropped")]
     ContextGone,
+    /// The task was dropped before it finished: aborted through its
+    /// `JoinHandle`, cancelled with `cancel_tasks`, or its context was dropped.
+    #[error("the task was cancelled before it finished")]
+    TaskCancelled,
+    /// The task panicked; the panic was caught and its message kept.
+    #[error("the task panicked: {message}")]
+    TaskPanicked {
+        /// The panic message.
+        message: String,
+    },
+    /// An operation that needs the current task was used outside one.
+    #[error("not inside a task spawned on an AioContext")]
+    NotInTask,
 }
 
 /// `Result` with this crate's [`Error`].

@@ -28,10 +28,12 @@ mod bh;
 mod clock;
 mod context;
 mod error;
+mod executor;
 mod fdmon;
 mod handler;
 mod notifier;
 mod notify;
+mod sync;
 mod sys;
 mod timer;
 
@@ -41,8 +43,12 @@ pub use context::{
     AioContext, Backend, ClientGuard, ContextOptions, PollParams, Stats, WeakAioContext,
 };
 pub use error::{Error, Result};
+pub use executor::{
+    sleep_ns, sleep_until, switch_to, yield_now, JoinHandle, Sleep, SwitchTo, YieldNow,
+};
 pub use handler::{ClientMask, ClientType, FdHandler};
 pub use notifier::EventNotifier;
+pub use sync::{CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait};
 pub use timer::Timer;
 
 /// The repository README's examples, compiled and run as doctests.

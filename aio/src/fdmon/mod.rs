@@ -8,9 +8,11 @@ use std::io;
 use std::os::fd::RawFd;
 
 mod epoll;
+mod io_uring;
 mod ppoll;
 
 pub(crate) use epoll::EpollMonitor;
+pub(crate) use io_uring::IoUringMonitor;
 pub(crate) use ppoll::PpollMonitor;
 
 /// What a registered fd is watched for.

@@ -27,6 +27,7 @@ pub(crate) mod epoll;
 pub(crate) mod eventfd;
 pub(crate) mod ppoll;
 pub(crate) mod timerfd;
+pub(crate) mod uring;
 
 /// Takes ownership of a freshly created descriptor.
 pub(crate) fn owned(fd: RawFd) -> OwnedFd {

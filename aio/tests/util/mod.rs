@@ -82,6 +82,10 @@ macro_rules! on_all_backends {
                 fn ppoll() {
                     run(aio::Backend::Ppoll)
                 }
+                #[test]
+                fn io_uring() {
+                    run(aio::Backend::IoUring)
+                }
             }
         )*
     };

@@ -48,6 +48,12 @@ impl BhQueue {
         self.len.store(q.len(), Ordering::Release);
     }
 
+    /// Whether anything may be queued (a hint, exact once the notification
+    /// that announced a push has been accepted).
+    pub(crate) fn maybe_pending(&self) -> bool {
+        self.len.load(Ordering::Acquire) > 0
+    }
+
     /// Moves everything queued to the back of `batch`.
     pub(crate) fn take_into(&self, batch: &mut VecDeque<Arc<BhInner>>) {
         if self.len.load(Ordering::Acquire) == 0 {

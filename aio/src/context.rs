@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -275,8 +275,6 @@ struct Local {
     /// Bottom halves taken from the queue and not yet run; shared by nested
     /// polls so an inner poll finishes the outer one's batch first.
     bh_batch: VecDeque<Arc<BhInner>>,
-    /// Incremented after every wait.
-    wait_seq: u64,
 }
 
 thread_local! {
@@ -317,6 +315,15 @@ pub(crate) struct Inner {
     local: Mutex<Local>,
     stats: Counters,
     pub(crate) executor: crate::executor::Executor,
+    /// Nesting depth of `poll` on the home thread.
+    depth: AtomicU32,
+    /// Incremented after every wait (home thread only).
+    wait_seq: AtomicU64,
+    /// Client types dispatched only by the outermost `poll` (bits).
+    outermost: AtomicU32,
+    /// Contexts whose events this context's outermost poll also runs.
+    children: Mutex<Vec<Weak<Inner>>>,
+    has_children: AtomicBool,
 }
 
 impl Inner {
@@ -476,6 +483,11 @@ impl AioContext {
             local: Mutex::new(Local::default()),
             stats: Counters::default(),
             executor: crate::executor::Executor::new(weak.clone()),
+            depth: AtomicU32::new(0),
+            wait_seq: AtomicU64::new(0),
+            outermost: AtomicU32::new(ClientType::CHILD.mask().bits()),
+            children: Mutex::new(Vec::new()),
+            has_children: AtomicBool::new(false),
         });
         vclock.attach(Arc::downgrade(&inner));
         log::debug!(
@@ -855,6 +867,8 @@ impl AioContext {
     pub fn poll(&self, blocking: bool) -> bool {
         self.assert_home("poll");
         let inner = &*self.inner;
+        let _depth = DepthGuard::enter(self);
+        let outermost = _depth.depth == 1;
         let stats = &inner.stats;
         bump_local(&stats.iterations, 1);
         let mut progress = false;
@@ -864,6 +878,14 @@ impl AioContext {
         } else {
             Timeout::Zero
         };
+        let children = if outermost && inner.has_children.load(Ordering::Relaxed) {
+            self.children()
+        } else {
+            Vec::new()
+        };
+        for child in &children {
+            timeout = earlier(timeout, child.compute_timeout());
+        }
         let params = if inner.poll_max_ns.load(Ordering::Relaxed) > 0 {
             *inner.poll_params.lock()
         } else {
@@ -878,6 +900,20 @@ impl AioContext {
         if may_block && !inner.notify.begin_wait() {
             timeout = Timeout::Zero;
         }
+        // A child's notify must wake us while we sleep: count ourselves as
+        // its waiter too (QEMU's GSource `prepare` sets `notify_me` alike).
+        for child in &children {
+            if may_block && !child.inner.notify.begin_wait() {
+                timeout = Timeout::Zero;
+            }
+            if let Err(e) = child.inner.monitor.flush() {
+                log::error!(
+                    "AioContext {}: flushing child {}: {e}",
+                    inner.name,
+                    child.name()
+                );
+            }
+        }
         let block_start = if may_block && params.max_ns > 0 {
             monotonic_ns()
         } else {
@@ -891,6 +927,9 @@ impl AioContext {
         }
         if may_block {
             inner.notify.end_wait();
+            for child in &children {
+                child.inner.notify.end_wait();
+            }
         }
         inner.notify.accept();
         let block_ns = if block_start > 0 {
@@ -899,19 +938,23 @@ impl AioContext {
             0
         };
 
-        // One lock for the bookkeeping after the wait: the sequence number
-        // of this wait, and the bottom halves scheduled up to now.
-        let (seq, have_bhs) = {
-            let mut local = inner.local.lock();
-            local.wait_seq += 1;
-            inner.bhs.take_into(&mut local.bh_batch);
-            inner
-                .batch_len
-                .store(local.bh_batch.len() as u64, Ordering::Relaxed);
-            (local.wait_seq, !local.bh_batch.is_empty())
-        };
-        if have_bhs {
-            progress |= self.run_bhs();
+        // The sequence number of this wait (home thread only: no RMW).
+        let seq = inner.wait_seq.load(Ordering::Relaxed) + 1;
+        inner.wait_seq.store(seq, Ordering::Relaxed);
+        // The bottom halves scheduled up to now join the batch; the lock is
+        // taken only when there are some.
+        if inner.bhs.maybe_pending() || inner.batch_len.load(Ordering::Relaxed) > 0 {
+            let have_bhs = {
+                let mut local = inner.local.lock();
+                inner.bhs.take_into(&mut local.bh_batch);
+                inner
+                    .batch_len
+                    .store(local.bh_batch.len() as u64, Ordering::Relaxed);
+                !local.bh_batch.is_empty()
+            };
+            if have_bhs {
+                progress |= self.run_bhs();
+            }
         }
 
         for ev in events.iter().copied() {
@@ -926,7 +969,84 @@ impl AioContext {
         return_event_buffer(events);
 
         progress |= self.run_timers();
+
+        // Children with work that their fd did not announce (BHs, timers,
+        // accepted notifications) run here, in the outermost poll only.
+        for child in &children {
+            if child.inner.notify.is_notified() || child.compute_timeout() == Timeout::Zero {
+                progress |= child.poll(false);
+            }
+        }
         progress
+    }
+
+    fn children(&self) -> Vec<AioContext> {
+        let mut list = self.inner.children.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.iter()
+            .filter_map(Weak::upgrade)
+            .map(|inner| AioContext { inner })
+            .collect()
+    }
+
+    /// Attaches `child` to this context: this context's *outermost* poll
+    /// also waits for and runs `child`'s fd handlers, bottom halves, tasks
+    /// and timers; nested polls of this context never do. This is how a main
+    /// loop keeps an "iohandler" context (QMP monitor, signals) out of
+    /// nested block-layer polls, as QEMU does with `iohandler_ctx`.
+    ///
+    /// Both contexts must have the calling thread as home thread, and the
+    /// child must use a backend with a pollable fd (epoll or io_uring).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotHomeThread`] if either context lives on another thread;
+    /// [`Error::Io`] (kind `Unsupported`) for a ppoll child.
+    pub fn attach_child(&self, child: &AioContext) -> Result<()> {
+        self.check_home("attach_child")?;
+        child.check_home("attach_child")?;
+        let fd = child.inner.monitor.poll_fd().ok_or_else(|| Error::Io {
+            context: format!("attaching context {} to {}", child.name(), self.name()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the child context's backend has no pollable fd (use epoll or io_uring)",
+            ),
+        })?;
+        let weak = child.downgrade();
+        self.set_fd_handler(
+            fd,
+            Some(FdHandler::new(ClientType::CHILD).on_read(move |_| {
+                if let Some(child) = weak.upgrade() {
+                    child.poll(false);
+                }
+            })),
+        )?;
+        self.inner
+            .children
+            .lock()
+            .push(Arc::downgrade(&child.inner));
+        self.inner.has_children.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Marks client types as *outermost-only*: their handlers run only in
+    /// the outermost `poll` and are out of the kernel's interest set while a
+    /// nested poll runs. (Attached children are always outermost-only.)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotHomeThread`] off the home thread.
+    pub fn set_outermost_only(&self, mask: ClientMask) -> Result<()> {
+        self.check_home("set_outermost_only")?;
+        let bits = mask.bits() | ClientType::CHILD.mask().bits();
+        self.inner.outermost.store(bits, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How deeply `poll` is nested on the home thread right now (0 when
+    /// not polling, 1 in the outermost poll).
+    pub fn poll_depth(&self) -> u32 {
+        self.inner.depth.load(Ordering::Relaxed)
     }
 
     /// The wait timeout: zero if work is due, else the earliest deadline.
@@ -1201,6 +1321,56 @@ impl AioContext {
             }
         }
         ready
+    }
+}
+
+/// The earlier of two timeouts.
+fn earlier(a: Timeout, b: Timeout) -> Timeout {
+    match (a, b) {
+        (Timeout::Zero, _) | (_, Timeout::Zero) => Timeout::Zero,
+        (Timeout::Infinite, t) | (t, Timeout::Infinite) => t,
+        (Timeout::Until(x), Timeout::Until(y)) => Timeout::Until(x.min(y)),
+    }
+}
+
+/// Tracks `poll` nesting; entering depth 2 takes the outermost-only client
+/// types out of the kernel set, leaving it puts them back.
+struct DepthGuard<'a> {
+    ctx: &'a AioContext,
+    depth: u32,
+    masked: Option<ClientMask>,
+}
+
+impl<'a> DepthGuard<'a> {
+    fn enter(ctx: &'a AioContext) -> Self {
+        let inner = &ctx.inner;
+        let depth = inner.depth.load(Ordering::Relaxed) + 1;
+        inner.depth.store(depth, Ordering::Relaxed);
+        let mut masked = None;
+        if depth == 2 {
+            let mask = ClientMask::from_bits(inner.outermost.load(Ordering::Relaxed));
+            if inner.has_children.load(Ordering::Relaxed) || mask != ClientType::CHILD.mask() {
+                if let Err(e) = ctx.change_clients(mask, true) {
+                    log::warn!("masking outermost-only clients: {e}");
+                }
+                masked = Some(mask);
+            }
+        }
+        Self { ctx, depth, masked }
+    }
+}
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mask) = self.masked {
+            if let Err(e) = self.ctx.change_clients(mask, false) {
+                log::warn!("unmasking outermost-only clients: {e}");
+            }
+        }
+        self.ctx
+            .inner
+            .depth
+            .store(self.depth - 1, Ordering::Relaxed);
     }
 }
 

@@ -14,7 +14,7 @@ pub(crate) type PollCallback = Box<dyn FnMut(&AioContext) -> bool + Send>;
 /// Client types let a caller stop one class of handlers from being
 /// dispatched while it runs a nested poll (see
 /// [`AioContext::disable_clients`]). Two types are predefined; embedders can
-/// define up to 30 more with [`ClientType::custom`].
+/// define up to 29 more with [`ClientType::custom`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientType(u8);
 
@@ -29,7 +29,12 @@ impl ClientType {
     /// The number of distinct client types.
     pub const COUNT: usize = 32;
 
-    /// An embedder-defined client type, `n` in `2..32`.
+    /// The bridge to an attached child context (see
+    /// [`AioContext::attach_child`](crate::AioContext::attach_child)):
+    /// reserved, always outermost-only.
+    pub(crate) const CHILD: ClientType = ClientType(31);
+
+    /// An embedder-defined client type, `n` in `2..31`.
     ///
     /// ```
     /// use aio::ClientType;
@@ -37,7 +42,7 @@ impl ClientType {
     /// assert!(ClientType::custom(1).is_none()); // 0 and 1 are predefined
     /// ```
     pub const fn custom(n: u8) -> Option<ClientType> {
-        if n >= 2 && (n as usize) < Self::COUNT {
+        if n >= 2 && (n as usize) < Self::COUNT - 1 {
             Some(ClientType(n))
         } else {
             None
@@ -59,6 +64,7 @@ impl fmt::Debug for ClientType {
         match *self {
             ClientType::INTERNAL => f.write_str("INTERNAL"),
             ClientType::EXTERNAL => f.write_str("EXTERNAL"),
+            ClientType::CHILD => f.write_str("CHILD"),
             ClientType(n) => write!(f, "custom({n})"),
         }
     }
@@ -85,6 +91,14 @@ impl ClientMask {
     /// Whether `client` is in the set.
     pub const fn contains(self, client: ClientType) -> bool {
         self.0 & (1 << client.0) != 0
+    }
+
+    pub(crate) const fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub(crate) const fn from_bits(bits: u32) -> ClientMask {
+        ClientMask(bits)
     }
 
     /// The mask of every type whose disable count is non-zero.

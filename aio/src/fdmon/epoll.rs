@@ -110,6 +110,10 @@ impl FdMonitor for EpollMonitor {
         BUF.with(|buf| self.harvest(&mut buf.borrow_mut(), epoll_timeout, out))
     }
 
+    fn poll_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
     fn name(&self) -> &'static str {
         if self.timer.is_some() {
             "epoll+timerfd"

@@ -82,6 +82,31 @@ impl IoUringMonitor {
     }
 }
 
+impl IoUringMonitor {
+    /// Turns queued removals and (re-)arms into SQEs; returns whether there
+    /// were any.
+    fn queue_changes(&self, ring: &mut Uring) -> io::Result<bool> {
+        let mut s = self.state.lock();
+        let mut any = false;
+        for ud in std::mem::take(&mut s.removals) {
+            ring.poll_remove(ud, REMOVE_UD)?;
+            any = true;
+        }
+        let to_arm = std::mem::take(&mut s.to_arm);
+        for key in to_arm {
+            let Some(w) = s.watches.get_mut(key) else {
+                continue; // removed since
+            };
+            if !w.armed {
+                ring.poll_add(w.fd, w.mask, w.user_data)?;
+                w.armed = true;
+                any = true;
+            }
+        }
+        Ok(any)
+    }
+}
+
 impl FdMonitor for IoUringMonitor {
     fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         let mut s = self.state.lock();
@@ -143,24 +168,17 @@ impl FdMonitor for IoUringMonitor {
         Ok(())
     }
 
+    fn flush(&self) -> io::Result<()> {
+        let mut ring = self.ring.lock();
+        if self.queue_changes(&mut ring)? {
+            ring.submit_and_wait(None)?;
+        }
+        Ok(())
+    }
+
     fn wait(&self, out: &mut Vec<Ready>, timeout: Timeout) -> io::Result<()> {
         let mut ring = self.ring.lock();
-        {
-            let mut s = self.state.lock();
-            for ud in std::mem::take(&mut s.removals) {
-                ring.poll_remove(ud, REMOVE_UD)?;
-            }
-            let to_arm = std::mem::take(&mut s.to_arm);
-            for key in to_arm {
-                let Some(w) = s.watches.get_mut(key) else {
-                    continue; // removed since
-                };
-                if !w.armed {
-                    ring.poll_add(w.fd, w.mask, w.user_data)?;
-                    w.armed = true;
-                }
-            }
-        }
+        self.queue_changes(&mut ring)?;
         let wait = match timeout {
             Timeout::Zero => None,
             Timeout::Infinite => Some(None),
@@ -214,5 +232,9 @@ impl FdMonitor for IoUringMonitor {
 
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+
+    fn poll_fd(&self) -> Option<RawFd> {
+        Some(self.ring.lock().as_raw_fd())
     }
 }

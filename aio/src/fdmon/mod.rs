@@ -62,6 +62,16 @@ pub(crate) trait FdMonitor: Send + Sync {
     fn wait(&self, out: &mut Vec<Ready>, timeout: Timeout) -> io::Result<()>;
     /// The backend's name, for logs and benchmarks.
     fn name(&self) -> &'static str;
+    /// Hands queued interest changes to the kernel without waiting, so that
+    /// another loop watching [`poll_fd`](FdMonitor::poll_fd) sees them.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// An fd that polls readable when a wait would report something, so
+    /// another loop can watch this one (epoll and io_uring have one).
+    fn poll_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Nanoseconds from now until the absolute monotonic `until` (at least 0).

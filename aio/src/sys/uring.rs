@@ -92,6 +92,11 @@ impl Uring {
         }
     }
 
+    /// The ring's fd: it polls readable when completions are available.
+    pub(crate) fn as_raw_fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.ring)
+    }
+
     /// Moves every available completion into `out` as (user data, result).
     pub(crate) fn completions(&mut self, out: &mut Vec<(u64, i32)>) {
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));

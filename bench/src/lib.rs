@@ -69,14 +69,17 @@ pub enum Flavor {
     EpollTimerfd,
     /// [`Backend::Ppoll`].
     Ppoll,
+    /// [`Backend::IoUring`].
+    IoUring,
 }
 
 impl Flavor {
     /// Every flavor, in table order.
-    pub const ALL: [Flavor; 4] = [
+    pub const ALL: [Flavor; 5] = [
         Flavor::RawEpoll,
         Flavor::Epoll,
         Flavor::EpollTimerfd,
+        Flavor::IoUring,
         Flavor::Ppoll,
     ];
 
@@ -88,6 +91,7 @@ impl Flavor {
             Flavor::Epoll => "epoll",
             Flavor::EpollTimerfd => "epoll+timerfd",
             Flavor::Ppoll => "ppoll",
+            Flavor::IoUring => "io_uring",
         }
     }
 
@@ -103,6 +107,7 @@ impl Flavor {
             Flavor::Epoll => Some(Backend::Epoll),
             Flavor::EpollTimerfd => Some(Backend::EpollTimerfd),
             Flavor::Ppoll => Some(Backend::Ppoll),
+            Flavor::IoUring => Some(Backend::IoUring),
         }
     }
 }
@@ -285,9 +290,10 @@ pub enum TimerSource {
 
 impl TimerSource {
     /// Every source, in table order.
-    pub const ALL: [TimerSource; 4] = [
+    pub const ALL: [TimerSource; 5] = [
         TimerSource::Aio(Backend::Epoll),
         TimerSource::Aio(Backend::EpollTimerfd),
+        TimerSource::Aio(Backend::IoUring),
         TimerSource::Aio(Backend::Ppoll),
         TimerSource::MsEpoll,
     ];
@@ -298,6 +304,7 @@ impl TimerSource {
             TimerSource::Aio(Backend::Epoll) => "epoll",
             TimerSource::Aio(Backend::EpollTimerfd) => "epoll+timerfd",
             TimerSource::Aio(Backend::Ppoll) => "ppoll",
+            TimerSource::Aio(Backend::IoUring) => "io_uring",
             TimerSource::Aio(_) => "aio",
             TimerSource::MsEpoll => "ms-epoll",
         }

@@ -33,6 +33,7 @@ mod fdmon;
 mod handler;
 mod notifier;
 mod notify;
+mod signals;
 mod sync;
 mod sys;
 mod timer;
@@ -48,6 +49,7 @@ pub use executor::{
 };
 pub use handler::{ClientMask, ClientType, FdHandler};
 pub use notifier::EventNotifier;
+pub use signals::SignalFd;
 pub use sync::{CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait};
 pub use timer::Timer;
 

@@ -26,6 +26,7 @@ macro_rules! syscall {
 pub(crate) mod epoll;
 pub(crate) mod eventfd;
 pub(crate) mod ppoll;
+pub(crate) mod signalfd;
 pub(crate) mod timerfd;
 pub(crate) mod uring;
 

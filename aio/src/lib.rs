@@ -1,7 +1,8 @@
 //! A QEMU-style `AioContext` for Rust: an event loop on epoll (or ppoll)
 //! with fd handlers, event notifiers, bottom halves, nanosecond timers on
 //! three clocks, cross-thread notify with syscall elision, nested polling
-//! and client masks.
+//! and client masks; plus a [`ThreadPool`] for blocking work whose futures
+//! work with any executor.
 //!
 //! ```
 //! use aio::{AioContext, ClockType};
@@ -33,6 +34,7 @@ mod handler;
 mod notifier;
 mod notify;
 mod sys;
+mod thread_pool;
 mod timer;
 
 pub use bh::Bh;
@@ -43,6 +45,7 @@ pub use context::{
 pub use error::{Error, Result};
 pub use handler::{ClientMask, ClientType, FdHandler};
 pub use notifier::EventNotifier;
+pub use thread_pool::{PoolOptions, PoolStats, RunFuture, ThreadPool};
 pub use timer::Timer;
 
 /// The repository README's examples, compiled and run as doctests.

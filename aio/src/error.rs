@@ -66,6 +66,15 @@ impl Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// An `Error::Io` of kind `InvalidInput`, for requests refused before any
+/// syscall.
+pub(crate) fn invalid_input(context: String, msg: impl Into<String>) -> Error {
+    Error::Io {
+        context,
+        source: io::Error::new(io::ErrorKind::InvalidInput, msg.into()),
+    }
+}
+
 /// Adds context to an `io::Result`.
 pub(crate) trait IoContext<T> {
     fn context(self, f: impl FnOnce() -> String) -> Result<T>;

@@ -1,8 +1,8 @@
 //! A QEMU-style `AioContext` for Rust: an event loop on epoll (or ppoll)
 //! with fd handlers, event notifiers, bottom halves, nanosecond timers on
 //! three clocks, cross-thread notify with syscall elision, nested polling
-//! and client masks; plus a [`ThreadPool`] for blocking work whose futures
-//! work with any executor.
+//! and client masks; plus a [`ThreadPool`] for blocking work and
+//! asynchronous [`file`](mod@file) I/O on it, whose futures work with any executor.
 //!
 //! ```
 //! use aio::{AioContext, ClockType};
@@ -30,6 +30,7 @@ mod clock;
 mod context;
 mod error;
 mod fdmon;
+pub mod file;
 mod handler;
 mod notifier;
 mod notify;

@@ -769,3 +769,97 @@ fn dropping_the_file_with_operations_in_flight_completes_them() {
     }
     assert_pattern(&std::fs::read(&tmp.0).unwrap(), 0);
 }
+
+/// A loop device over a file on the disk, detached on drop.
+struct LoopDev {
+    dev: PathBuf,
+    _backing: TempPath,
+}
+
+impl LoopDev {
+    fn new(size: u64, sector_size: u32) -> Option<LoopDev> {
+        let backing = TempPath::new("loop-backing");
+        std::fs::File::create(&backing.0)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(&backing.0)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            println!(
+                "skipped: losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(LoopDev {
+            dev,
+            _backing: backing,
+        })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+#[test]
+fn o_direct_on_a_block_device_uses_its_logical_block_size() {
+    // Root can attach a loop device with 4 KiB sectors: BLKSSZGET then
+    // says 4096, where a file on the same disk would say 512.
+    let Some(lo) = LoopDev::new(4 * MIB as u64, 4096) else {
+        return;
+    };
+    let f = open(
+        &lo.dev,
+        &OpenOptions::new().read(true).write(true).direct(true),
+    );
+    assert_eq!(f.request_alignment(), 4096);
+    assert_eq!(f.memory_alignment(), 4096);
+    assert_eq!(
+        park_block_on(f.len()).unwrap(),
+        4 * MIB as u64,
+        "size of a block device"
+    );
+
+    let mut buf = AlignedBuf::new(64 * 1024, 4096).unwrap();
+    buf.copy_from_slice(&pattern(8192, 64 * 1024));
+    park_block_on(f.write_at(buf, 8192)).unwrap();
+    park_block_on(f.flush()).unwrap();
+    let buf =
+        park_block_on(f.read_exact_at(AlignedBuf::new(64 * 1024, 4096).unwrap(), 8192)).unwrap();
+    assert_pattern(&buf, 8192);
+
+    // 512-byte granularity is fine for the file underneath but not here.
+    let err = park_block_on(f.read_at(AlignedBuf::new(512, 4096).unwrap(), 0)).unwrap_err();
+    assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
+    let err = park_block_on(f.write_at(AlignedBuf::new(4096, 512).unwrap(), 4096));
+    if let Err(err) = err {
+        // Refused only if the allocator's 512-aligned address is not also
+        // 4096-aligned.
+        assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
+    }
+
+    park_block_on(f.write_zeroes(8192, 4096)).unwrap();
+    let buf = park_block_on(f.read_exact_at(AlignedBuf::new(8192, 4096).unwrap(), 8192)).unwrap();
+    assert_zeroes(&buf[..4096], 8192);
+    assert_pattern(&buf[4096..], 12_288);
+    park_block_on(f.discard(MIB as u64, MIB as u64)).unwrap();
+    // Reading at the end of the device is end of file.
+    let (n, _) =
+        park_block_on(f.read_at(AlignedBuf::new(8192, 4096).unwrap(), 4 * MIB as u64 - 4096))
+            .unwrap();
+    assert_eq!(n, 4096);
+    drop(f);
+}

@@ -38,10 +38,55 @@ pub enum Error {
     /// An operation that needs the current task was used outside one.
     #[error("not inside a task spawned on an AioContext")]
     NotInTask,
+    /// A job run on a [`ThreadPool`](crate::ThreadPool) panicked. The pool
+    /// caught the panic and keeps working.
+    #[error("job on thread pool {pool:?} panicked: {message}")]
+    JobPanicked {
+        /// The pool's name.
+        pool: String,
+        /// The panic message, if it was a string.
+        message: String,
+    },
+    /// The requested feature exists in the API but not (yet) in this build.
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is missing, e.g. "the io_uring file engine is not built yet".
+        what: String,
+    },
+}
+
+impl Error {
+    /// The `io::ErrorKind` of an [`Error::Io`], `None` for other variants.
+    ///
+    /// Invalid requests (a misaligned `O_DIRECT` transfer, an offset past
+    /// `i64::MAX`) are `Io` errors of kind `InvalidInput`.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// The OS error number of an [`Error::Io`], if it came from the OS.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An `Error::Io` of kind `InvalidInput`, for requests refused before any
+/// syscall.
+pub(crate) fn invalid_input(context: String, msg: impl Into<String>) -> Error {
+    Error::Io {
+        context,
+        source: io::Error::new(io::ErrorKind::InvalidInput, msg.into()),
+    }
+}
 
 /// Adds context to an `io::Result`.
 pub(crate) trait IoContext<T> {

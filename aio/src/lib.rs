@@ -1,7 +1,8 @@
 //! A QEMU-style `AioContext` for Rust: an event loop on epoll (or ppoll)
 //! with fd handlers, event notifiers, bottom halves, nanosecond timers on
 //! three clocks, cross-thread notify with syscall elision, nested polling
-//! and client masks.
+//! and client masks; plus a [`ThreadPool`] for blocking work and
+//! asynchronous [`file`](mod@file) I/O on it, whose futures work with any executor.
 //!
 //! ```
 //! use aio::{AioContext, ClockType};
@@ -30,12 +31,14 @@ mod context;
 mod error;
 mod executor;
 mod fdmon;
+pub mod file;
 mod handler;
 mod notifier;
 mod notify;
 mod signals;
 mod sync;
 mod sys;
+mod thread_pool;
 mod timer;
 
 pub use bh::Bh;
@@ -51,6 +54,7 @@ pub use handler::{ClientMask, ClientType, FdHandler};
 pub use notifier::EventNotifier;
 pub use signals::SignalFd;
 pub use sync::{CoMutex, CoMutexGuard, CoMutexLock, CoQueue, CoQueueWait};
+pub use thread_pool::{PoolOptions, PoolStats, RunFuture, ThreadPool};
 pub use timer::Timer;
 
 /// The repository README's examples, compiled and run as doctests.

@@ -23,8 +23,10 @@ macro_rules! syscall {
     }};
 }
 
+pub(crate) mod alignedbuf;
 pub(crate) mod epoll;
 pub(crate) mod eventfd;
+pub(crate) mod file;
 pub(crate) mod ppoll;
 pub(crate) mod signalfd;
 pub(crate) mod timerfd;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use aio::{AioContext, Backend, ContextOptions};
 
+pub mod park;
+
 /// A context on `backend`, home thread = the caller.
 pub fn ctx(backend: Backend) -> AioContext {
     AioContext::with_options(ContextOptions::new().backend(backend)).expect("create AioContext")

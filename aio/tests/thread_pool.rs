@@ -331,3 +331,33 @@ fn clones_share_one_pool() {
     park_block_on(pool.run(|| ())).unwrap();
     assert_eq!(pool.stats().submitted, 2);
 }
+
+/// The pool's futures complete on the caller's context: a task awaiting
+/// `run` resumes on the context's home thread, woken through the executor.
+#[test]
+fn completion_resumes_the_task_on_its_context() {
+    let ctx = aio::AioContext::new().unwrap();
+    let pool = ThreadPool::new(PoolOptions::default().max_workers(4));
+    let home = std::thread::current().id();
+    let hs: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let pool = pool.clone();
+            ctx.spawn(async move {
+                let (worker, v) = pool
+                    .run(move || (std::thread::current().id(), i * 3))
+                    .await
+                    .unwrap();
+                assert_ne!(worker, std::thread::current().id(), "ran on a worker");
+                assert_eq!(
+                    std::thread::current().id(),
+                    home,
+                    "resumed on the home thread"
+                );
+                v
+            })
+        })
+        .collect();
+    let total: u64 = hs.into_iter().map(|h| ctx.block_on(h).unwrap()).sum();
+    assert_eq!(total, 3 * (0..1000u64).sum::<u64>());
+    assert_eq!(pool.stats().completed, 1000);
+}

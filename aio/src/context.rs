@@ -324,6 +324,8 @@ pub(crate) struct Inner {
     /// Contexts whose events this context's outermost poll also runs.
     children: Mutex<Vec<Weak<Inner>>>,
     has_children: AtomicBool,
+    /// The io_uring file engine, created on first use.
+    pub(crate) uring_io: Mutex<Option<Arc<crate::uring_file::UringEngine>>>,
 }
 
 impl Inner {
@@ -488,6 +490,7 @@ impl AioContext {
             outermost: AtomicU32::new(ClientType::CHILD.mask().bits()),
             children: Mutex::new(Vec::new()),
             has_children: AtomicBool::new(false),
+            uring_io: Mutex::new(None),
         });
         vclock.attach(Arc::downgrade(&inner));
         log::debug!(

@@ -23,9 +23,11 @@ use std::io::{self, IoSlice, IoSliceMut, Seek, SeekFrom};
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{invalid_input, Error, IoContext, Result};
+use crate::file_uring;
 use crate::sys;
 use crate::sys::alignedbuf::RawAlignedBuf;
 use crate::thread_pool::{PoolOptions, ThreadPool};
@@ -34,7 +36,7 @@ use crate::thread_pool::{PoolOptions, ThreadPool};
 const DEFAULT_DIRECT_ALIGN: u32 = 512;
 /// The largest zero buffer `write_zeroes` writes at a time when the
 /// filesystem cannot zero a range itself.
-const ZERO_CHUNK: usize = 1 << 20;
+pub(crate) const ZERO_CHUNK: usize = 1 << 20;
 
 /// How a [`File`] performs its I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -199,6 +201,16 @@ impl AlignedBuf {
     }
 }
 
+impl AlignedBuf {
+    pub(crate) fn into_raw(self) -> RawAlignedBuf {
+        self.0
+    }
+
+    pub(crate) fn from_raw(raw: RawAlignedBuf) -> Self {
+        Self(raw)
+    }
+}
+
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -235,15 +247,22 @@ impl fmt::Debug for AlignedBuf {
 /// misaligned request fails with an `InvalidInput` [`Error::Io`] before
 /// anything is submitted.
 pub struct File {
-    inner: Arc<Inner>,
+    inner: Arc<FileInner>,
 }
 
-struct Inner {
-    file: fs::File,
-    path: PathBuf,
+pub(crate) struct FileInner {
+    pub(crate) file: fs::File,
+    pub(crate) path: PathBuf,
     pool: ThreadPool,
     /// `Some` for `O_DIRECT` files.
     direct: Option<Align>,
+    engine: Engine,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+fn boxed<T, F: Future<Output = T> + Send + 'static>(f: F) -> BoxFuture<T> {
+    Box::pin(f)
 }
 
 /// `O_DIRECT` alignment requirements.
@@ -267,17 +286,6 @@ impl File {
     /// not built yet, and there is no silent fallback to threads.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<File> {
         let path = path.as_ref();
-        match opts.engine {
-            Engine::Threads => {}
-            Engine::IoUring => {
-                return Err(Error::Unsupported {
-                    what: format!(
-                    "opening {}: the io_uring file engine is not built yet (use Engine::Threads)",
-                    path.display()
-                ),
-                })
-            }
-        }
         let mut o = fs::OpenOptions::new();
         o.read(opts.read)
             .write(opts.write)
@@ -304,11 +312,12 @@ impl File {
             );
         }
         Ok(File {
-            inner: Arc::new(Inner {
+            inner: Arc::new(FileInner {
                 file,
                 path: path.to_path_buf(),
                 pool: opts.pool.clone().unwrap_or_else(default_pool),
                 direct,
+                engine: opts.engine,
             }),
         })
     }
@@ -345,10 +354,17 @@ impl File {
         offset: u64,
     ) -> impl Future<Output = Result<(usize, B)>> + Send + 'static {
         let check = self.check("pread", offset, [buf.bytes()]);
-        self.submit(check, move |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::read(&inner, buf, offset).await
+            });
+        }
+        boxed(self.submit(check, move |inner| {
             let n = inner.read_full(buf.bytes_mut(), offset)?;
             Ok((n, buf))
-        })
+        }))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; reaching end of file
@@ -358,21 +374,34 @@ impl File {
         mut buf: B,
         offset: u64,
     ) -> impl Future<Output = Result<B>> + Send + 'static {
+        let eof = move |inner: &FileInner, len: usize, n: usize| Error::Io {
+            context: inner.what("pread", len, offset),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("end of file after {n} bytes"),
+            ),
+        };
         let check = self.check("pread", offset, [buf.bytes()]);
-        self.submit(check, move |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                let len = buf.bytes().len();
+                let (n, buf) = file_uring::read(&inner, buf, offset).await?;
+                if n < len {
+                    return Err(eof(&inner, len, n));
+                }
+                Ok(buf)
+            });
+        }
+        boxed(self.submit(check, move |inner| {
             let len = buf.bytes().len();
             let n = inner.read_full(buf.bytes_mut(), offset)?;
             if n < len {
-                return Err(Error::Io {
-                    context: inner.what("pread", len, offset),
-                    source: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("end of file after {n} bytes"),
-                    ),
-                });
+                return Err(eof(inner, len, n));
             }
             Ok(buf)
-        })
+        }))
     }
 
     /// Writes all of `buf` at `offset`, extending the file if needed.
@@ -383,10 +412,17 @@ impl File {
         offset: u64,
     ) -> impl Future<Output = Result<B>> + Send + 'static {
         let check = self.check("pwrite", offset, [buf.bytes()]);
-        self.submit(check, move |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::write(&inner, buf, offset).await
+            });
+        }
+        boxed(self.submit(check, move |inner| {
             inner.write_full(buf.bytes(), offset)?;
             Ok(buf)
-        })
+        }))
     }
 
     /// Reads into `bufs`, in order, at `offset` (`preadv`) until they are all
@@ -397,10 +433,17 @@ impl File {
         offset: u64,
     ) -> impl Future<Output = Result<(usize, Vec<B>)>> + Send + 'static {
         let check = self.check("preadv", offset, bufs.iter().map(|b| b.bytes()));
-        self.submit(check, move |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::readv(&inner, bufs, offset).await
+            });
+        }
+        boxed(self.submit(check, move |inner| {
             let n = inner.readv_full(&mut bufs, offset)?;
             Ok((n, bufs))
-        })
+        }))
     }
 
     /// Writes all of `bufs`, in order, at `offset` (`pwritev`). Resolves to
@@ -411,18 +454,29 @@ impl File {
         offset: u64,
     ) -> impl Future<Output = Result<Vec<B>>> + Send + 'static {
         let check = self.check("pwritev", offset, bufs.iter().map(|b| b.bytes()));
-        self.submit(check, move |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::writev(&inner, bufs, offset).await
+            });
+        }
+        boxed(self.submit(check, move |inner| {
             inner.writev_full(&bufs, offset)?;
             Ok(bufs)
-        })
+        }))
     }
 
     /// Makes written data durable (`fdatasync`).
     pub fn flush(&self) -> impl Future<Output = Result<()>> + Send + 'static {
-        self.submit(Ok(()), |inner| {
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move { file_uring::flush(&inner).await });
+        }
+        boxed(self.submit(Ok(()), |inner| {
             retry(|| sys::file::fdatasync(&inner.file))
                 .context(|| format!("fdatasync of {}", inner.path.display()))
-        })
+        }))
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes, extending the file
@@ -437,7 +491,14 @@ impl File {
         len: u64,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let check = self.check_range("fallocate(ZERO_RANGE)", offset, len, true);
-        self.submit(check, move |inner| inner.write_zeroes(offset, len))
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::write_zeroes(&inner, offset, len).await
+            });
+        }
+        boxed(self.submit(check, move |inner| inner.write_zeroes(offset, len)))
     }
 
     /// Tells the filesystem that `len` bytes at `offset` are no longer
@@ -454,7 +515,14 @@ impl File {
         len: u64,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let check = self.check_range("fallocate(PUNCH_HOLE)", offset, len, false);
-        self.submit(check, move |inner| inner.discard(offset, len))
+        if self.inner.engine == Engine::IoUring {
+            let inner = self.inner.clone();
+            return boxed(async move {
+                check?;
+                file_uring::discard(&inner, offset, len).await
+            });
+        }
+        boxed(self.submit(check, move |inner| inner.discard(offset, len)))
     }
 
     /// The size in bytes (of a file, or of a block device).
@@ -485,7 +553,7 @@ impl File {
     ) -> impl Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+        F: FnOnce(&FileInner) -> Result<T> + Send + 'static,
     {
         let submitted = check.map(|()| {
             let inner = self.inner.clone();
@@ -637,9 +705,9 @@ fn is_unsupported(e: &io::Error) -> bool {
 }
 
 /// The operations, run on a pool worker.
-impl Inner {
+impl FileInner {
     /// "pread of 4096 bytes at offset 8192 in /tmp/x"
-    fn what(&self, op: &str, len: usize, offset: u64) -> String {
+    pub(crate) fn what(&self, op: &str, len: usize, offset: u64) -> String {
         format!(
             "{op} of {len} bytes at offset {offset} in {}",
             self.path.display()
@@ -648,7 +716,12 @@ impl Inner {
 
     /// Whether a short `O_DIRECT` transfer of `n` bytes left the rest
     /// misaligned (the kernel would refuse the next call with `EINVAL`).
-    fn misaligned_after(&self, n: usize) -> bool {
+    /// The buffer alignment zero buffers need on an `O_DIRECT` file.
+    pub(crate) fn direct_mem_align(&self) -> Option<usize> {
+        self.direct.map(|a| (a.mem as usize).max(512))
+    }
+
+    pub(crate) fn misaligned_after(&self, n: usize) -> bool {
         self.direct.is_some_and(|a| n as u64 % a.offset != 0)
     }
 

@@ -32,6 +32,7 @@ mod error;
 mod executor;
 mod fdmon;
 pub mod file;
+mod file_uring;
 mod handler;
 mod notifier;
 mod notify;
@@ -40,6 +41,7 @@ mod sync;
 mod sys;
 mod thread_pool;
 mod timer;
+mod uring_file;
 
 pub use bh::Bh;
 pub use clock::{host_ns, monotonic_ns, ClockType, VirtualClock};

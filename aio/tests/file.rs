@@ -13,7 +13,53 @@ use std::process::Command;
 
 use aio::file::{AlignedBuf, Engine, File, OpenOptions};
 use aio::{Error, PoolOptions, ThreadPool};
-use util::park::park_block_on;
+use std::cell::Cell;
+
+// Each test runs once per engine; the engine and an AioContext (io_uring
+// requests are submitted from the current context) are per test thread.
+thread_local! {
+    static ENGINE: Cell<Engine> = const { Cell::new(Engine::Threads) };
+    static CTX: aio::AioContext = aio::AioContext::new().expect("AioContext");
+}
+
+/// Runs `f` to completion on this thread's context.
+fn run<F: Future>(f: F) -> F::Output {
+    CTX.with(|c| c.block_on(f))
+}
+
+/// The engine under test.
+fn engine() -> Engine {
+    ENGINE.with(Cell::get)
+}
+
+/// The engine's test-module name.
+fn engine_name() -> &'static str {
+    match engine() {
+        Engine::Threads => "threads",
+        _ => "io_uring",
+    }
+}
+
+/// Defines `mod $name { threads, io_uring }` around a test body.
+macro_rules! both_engines {
+    ($($(#[$m:meta])* fn $name:ident() $body:block)*) => {$(
+        fn $name() $body
+        mod $name {
+            #[test]
+            $(#[$m])*
+            fn threads() {
+                super::ENGINE.with(|e| e.set(aio::file::Engine::Threads));
+                super::$name()
+            }
+            #[test]
+            $(#[$m])*
+            fn io_uring() {
+                super::ENGINE.with(|e| e.set(aio::file::Engine::IoUring));
+                super::$name()
+            }
+        }
+    )*};
+}
 
 const MIB: usize = 1 << 20;
 
@@ -86,7 +132,7 @@ impl TempPath {
     /// A fresh path named after the test, in `dir`.
     fn new_in(dir: &Path, name: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let p = dir.join(format!("{name}-{}", std::process::id()));
+        let p = dir.join(format!("{name}-{}-{}", std::process::id(), engine_name()));
         let _ = std::fs::remove_file(&p);
         TempPath(p)
     }
@@ -118,7 +164,11 @@ fn fs_type(path: &Path) -> String {
 }
 
 fn rw() -> OpenOptions {
-    OpenOptions::new().read(true).write(true).create(true)
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .engine(engine())
 }
 
 fn open(path: &Path, opts: &OpenOptions) -> File {
@@ -137,11 +187,11 @@ type BoxFut<T> = Pin<Box<dyn Future<Output = aio::Result<T>> + Send>>;
 /// Awaits futures in submission order, keeping at most `window` in flight.
 struct Window<T> {
     window: usize,
-    in_flight: VecDeque<BoxFut<T>>,
+    in_flight: VecDeque<aio::JoinHandle<aio::Result<T>>>,
     done: Vec<T>,
 }
 
-impl<T> Window<T> {
+impl<T: Send + 'static> Window<T> {
     fn new(window: usize) -> Self {
         Self {
             window,
@@ -149,16 +199,18 @@ impl<T> Window<T> {
             done: Vec::new(),
         }
     }
+    /// Starts `fut` as a task, so it is in flight on either engine
+    /// (io_uring submits when first polled).
     fn push(&mut self, fut: BoxFut<T>) {
         if self.in_flight.len() == self.window {
-            let f = self.in_flight.pop_front().unwrap();
-            self.done.push(park_block_on(f).unwrap());
+            let h = self.in_flight.pop_front().unwrap();
+            self.done.push(run(h).unwrap().unwrap());
         }
-        self.in_flight.push_back(fut);
+        self.in_flight.push_back(CTX.with(|c| c.spawn(fut)));
     }
     fn finish(mut self) -> Vec<T> {
-        while let Some(f) = self.in_flight.pop_front() {
-            self.done.push(park_block_on(f).unwrap());
+        while let Some(h) = self.in_flight.pop_front() {
+            self.done.push(run(h).unwrap().unwrap());
         }
         self.done
     }
@@ -180,7 +232,7 @@ fn shuffled_partition(rng: &mut Rng, size: u64) -> Vec<(u64, usize)> {
     pieces
 }
 
-#[test]
+both_engines! {
 fn concurrent_random_writes_read_back_exactly() {
     const SIZE: u64 = 64 * MIB as u64;
     let tmp = TempPath::new("random-writes");
@@ -217,8 +269,8 @@ fn concurrent_random_writes_read_back_exactly() {
         w.push(fut);
     }
     w.finish();
-    park_block_on(f.flush()).unwrap();
-    assert_eq!(park_block_on(f.len()).unwrap(), SIZE);
+    run(f.flush()).unwrap();
+    assert_eq!(run(f.len()).unwrap(), SIZE);
 
     // Read it back in different random pieces, also through all paths.
     let mut r = Window::new(32);
@@ -260,6 +312,7 @@ fn concurrent_random_writes_read_back_exactly() {
     assert!(s.live_workers <= 16, "{s:?}");
     assert_eq!(s.cancelled, 0);
 }
+}
 
 /// Adapters that keep the test's future plumbing short.
 trait FutExt: Future + Sized + Send + 'static {
@@ -282,7 +335,7 @@ trait FutExt: Future + Sized + Send + 'static {
 
 impl<F: Future + Send + 'static> FutExt for F {}
 
-#[test]
+both_engines! {
 fn pattern_is_the_same_byte_by_byte_and_word_by_word() {
     for off in [0u64, 1, 7, 8, 4093] {
         let p = pattern(off, 100);
@@ -291,14 +344,15 @@ fn pattern_is_the_same_byte_by_byte_and_word_by_word() {
         }
     }
 }
+}
 
-#[test]
+both_engines! {
 fn short_read_at_end_of_file_returns_the_count() {
     let tmp = TempPath::new("short-read");
     let f = open(&tmp.0, &rw());
-    park_block_on(f.write_at(pattern(0, 10_000), 0)).unwrap();
+    run(f.write_at(pattern(0, 10_000), 0)).unwrap();
 
-    let (n, buf) = park_block_on(f.read_at(vec![0xffu8; 4096], 8192)).unwrap();
+    let (n, buf) = run(f.read_at(vec![0xffu8; 4096], 8192)).unwrap();
     assert_eq!(n, 10_000 - 8192, "short count, not an error");
     assert_pattern(&buf[..n], 8192);
     assert!(
@@ -307,11 +361,11 @@ fn short_read_at_end_of_file_returns_the_count() {
     );
 
     let (n, bufs) =
-        park_block_on(f.readv_at(vec![vec![0u8; 1000], vec![0u8; 1000]], 9000)).unwrap();
+        run(f.readv_at(vec![vec![0u8; 1000], vec![0u8; 1000]], 9000)).unwrap();
     assert_eq!(n, 1000);
     assert_pattern(&bufs[0], 9000);
 
-    let err = park_block_on(f.read_exact_at(vec![0u8; 4096], 8192)).unwrap_err();
+    let err = run(f.read_exact_at(vec![0u8; 4096], 8192)).unwrap_err();
     let (context, source) = io_error(&err);
     assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
     assert!(
@@ -319,18 +373,20 @@ fn short_read_at_end_of_file_returns_the_count() {
         "{context}"
     );
 }
+}
 
-#[test]
+both_engines! {
 fn read_at_or_past_end_of_file_returns_zero() {
     let tmp = TempPath::new("past-eof");
     let f = open(&tmp.0, &rw());
-    park_block_on(f.write_at(vec![1u8; 100], 0)).unwrap();
+    run(f.write_at(vec![1u8; 100], 0)).unwrap();
     for off in [100, 101, 1 << 40] {
-        let (n, _) = park_block_on(f.read_at(vec![0u8; 512], off)).unwrap();
+        let (n, _) = run(f.read_at(vec![0u8; 512], off)).unwrap();
         assert_eq!(n, 0, "at offset {off}");
     }
-    let (n, _) = park_block_on(f.read_at(Vec::new(), 0)).unwrap();
+    let (n, _) = run(f.read_at(Vec::new(), 0)).unwrap();
     assert_eq!(n, 0, "an empty buffer reads nothing");
+}
 }
 
 /// Writes the pattern over 4 MiB, zeroes and discards ranges, checks
@@ -339,12 +395,12 @@ fn zeroes_and_discard_on(dir: &Path) {
     let tmp = TempPath::new_in(dir, "zeroes");
     let f = open(&tmp.0, &rw());
     let size = 4 * MIB as u64;
-    park_block_on(f.write_at(pattern(0, size as usize), 0)).unwrap();
+    run(f.write_at(pattern(0, size as usize), 0)).unwrap();
 
-    park_block_on(f.write_zeroes(65_536, 200_000)).unwrap();
-    park_block_on(f.discard(MIB as u64, MIB as u64)).unwrap();
-    park_block_on(f.write_zeroes(0, 0)).unwrap();
-    park_block_on(f.discard(0, 0)).unwrap();
+    run(f.write_zeroes(65_536, 200_000)).unwrap();
+    run(f.discard(MIB as u64, MIB as u64)).unwrap();
+    run(f.write_zeroes(0, 0)).unwrap();
+    run(f.discard(0, 0)).unwrap();
 
     let all = std::fs::read(&tmp.0).unwrap();
     assert_pattern(&all[..65_536], 0);
@@ -353,26 +409,23 @@ fn zeroes_and_discard_on(dir: &Path) {
     // Discard is advisory in general, but ext4 and tmpfs both punch holes.
     assert_zeroes(&all[MIB..2 * MIB], MIB as u64);
     assert_pattern(&all[2 * MIB..], 2 * MIB as u64);
-    assert_eq!(
-        park_block_on(f.len()).unwrap(),
-        size,
-        "discard keeps the size"
-    );
+    assert_eq!(run(f.len()).unwrap(), size, "discard keeps the size");
 
     // Zeroing past the end extends the file, like writing zeroes would.
-    park_block_on(f.write_zeroes(size + 4096, 8192)).unwrap();
-    assert_eq!(park_block_on(f.len()).unwrap(), size + 12_288);
-    let (n, buf) = park_block_on(f.read_at(vec![0xffu8; 12_288], size)).unwrap();
+    run(f.write_zeroes(size + 4096, 8192)).unwrap();
+    assert_eq!(run(f.len()).unwrap(), size + 12_288);
+    let (n, buf) = run(f.read_at(vec![0xffu8; 12_288], size)).unwrap();
     assert_eq!(n, 12_288);
     assert_zeroes(&buf, size);
 }
 
-#[test]
+both_engines! {
 fn write_zeroes_and_discard_read_back_as_zeroes_on_disk() {
     zeroes_and_discard_on(&disk_dir());
 }
+}
 
-#[test]
+both_engines! {
 fn write_zeroes_falls_back_to_writing_on_tmpfs() {
     // tmpfs has no FALLOC_FL_ZERO_RANGE: this takes the zero-buffer path.
     let shm = Path::new("/dev/shm");
@@ -382,36 +435,39 @@ fn write_zeroes_falls_back_to_writing_on_tmpfs() {
     }
     zeroes_and_discard_on(shm);
 }
+}
 
-#[test]
+both_engines! {
 fn set_len_and_len() {
     let tmp = TempPath::new("set-len");
     let f = open(&tmp.0, &rw());
-    assert_eq!(park_block_on(f.len()).unwrap(), 0);
-    park_block_on(f.set_len(MIB as u64)).unwrap();
-    assert_eq!(park_block_on(f.len()).unwrap(), MIB as u64);
-    let (n, buf) = park_block_on(f.read_at(vec![0xffu8; 4096], MIB as u64 - 4096)).unwrap();
+    assert_eq!(run(f.len()).unwrap(), 0);
+    run(f.set_len(MIB as u64)).unwrap();
+    assert_eq!(run(f.len()).unwrap(), MIB as u64);
+    let (n, buf) = run(f.read_at(vec![0xffu8; 4096], MIB as u64 - 4096)).unwrap();
     assert_eq!(n, 4096);
     assert_zeroes(&buf, MIB as u64 - 4096);
-    park_block_on(f.write_at(pattern(0, 1000), 0)).unwrap();
-    park_block_on(f.set_len(100)).unwrap();
-    assert_eq!(park_block_on(f.len()).unwrap(), 100);
+    run(f.write_at(pattern(0, 1000), 0)).unwrap();
+    run(f.set_len(100)).unwrap();
+    assert_eq!(run(f.len()).unwrap(), 100);
     assert_eq!(std::fs::metadata(&tmp.0).unwrap().len(), 100);
-    let (n, buf) = park_block_on(f.read_at(vec![0u8; 1000], 0)).unwrap();
+    let (n, buf) = run(f.read_at(vec![0u8; 1000], 0)).unwrap();
     assert_eq!(n, 100);
     assert_pattern(&buf[..100], 0);
 }
+}
 
-#[test]
+both_engines! {
 fn flush_after_writes() {
     let tmp = TempPath::new("flush");
     let f = open(&tmp.0, &rw());
-    park_block_on(f.write_at(pattern(0, 65_536), 0)).unwrap();
-    park_block_on(f.flush()).unwrap();
+    run(f.write_at(pattern(0, 65_536), 0)).unwrap();
+    run(f.flush()).unwrap();
     assert_pattern(&std::fs::read(&tmp.0).unwrap(), 0);
 }
+}
 
-#[test]
+both_engines! {
 fn vectored_io_with_more_segments_than_iov_max() {
     // 3000 segments of odd sizes (some empty): preadv/pwritev take at most
     // 1024 at a time, so this goes round the short-transfer loop.
@@ -430,31 +486,32 @@ fn vectored_io_with_more_segments_than_iov_max() {
             b
         })
         .collect();
-    let back = park_block_on(f.writev_at(bufs, 100)).unwrap();
+    let back = run(f.writev_at(bufs, 100)).unwrap();
     assert_eq!(back.len(), 3000, "buffers come back");
     let all = std::fs::read(&tmp.0).unwrap();
     assert_eq!(all.len(), 100 + total);
     assert_pattern(&all[100..], 100);
 
     let bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-    let (n, bufs) = park_block_on(f.readv_at(bufs, 100)).unwrap();
+    let (n, bufs) = run(f.readv_at(bufs, 100)).unwrap();
     assert_eq!(n, total);
     assert_pattern(&bufs.concat(), 100);
 }
+}
 
-#[test]
+both_engines! {
 fn writing_a_read_only_file_fails_naming_pwrite_offset_and_path() {
     let tmp = TempPath::new("read-only");
     std::fs::write(&tmp.0, [0u8; 100]).unwrap();
-    let f = open(&tmp.0, &OpenOptions::new().read(true));
-    let err = park_block_on(f.write_at(vec![1u8; 4096], 8192)).unwrap_err();
+    let f = open(&tmp.0, &OpenOptions::new().read(true).engine(engine()));
+    let err = run(f.write_at(vec![1u8; 4096], 8192)).unwrap_err();
     let (context, source) = io_error(&err);
     assert_eq!(source.raw_os_error(), Some(libc_ebadf()), "{err}");
     let expect = format!("pwrite of 4096 bytes at offset 8192 in {}", tmp.0.display());
     assert_eq!(context, expect);
     assert!(err.to_string().starts_with(&expect), "{err}");
 
-    let err = park_block_on(f.writev_at(vec![vec![1u8; 10]], 20)).unwrap_err();
+    let err = run(f.writev_at(vec![vec![1u8; 10]], 20)).unwrap_err();
     assert!(
         io_error(&err)
             .0
@@ -462,7 +519,8 @@ fn writing_a_read_only_file_fails_naming_pwrite_offset_and_path() {
         "{err}"
     );
     // Reads still work on the same file.
-    assert_eq!(park_block_on(f.read_at(vec![1u8; 100], 0)).unwrap().0, 100);
+    assert_eq!(run(f.read_at(vec![1u8; 100], 0)).unwrap().0, 100);
+}
 }
 
 /// EBADF without depending on the libc crate in tests.
@@ -470,23 +528,25 @@ fn libc_ebadf() -> i32 {
     9
 }
 
-#[test]
+both_engines! {
 fn opening_a_missing_file_names_the_path() {
     let tmp = TempPath::new("missing");
-    let err = File::open(&tmp.0, &OpenOptions::new().read(true)).unwrap_err();
+    let err = File::open(&tmp.0, &OpenOptions::new().read(true).engine(engine())).unwrap_err();
     let (context, source) = io_error(&err);
     assert_eq!(source.kind(), io::ErrorKind::NotFound);
     assert!(context.contains(&tmp.0.display().to_string()), "{context}");
 }
+}
 
-#[test]
+both_engines! {
 fn offsets_past_the_largest_file_offset_are_invalid_input() {
     let tmp = TempPath::new("huge-offset");
     let f = open(&tmp.0, &rw());
-    let err = park_block_on(f.read_at(vec![0u8; 10], i64::MAX as u64 - 5)).unwrap_err();
+    let err = run(f.read_at(vec![0u8; 10], i64::MAX as u64 - 5)).unwrap_err();
     assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
-    let err = park_block_on(f.write_zeroes(u64::MAX, 1)).unwrap_err();
+    let err = run(f.write_zeroes(u64::MAX, 1)).unwrap_err();
     assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
+}
 }
 
 /// A tmpfs mounted for the length of a test; unmounted on drop.
@@ -514,9 +574,9 @@ impl Drop for Mount {
     }
 }
 
-#[test]
+both_engines! {
 fn writing_past_the_capacity_of_a_small_tmpfs_fails_with_enospc() {
-    let dir = disk_dir().join(format!("enospc-{}", std::process::id()));
+    let dir = disk_dir().join(format!("enospc-{}-{}", std::process::id(), engine_name()));
     let Some(mount) = Mount::tmpfs(dir.clone(), "1m") else {
         // No permission to mount (not root, or in a container): get a write
         // error from the file size limit instead, with EFBIG for ENOSPC. That
@@ -532,7 +592,8 @@ fn writing_past_the_capacity_of_a_small_tmpfs_fails_with_enospc() {
                 "sh",
             ])
             .arg(exe)
-            .args(["--exact", "efbig_child", "--ignored", "--nocapture"])
+            .args(["--exact", &format!("efbig_child::{}", engine_name())])
+            .args(["--ignored", "--nocapture"])
             .env("AIO_EFBIG_CHILD", "1")
             .output()
             .unwrap();
@@ -552,7 +613,7 @@ fn writing_past_the_capacity_of_a_small_tmpfs_fails_with_enospc() {
     let f = open(&tmp.0, &rw());
     // 2 MiB into 1 MiB: the first pwrite is short, the loop goes on, and
     // the next one fails.
-    let err = park_block_on(f.write_at(pattern(0, 2 * MIB), 0)).unwrap_err();
+    let err = run(f.write_at(pattern(0, 2 * MIB), 0)).unwrap_err();
     let (context, source) = io_error(&err);
     assert_eq!(source.raw_os_error(), Some(28), "ENOSPC expected: {err}");
     assert!(context.starts_with("pwrite of "), "{context}");
@@ -561,10 +622,11 @@ fn writing_past_the_capacity_of_a_small_tmpfs_fails_with_enospc() {
     drop(tmp);
     drop(mount);
 }
+}
 
-/// Runs in a child process under RLIMIT_FSIZE = 1 MiB, SIGXFSZ ignored
-/// (see above): a write past the limit fails with EFBIG.
-#[test]
+// Runs in a child process under RLIMIT_FSIZE = 1 MiB, SIGXFSZ ignored
+// (see above): a write past the limit fails with EFBIG.
+both_engines! {
 #[ignore = "run by writing_past_the_capacity_of_a_small_tmpfs_fails_with_enospc when mount is not permitted"]
 fn efbig_child() {
     if std::env::var_os("AIO_EFBIG_CHILD").is_none() {
@@ -572,11 +634,12 @@ fn efbig_child() {
     }
     let tmp = TempPath::new("efbig");
     let f = open(&tmp.0, &rw());
-    let err = park_block_on(f.write_at(pattern(0, 2 * MIB), 0)).unwrap_err();
+    let err = run(f.write_at(pattern(0, 2 * MIB), 0)).unwrap_err();
     let (context, source) = io_error(&err);
     assert_eq!(source.raw_os_error(), Some(27), "EFBIG expected: {err}");
     assert!(context.starts_with("pwrite of "), "{context}");
     println!("EFBIG checked: {err}");
+}
 }
 
 /// Opens `name` with O_DIRECT on the real disk, or says why it cannot.
@@ -606,7 +669,7 @@ fn open_direct(name: &str, pool: Option<ThreadPool>) -> Option<(TempPath, File)>
     }
 }
 
-#[test]
+both_engines! {
 fn o_direct_round_trip_with_aligned_buffers() {
     let Some((tmp, f)) = open_direct("direct", None) else {
         return;
@@ -627,12 +690,12 @@ fn o_direct_round_trip_with_aligned_buffers() {
         futs.push(f.write_at(buf, off));
     }
     for fut in futs {
-        park_block_on(fut).unwrap();
+        run(fut).unwrap();
     }
-    park_block_on(f.flush()).unwrap();
+    run(f.flush()).unwrap();
     for i in (0..8u64).rev() {
         let off = i * len as u64;
-        let buf = park_block_on(f.read_exact_at(AlignedBuf::new(len, 4096).unwrap(), off)).unwrap();
+        let buf = run(f.read_exact_at(AlignedBuf::new(len, 4096).unwrap(), off)).unwrap();
         assert_pattern(&buf, off);
     }
     // Vectored, and zeroes through the same alignment rules.
@@ -640,24 +703,25 @@ fn o_direct_round_trip_with_aligned_buffers() {
         AlignedBuf::new(4096, 4096).unwrap(),
         AlignedBuf::new(8192, 4096).unwrap(),
     ];
-    let (n, bufs) = park_block_on(f.readv_at(bufs, 4096)).unwrap();
+    let (n, bufs) = run(f.readv_at(bufs, 4096)).unwrap();
     assert_eq!(n, 12_288);
     assert_pattern(&bufs[0], 4096);
     assert_pattern(&bufs[1], 8192);
-    park_block_on(f.write_zeroes(0, 4096)).unwrap();
-    let (n, buf) = park_block_on(f.read_at(AlignedBuf::new(8192, 4096).unwrap(), 0)).unwrap();
+    run(f.write_zeroes(0, 4096)).unwrap();
+    let (n, buf) = run(f.read_at(AlignedBuf::new(8192, 4096).unwrap(), 0)).unwrap();
     assert_eq!(n, 8192);
     assert_zeroes(&buf[..4096], 0);
     assert_pattern(&buf[4096..], 4096);
     // Reading across the end of file returns the short count.
     let size = 8 * len as u64;
     let (n, _) =
-        park_block_on(f.read_at(AlignedBuf::new(16_384, 4096).unwrap(), size - 4096)).unwrap();
+        run(f.read_at(AlignedBuf::new(16_384, 4096).unwrap(), size - 4096)).unwrap();
     assert_eq!(n, 4096);
     assert_pattern(&std::fs::read(&tmp.0).unwrap()[4096..], 4096);
 }
+}
 
-#[test]
+both_engines! {
 fn o_direct_misaligned_requests_are_refused_before_submission() {
     let pool = ThreadPool::new(PoolOptions::new().name("dmis"));
     let Some((_tmp, f)) = open_direct("direct-misaligned", Some(pool.clone())) else {
@@ -673,31 +737,31 @@ fn o_direct_misaligned_requests_are_refused_before_submission() {
         assert!(err.to_string().contains("O_DIRECT"), "{what}: {err}");
     };
     let buf = || AlignedBuf::new(4096, 4096).unwrap();
-    expect_invalid(park_block_on(f.write_at(buf(), 100)).unwrap_err(), "offset");
+    expect_invalid(run(f.write_at(buf(), 100)).unwrap_err(), "offset");
     expect_invalid(
-        park_block_on(f.read_at(AlignedBuf::new(align + 1, 4096).unwrap(), 0)).unwrap_err(),
+        run(f.read_at(AlignedBuf::new(align + 1, 4096).unwrap(), 0)).unwrap_err(),
         "length",
     );
     expect_invalid(
-        park_block_on(f.writev_at(vec![buf(), AlignedBuf::new(100, 4096).unwrap()], 0))
+        run(f.writev_at(vec![buf(), AlignedBuf::new(100, 4096).unwrap()], 0))
             .unwrap_err(),
         "segment length",
     );
     expect_invalid(
-        park_block_on(f.write_zeroes(1, 4096)).unwrap_err(),
+        run(f.write_zeroes(1, 4096)).unwrap_err(),
         "zeroes offset",
     );
     // A Vec is refused exactly when its address is misaligned.
     let v = vec![0u8; 4096];
     let misaligned = v.as_ptr() as usize % f.memory_alignment() != 0;
-    match park_block_on(f.write_at(v, 0)) {
+    match run(f.write_at(v, 0)) {
         Err(e) => {
             assert!(misaligned, "{e}");
             expect_invalid(e, "Vec address");
         }
         Ok(_) => assert!(!misaligned),
     }
-    let err = park_block_on(f.read_at(buf(), 100)).unwrap_err();
+    let err = run(f.read_at(buf(), 100)).unwrap_err();
     assert!(
         err.to_string()
             .contains("pread of 4096 bytes at offset 100 in"),
@@ -706,22 +770,9 @@ fn o_direct_misaligned_requests_are_refused_before_submission() {
     // Nothing reached the pool except the Vec write, if it was aligned.
     assert!(pool.stats().submitted <= 1, "{:?}", pool.stats());
 }
-
-#[test]
-fn io_uring_engine_is_reported_unsupported() {
-    let tmp = TempPath::new("uring");
-    let err = File::open(&tmp.0, &rw().engine(Engine::IoUring)).unwrap_err();
-    match &err {
-        Error::Unsupported { what } => assert!(what.contains("io_uring"), "{what}"),
-        other => panic!("expected Unsupported, got {other:?}"),
-    }
-    assert!(
-        !tmp.0.exists(),
-        "no silent fallback: nothing was opened or created"
-    );
 }
 
-#[test]
+both_engines! {
 fn aligned_buf_needs_a_power_of_two_of_at_least_512() {
     for bad in [0, 1, 256, 511, 513, 1000, 3 << 10] {
         let err = AlignedBuf::new(4096, bad).unwrap_err();
@@ -741,13 +792,14 @@ fn aligned_buf_needs_a_power_of_two_of_at_least_512() {
     }
     assert!(AlignedBuf::new(0, 512).unwrap().is_empty());
 }
+}
 
-#[test]
+both_engines! {
 fn the_default_pool_serves_files_opened_without_one() {
     let tmp = TempPath::new("default-pool");
     let f = open(&tmp.0, &rw());
     assert_eq!(f.pool().name(), "aio-file");
-    let name = park_block_on(
+    let name = run(
         f.pool()
             .run(|| std::thread::current().name().map(str::to_string)),
     )
@@ -755,8 +807,9 @@ fn the_default_pool_serves_files_opened_without_one() {
     .unwrap();
     assert!(name.starts_with("aio-file-worker-"), "{name}");
 }
+}
 
-#[test]
+both_engines! {
 fn dropping_the_file_with_operations_in_flight_completes_them() {
     let tmp = TempPath::new("drop-file");
     let f = open(&tmp.0, &rw());
@@ -765,9 +818,10 @@ fn dropping_the_file_with_operations_in_flight_completes_them() {
         .collect();
     drop(f);
     for fut in futs {
-        park_block_on(fut).unwrap();
+        run(fut).unwrap();
     }
     assert_pattern(&std::fs::read(&tmp.0).unwrap(), 0);
+}
 }
 
 /// A loop device over a file on the disk, detached on drop.
@@ -814,7 +868,7 @@ impl Drop for LoopDev {
     }
 }
 
-#[test]
+both_engines! {
 fn o_direct_on_a_block_device_uses_its_logical_block_size() {
     // Root can attach a loop device with 4 KiB sectors: BLKSSZGET then
     // says 4096, where a file on the same disk would say 512.
@@ -823,43 +877,44 @@ fn o_direct_on_a_block_device_uses_its_logical_block_size() {
     };
     let f = open(
         &lo.dev,
-        &OpenOptions::new().read(true).write(true).direct(true),
+        &OpenOptions::new().read(true).write(true).direct(true).engine(engine()),
     );
     assert_eq!(f.request_alignment(), 4096);
     assert_eq!(f.memory_alignment(), 4096);
     assert_eq!(
-        park_block_on(f.len()).unwrap(),
+        run(f.len()).unwrap(),
         4 * MIB as u64,
         "size of a block device"
     );
 
     let mut buf = AlignedBuf::new(64 * 1024, 4096).unwrap();
     buf.copy_from_slice(&pattern(8192, 64 * 1024));
-    park_block_on(f.write_at(buf, 8192)).unwrap();
-    park_block_on(f.flush()).unwrap();
+    run(f.write_at(buf, 8192)).unwrap();
+    run(f.flush()).unwrap();
     let buf =
-        park_block_on(f.read_exact_at(AlignedBuf::new(64 * 1024, 4096).unwrap(), 8192)).unwrap();
+        run(f.read_exact_at(AlignedBuf::new(64 * 1024, 4096).unwrap(), 8192)).unwrap();
     assert_pattern(&buf, 8192);
 
     // 512-byte granularity is fine for the file underneath but not here.
-    let err = park_block_on(f.read_at(AlignedBuf::new(512, 4096).unwrap(), 0)).unwrap_err();
+    let err = run(f.read_at(AlignedBuf::new(512, 4096).unwrap(), 0)).unwrap_err();
     assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
-    let err = park_block_on(f.write_at(AlignedBuf::new(4096, 512).unwrap(), 4096));
+    let err = run(f.write_at(AlignedBuf::new(4096, 512).unwrap(), 4096));
     if let Err(err) = err {
         // Refused only if the allocator's 512-aligned address is not also
         // 4096-aligned.
         assert_eq!(err.io_kind(), Some(io::ErrorKind::InvalidInput), "{err}");
     }
 
-    park_block_on(f.write_zeroes(8192, 4096)).unwrap();
-    let buf = park_block_on(f.read_exact_at(AlignedBuf::new(8192, 4096).unwrap(), 8192)).unwrap();
+    run(f.write_zeroes(8192, 4096)).unwrap();
+    let buf = run(f.read_exact_at(AlignedBuf::new(8192, 4096).unwrap(), 8192)).unwrap();
     assert_zeroes(&buf[..4096], 8192);
     assert_pattern(&buf[4096..], 12_288);
-    park_block_on(f.discard(MIB as u64, MIB as u64)).unwrap();
+    run(f.discard(MIB as u64, MIB as u64)).unwrap();
     // Reading at the end of the device is end of file.
     let (n, _) =
-        park_block_on(f.read_at(AlignedBuf::new(8192, 4096).unwrap(), 4 * MIB as u64 - 4096))
+        run(f.read_at(AlignedBuf::new(8192, 4096).unwrap(), 4 * MIB as u64 - 4096))
             .unwrap();
     assert_eq!(n, 4096);
     drop(f);
+}
 }

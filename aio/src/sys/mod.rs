@@ -31,6 +31,7 @@ pub(crate) mod ppoll;
 pub(crate) mod signalfd;
 pub(crate) mod timerfd;
 pub(crate) mod uring;
+pub(crate) mod uring_io;
 
 /// Takes ownership of a freshly created descriptor.
 pub(crate) fn owned(fd: RawFd) -> OwnedFd {

@@ -1,0 +1,303 @@
+//! The `Engine::IoUring` paths of [`crate::file::File`]: the same contract
+//! as the threads engine (short transfers continued, `EINTR`/`EAGAIN`
+//! retried, errors naming the operation, offset and file), on the current
+//! context's io_uring.
+
+use std::any::Any;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::error::{Error, Result};
+use crate::file::{AlignedBuf, FileInner, IoBuf};
+use crate::sys::uring_io::{IoOp, OwnedBuf};
+use crate::uring_file::UringOp;
+
+/// Moves a caller's buffer into the form the ring owns.
+pub(crate) fn to_owned_buf<B: IoBuf>(b: B) -> OwnedBuf {
+    let any: Box<dyn Any> = Box::new(b);
+    match any.downcast::<Vec<u8>>() {
+        Ok(v) => OwnedBuf::Vec(*v),
+        Err(any) => match any.downcast::<AlignedBuf>() {
+            Ok(a) => OwnedBuf::Aligned(a.into_raw()),
+            Err(_) => unreachable!("IoBuf is sealed to Vec<u8> and AlignedBuf"),
+        },
+    }
+}
+
+/// The inverse of [`to_owned_buf`].
+pub(crate) fn from_owned_buf<B: IoBuf>(o: OwnedBuf) -> B {
+    let any: Box<dyn Any> = match o {
+        OwnedBuf::Vec(v) => Box::new(v),
+        OwnedBuf::Aligned(a) => Box::new(AlignedBuf::from_raw(a)),
+    };
+    match any.downcast::<B>() {
+        Ok(b) => *b,
+        Err(_) => unreachable!("a buffer comes back as the type it went in as"),
+    }
+}
+
+fn os_error(inner: &FileInner, op: &str, len: usize, offset: u64, res: i32) -> Error {
+    Error::Io {
+        context: inner.what(op, len, offset),
+        source: io::Error::from_raw_os_error(-res),
+    }
+}
+
+fn retryable(res: i32) -> bool {
+    res == -libc::EINTR || res == -libc::EAGAIN
+}
+
+fn fd(inner: &FileInner) -> RawFd {
+    inner.file.as_raw_fd()
+}
+
+fn one(bufs: Vec<OwnedBuf>) -> OwnedBuf {
+    match bufs.into_iter().next() {
+        Some(b) => b,
+        None => unreachable!("a read or write request owns exactly one buffer"),
+    }
+}
+
+/// `pread` until `buf` is full or end of file.
+pub(crate) async fn read<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<(usize, B)> {
+    let len = buf.bytes().len();
+    let mut owned = to_owned_buf(buf);
+    let mut done = 0usize;
+    while done < len {
+        let pos = offset + done as u64;
+        let c = UringOp::new(IoOp::Read {
+            fd: fd(inner),
+            buf: owned,
+            skip: done,
+            offset: pos,
+        })
+        .await?;
+        owned = one(c.bufs);
+        match c.result {
+            0 => break,
+            n if n > 0 => {
+                done += n as usize;
+                if inner.misaligned_after(n as usize) {
+                    break;
+                }
+            }
+            r if retryable(r) => {}
+            r => return Err(os_error(inner, "pread", len - done, pos, r)),
+        }
+    }
+    Ok((done, from_owned_buf(owned)))
+}
+
+/// `pwrite` all of `buf`.
+pub(crate) async fn write<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<B> {
+    let len = buf.bytes().len();
+    let mut owned = to_owned_buf(buf);
+    let mut done = 0usize;
+    while done < len {
+        let pos = offset + done as u64;
+        let c = UringOp::new(IoOp::Write {
+            fd: fd(inner),
+            buf: owned,
+            skip: done,
+            offset: pos,
+        })
+        .await?;
+        owned = one(c.bufs);
+        match c.result {
+            0 => {
+                return Err(Error::Io {
+                    context: inner.what("pwrite", len - done, pos),
+                    source: io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"),
+                })
+            }
+            n if n > 0 => {
+                done += n as usize;
+                if done < len && inner.misaligned_after(n as usize) {
+                    return Err(Error::Io {
+                        context: inner.what("pwrite", len - done, pos),
+                        source: io::Error::other(format!(
+                            "short O_DIRECT write of {n} bytes left the rest misaligned"
+                        )),
+                    });
+                }
+            }
+            r if retryable(r) => {}
+            r => return Err(os_error(inner, "pwrite", len - done, pos, r)),
+        }
+    }
+    Ok(from_owned_buf(owned))
+}
+
+/// `preadv` until the buffers are full or end of file.
+pub(crate) async fn readv<B: IoBuf>(
+    inner: &FileInner,
+    bufs: Vec<B>,
+    offset: u64,
+) -> Result<(usize, Vec<B>)> {
+    let total: usize = bufs.iter().map(|b| b.bytes().len()).sum();
+    let mut owned: Vec<OwnedBuf> = bufs.into_iter().map(to_owned_buf).collect();
+    let mut done = 0usize;
+    while done < total {
+        let pos = offset + done as u64;
+        let c = UringOp::new(IoOp::Readv {
+            fd: fd(inner),
+            bufs: owned,
+            skip: done,
+            offset: pos,
+        })
+        .await?;
+        owned = c.bufs;
+        match c.result {
+            0 => break,
+            n if n > 0 => {
+                done += n as usize;
+                if inner.misaligned_after(n as usize) {
+                    break;
+                }
+            }
+            r if retryable(r) => {}
+            r => return Err(os_error(inner, "preadv", total - done, pos, r)),
+        }
+    }
+    Ok((done, owned.into_iter().map(from_owned_buf).collect()))
+}
+
+/// `pwritev` all of the buffers.
+pub(crate) async fn writev<B: IoBuf>(
+    inner: &FileInner,
+    bufs: Vec<B>,
+    offset: u64,
+) -> Result<Vec<B>> {
+    let total: usize = bufs.iter().map(|b| b.bytes().len()).sum();
+    let mut owned: Vec<OwnedBuf> = bufs.into_iter().map(to_owned_buf).collect();
+    let mut done = 0usize;
+    while done < total {
+        let pos = offset + done as u64;
+        let c = UringOp::new(IoOp::Writev {
+            fd: fd(inner),
+            bufs: owned,
+            skip: done,
+            offset: pos,
+        })
+        .await?;
+        owned = c.bufs;
+        match c.result {
+            0 => {
+                return Err(Error::Io {
+                    context: inner.what("pwritev", total - done, pos),
+                    source: io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"),
+                })
+            }
+            n if n > 0 => {
+                done += n as usize;
+                if done < total && inner.misaligned_after(n as usize) {
+                    return Err(Error::Io {
+                        context: inner.what("pwritev", total - done, pos),
+                        source: io::Error::other(format!(
+                            "short O_DIRECT write of {n} bytes left the rest misaligned"
+                        )),
+                    });
+                }
+            }
+            r if retryable(r) => {}
+            r => return Err(os_error(inner, "pwritev", total - done, pos, r)),
+        }
+    }
+    Ok(owned.into_iter().map(from_owned_buf).collect())
+}
+
+/// `fdatasync`.
+pub(crate) async fn flush(inner: &FileInner) -> Result<()> {
+    loop {
+        let c = UringOp::new(IoOp::Fdatasync { fd: fd(inner) }).await?;
+        match c.result {
+            r if r >= 0 => return Ok(()),
+            r if retryable(r) => {}
+            r => {
+                return Err(Error::Io {
+                    context: format!("fdatasync of {}", inner.path.display()),
+                    source: io::Error::from_raw_os_error(-r),
+                })
+            }
+        }
+    }
+}
+
+/// `fallocate`; `Ok(false)` when the filesystem does not support `mode`.
+pub(crate) async fn fallocate(
+    inner: &FileInner,
+    name: &str,
+    mode: i32,
+    offset: u64,
+    len: u64,
+) -> Result<bool> {
+    loop {
+        let c = UringOp::new(IoOp::Fallocate {
+            fd: fd(inner),
+            mode,
+            offset,
+            len,
+        })
+        .await?;
+        match c.result {
+            r if r >= 0 => return Ok(true),
+            r if r == -libc::EOPNOTSUPP => return Ok(false),
+            r if retryable(r) => {}
+            r => {
+                return Err(Error::Io {
+                    context: format!(
+                        "{name} of {len} bytes at offset {offset} in {}",
+                        inner.path.display()
+                    ),
+                    source: io::Error::from_raw_os_error(-r),
+                })
+            }
+        }
+    }
+}
+
+/// Zeroes `len` bytes at `offset`: `FALLOC_FL_ZERO_RANGE`, or zero buffers
+/// where the filesystem lacks it.
+pub(crate) async fn write_zeroes(inner: &FileInner, offset: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let name = "fallocate(ZERO_RANGE)";
+    if fallocate(inner, name, libc::FALLOC_FL_ZERO_RANGE, offset, len).await? {
+        return Ok(());
+    }
+    log::debug!(
+        "{}: no FALLOC_FL_ZERO_RANGE; writing zero buffers",
+        inner.path.display()
+    );
+    let chunk = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(crate::file::ZERO_CHUNK);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk as u64) as usize;
+        match inner.direct_mem_align() {
+            Some(align) => {
+                let zeroes = AlignedBuf::new(n, align)?;
+                write(inner, zeroes, offset + done).await?;
+            }
+            None => {
+                write(inner, vec![0u8; n], offset + done).await?;
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Punches a hole (advisory: unsupported is not an error).
+pub(crate) async fn discard(inner: &FileInner, offset: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    if !fallocate(inner, "fallocate(PUNCH_HOLE)", mode, offset, len).await? {
+        log::debug!("{}: discard unsupported; ignored", inner.path.display());
+    }
+    Ok(())
+}

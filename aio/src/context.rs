@@ -143,6 +143,11 @@ pub struct ContextOptions {
     pub timer_slack_ns: Option<u64>,
     /// A name for logs.
     pub name: String,
+    /// When set, the fds reported ready by one wait are dispatched in an
+    /// order shuffled by a PRNG seeded with this value, instead of the
+    /// kernel's order. For tests that explore orderings the loop does not
+    /// specify (see [`crate::testing`]).
+    pub dispatch_seed: Option<u64>,
 }
 
 impl Default for ContextOptions {
@@ -153,6 +158,7 @@ impl Default for ContextOptions {
             virtual_clock: None,
             timer_slack_ns: Some(1),
             name: String::new(),
+            dispatch_seed: None,
         }
     }
 }
@@ -187,6 +193,11 @@ impl ContextOptions {
         self.name = name.into();
         self
     }
+    /// Shuffles the dispatch order of ready fds with a PRNG seeded by `seed`.
+    pub fn dispatch_seed(mut self, seed: Option<u64>) -> Self {
+        self.dispatch_seed = seed;
+        self
+    }
 }
 
 /// A snapshot of a context's counters.
@@ -209,6 +220,10 @@ pub struct Stats {
     pub timer_runs: u64,
     /// Busy-poll windows that found work without sleeping.
     pub poll_hits: u64,
+    /// Handler callbacks run because busy polling found work.
+    pub polled_events: u64,
+    /// Handler callbacks run because the kernel reported the fd ready.
+    pub waited_events: u64,
 }
 
 #[derive(Default)]
@@ -221,6 +236,8 @@ struct Counters {
     bh_runs: AtomicU64,
     timer_runs: AtomicU64,
     poll_hits: AtomicU64,
+    polled_events: AtomicU64,
+    waited_events: AtomicU64,
 }
 
 /// Counts an event that can happen on any thread.
@@ -324,6 +341,8 @@ pub(crate) struct Inner {
     /// Contexts whose events this context's outermost poll also runs.
     children: Mutex<Vec<Weak<Inner>>>,
     has_children: AtomicBool,
+    /// PRNG state for shuffled dispatch (0: kernel order).
+    shuffle: AtomicU64,
     /// The io_uring file engine, created on first use.
     pub(crate) uring_io: Mutex<Option<Arc<crate::uring_file::UringEngine>>>,
 }
@@ -491,6 +510,7 @@ impl AioContext {
             children: Mutex::new(Vec::new()),
             has_children: AtomicBool::new(false),
             uring_io: Mutex::new(None),
+            shuffle: AtomicU64::new(opts.dispatch_seed.map_or(0, |s| s | 1)),
         });
         vclock.attach(Arc::downgrade(&inner));
         log::debug!(
@@ -551,6 +571,8 @@ impl AioContext {
             bh_runs: l(&c.bh_runs),
             timer_runs: l(&c.timer_runs),
             poll_hits: l(&c.poll_hits),
+            polled_events: l(&c.polled_events),
+            waited_events: l(&c.waited_events),
         }
     }
 
@@ -960,6 +982,12 @@ impl AioContext {
             }
         }
 
+        let state = inner.shuffle.load(Ordering::Relaxed);
+        if state != 0 && events.len() > 1 {
+            inner
+                .shuffle
+                .store(shuffle(&mut events, state), Ordering::Relaxed);
+        }
         for ev in events.iter().copied() {
             if ev.token == NOTIFIER_TOKEN {
                 if let Err(e) = inner.notifier.read() {
@@ -1189,6 +1217,11 @@ impl AioContext {
         let (slot, mut cb) = cb;
         cb(self);
         bump_local(&inner.stats.dispatches, 1);
+        if seq.is_some() {
+            bump_local(&inner.stats.waited_events, 1);
+        } else {
+            bump_local(&inner.stats.polled_events, 1);
+        }
         self.return_callback(key, token, slot, cb);
         true
     }
@@ -1325,6 +1358,18 @@ impl AioContext {
         }
         ready
     }
+}
+
+/// Fisher–Yates with xorshift64*; returns the next PRNG state (never 0).
+fn shuffle(events: &mut [Ready], mut x: u64) -> u64 {
+    for i in (1..events.len()).rev() {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        events.swap(i, (r % (i as u64 + 1)) as usize);
+    }
+    x
 }
 
 /// The earlier of two timeouts.

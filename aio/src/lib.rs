@@ -39,6 +39,7 @@ mod notify;
 mod signals;
 mod sync;
 mod sys;
+pub mod testing;
 mod thread_pool;
 mod timer;
 mod uring_file;

@@ -55,6 +55,8 @@ on_all_backends! {
         assert_eq!(readies.get(), 1, "poll_ready ran");
         assert!(!guard_fired.load(Ordering::SeqCst));
         assert_eq!(ctx.stats().poll_hits, 1);
+        assert_eq!(ctx.stats().polled_events, 1, "found by polling");
+        assert_eq!(ctx.stats().waited_events, 1, "found by waiting (the first read)");
         assert_eq!(ctx.stats().blocking_waits, waits, "no kernel wait was allowed to block");
         ctx.set_event_notifier(&n, None).unwrap();
     }

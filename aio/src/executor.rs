@@ -312,6 +312,10 @@ pub struct JoinHandle<T> {
 }
 
 impl<T> JoinHandle<T> {
+    /// Lets the task run on without anyone awaiting its output (the same as
+    /// dropping the handle, said explicitly).
+    pub fn detach(self) {}
+
     /// Whether the task has finished (successfully or not).
     pub fn is_finished(&self) -> bool {
         self.state.inner.lock().finished

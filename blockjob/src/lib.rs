@@ -1,0 +1,22 @@
+//! A QEMU-style block layer on the `aio` runtime: a graph of block nodes
+//! (`file`, `raw`, `qcow2`, `null-co`) with backing chains and permissions,
+//! block status across a chain, and the `aio-img` tool.
+//!
+//! Every image this crate writes is one QEMU reads the same way; the tests
+//! check that against `qemu-img` and `qemu-io`.
+//!
+//! ```no_run
+//! use blockjob::block::{BlockGraph, OpenOptions};
+//! let ctx = aio::AioContext::new()?;
+//! let graph = BlockGraph::new();
+//! let top = graph.open_image("top.qcow2", &OpenOptions::default())?;
+//! let data = ctx.block_on(top.read(0, vec![0; 4096]))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! See `docs/architecture.md` in the repository for the design.
+
+pub mod block;
+mod error;
+
+pub use error::{Error, Result};

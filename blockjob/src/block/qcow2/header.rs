@@ -407,7 +407,12 @@ impl Header {
     /// Like QEMU, drops the feature name table when it does not fit.
     pub(crate) fn serialize(&mut self) -> Result<Vec<u8>, String> {
         match self.serialize_once() {
-            Err(_) if self.extensions.iter().any(|e| matches!(e, Extension::FeatureTable(_))) => {
+            Err(_)
+                if self
+                    .extensions
+                    .iter()
+                    .any(|e| matches!(e, Extension::FeatureTable(_))) =>
+            {
                 self.extensions
                     .retain(|e| !matches!(e, Extension::FeatureTable(_)));
                 self.serialize_once()

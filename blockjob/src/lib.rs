@@ -9,7 +9,7 @@
 //! use blockjob::block::{BlockGraph, OpenOptions};
 //! let ctx = aio::AioContext::new()?;
 //! let graph = BlockGraph::new();
-//! let top = graph.open_image("top.qcow2", &OpenOptions::default())?;
+//! let top = ctx.block_on(graph.open_image("top.qcow2", &OpenOptions::new().read_only(true)))?;
 //! let data = ctx.block_on(top.read(0, vec![0; 4096]))?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -24,9 +24,12 @@ impl Qcow2 {
             for c in first..=last {
                 match refs.get_mut(c as usize) {
                     Some(x) => *x += 1,
-                    None => corrupt.push(format!(
-                        "ERROR {what} at {off:#x} is past the end of the image file"
-                    )),
+                    None => {
+                        corrupt.push(format!(
+                            "ERROR {what} at {off:#x} is past the end of the image file"
+                        ));
+                        break;
+                    }
                 }
             }
         };

@@ -1,0 +1,490 @@
+//! `aio-img`: a small `qemu-img` on the blockjob block layer.
+//!
+//! ```text
+//! aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=1.1] FILE [SIZE]
+//! aio-img info [--backing-chain] [--output=json] FILE
+//! aio-img map [--output=json] FILE
+//! aio-img check FILE
+//! aio-img compare FILE1 FILE2
+//! ```
+//!
+//! Errors are one line on stderr, `aio-img: ...` naming the file, exit
+//! code 1 (`compare`: 2, as qemu-img). `check` exits 0 when clean, 2 on
+//! corruptions, 3 on leaks only, 63 for formats without checks.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use blockjob::block::{
+    create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CreateOptions, OpenOptions,
+};
+use blockjob::{Error, Result};
+use serde_json::{json, Map, Value};
+
+/// A command's outcome: an exit code, or an error to print.
+type Outcome = Result<u8>;
+
+fn usage() -> Error {
+    Error::InvalidArgument(
+        "usage: aio-img create|info|map|check|compare [options] FILE... (see --help)".into(),
+    )
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().cloned().unwrap_or_default();
+    if cmd == "--help" || cmd == "-h" {
+        println!("{}", HELP);
+        return ExitCode::SUCCESS;
+    }
+    let rest = &args[args.len().min(1)..];
+    let ctx = match aio::AioContext::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aio-img: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let r: Outcome = match cmd.as_str() {
+        "create" => ctx.block_on(create(rest)),
+        "info" => ctx.block_on(info(rest)),
+        "map" => ctx.block_on(map(rest)),
+        "check" => ctx.block_on(check(rest)),
+        "compare" => match ctx.block_on(compare(rest)) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                eprintln!("aio-img: {}", one_line(&e));
+                return ExitCode::from(2);
+            }
+        },
+        _ => Err(usage()),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("aio-img: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1] FILE [SIZE]
+aio-img info [--backing-chain] [--output=json] FILE
+aio-img map [--output=json] FILE
+aio-img check FILE
+aio-img compare FILE1 FILE2";
+
+fn one_line(e: &Error) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+/// Splits `args` into flags (with values for those in `with_value`) and
+/// positional arguments.
+/// Parsed command line: (flag, value) pairs and positional arguments.
+type Parsed = (Vec<(String, String)>, Vec<String>);
+
+fn parse(args: &[String], with_value: &[&str]) -> Result<Parsed> {
+    let mut flags = Vec::new();
+    let mut pos = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if let Some((k, v)) = a.split_once('=').filter(|_| a.starts_with("--")) {
+            flags.push((k.to_string(), v.to_string()));
+        } else if with_value.contains(&a.as_str()) {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| Error::InvalidArgument(format!("option '{a}' needs a value")))?;
+            flags.push((a.clone(), v.clone()));
+            i += 1;
+        } else if a.starts_with('-') && a.len() > 1 {
+            flags.push((a.clone(), String::new()));
+        } else {
+            pos.push(a.clone());
+        }
+        i += 1;
+    }
+    Ok((flags, pos))
+}
+
+fn flag<'a>(flags: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    flags
+        .iter()
+        .rev()
+        .find(|(f, _)| f == k)
+        .map(|(_, v)| v.as_str())
+}
+
+fn check_flags(flags: &[(String, String)], allowed: &[&str]) -> Result<()> {
+    match flags.iter().find(|(f, _)| !allowed.contains(&f.as_str())) {
+        Some((f, _)) => Err(Error::InvalidArgument(format!("unknown option '{f}'"))),
+        None => Ok(()),
+    }
+}
+
+fn json_output(flags: &[(String, String)]) -> Result<bool> {
+    match flag(flags, "--output") {
+        None | Some("human") => Ok(false),
+        Some("json") => Ok(true),
+        Some(o) => Err(Error::InvalidArgument(format!(
+            "--output must be human or json, not '{o}'"
+        ))),
+    }
+}
+
+/// `1M`, `64k`, `512` → bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let bad = || Error::InvalidArgument(format!("Invalid image size specified: '{s}'"));
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(bad)
+}
+
+async fn open_ro(g: &BlockGraph, file: &str) -> Result<Arc<BlockNode>> {
+    g.open_image(file, &OpenOptions::new().read_only(true))
+        .await
+}
+
+async fn create(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-b", "-F", "-o"])?;
+    check_flags(&flags, &["-f", "-b", "-F", "-o", "-q"])?;
+    let file = pos.first().ok_or_else(usage)?;
+    let fmt = flag(&flags, "-f").unwrap_or("raw");
+    let backing = flag(&flags, "-b");
+    let size = match pos.get(1) {
+        Some(s) => Some(parse_size(s)?),
+        None => None,
+    };
+    match fmt {
+        "raw" => {
+            if backing.is_some() {
+                return Err(Error::InvalidArgument(
+                    "raw images cannot have a backing file".into(),
+                ));
+            }
+            let size = size.ok_or_else(|| {
+                Error::InvalidArgument("Image creation needs a size parameter".into())
+            })?;
+            create_raw(file, size)?;
+            Ok(0)
+        }
+        "qcow2" => {
+            let mut o = CreateOptions::default();
+            if let Some(opts) = flag(&flags, "-o") {
+                for kv in opts.split(',').filter(|s| !s.is_empty()) {
+                    match kv.split_once('=') {
+                        Some(("cluster_size", v)) => o.cluster_size = parse_size(v)?,
+                        Some(("compat", "1.1" | "v3")) => o.version = 3,
+                        Some(("compat", "0.10" | "v2")) => o.version = 2,
+                        _ => {
+                            return Err(Error::InvalidArgument(format!(
+                                "Invalid option '{kv}' for qcow2"
+                            )))
+                        }
+                    }
+                }
+            }
+            if let Some(b) = backing {
+                let bfmt = flag(&flags, "-F");
+                let size_needed = size.is_none();
+                // Like qemu-img: the backing file must open, relative to the new image.
+                let dir = std::path::Path::new(file)
+                    .parent()
+                    .unwrap_or(std::path::Path::new(""));
+                let bpath = if std::path::Path::new(b).is_absolute() {
+                    b.into()
+                } else {
+                    dir.join(b)
+                };
+                let g = BlockGraph::new();
+                let mut bo = OpenOptions::new().read_only(true);
+                if let Some(f) = bfmt {
+                    bo = bo.format(f);
+                }
+                let bn = g.open_image(&bpath, &bo).await?;
+                let fmt_name = bfmt
+                    .map(str::to_string)
+                    .unwrap_or_else(|| bn.driver_name().to_string());
+                o.size = if size_needed {
+                    bn.len()
+                } else {
+                    size.unwrap_or(0)
+                };
+                o.backing_file = Some(b.to_string());
+                o.backing_format = Some(fmt_name);
+                g.close_all().await?;
+            } else {
+                o.size = size.ok_or_else(|| {
+                    Error::InvalidArgument("Image creation needs a size parameter".into())
+                })?;
+            }
+            create_qcow2(file, &o).await?;
+            Ok(0)
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "Unknown file format '{other}'"
+        ))),
+    }
+}
+
+fn info_json(n: &Arc<BlockNode>) -> Value {
+    let i = n.info();
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(i.virtual_size));
+    m.insert("filename".into(), json!(i.filename));
+    if let Some(cs) = i.cluster_size {
+        m.insert("cluster-size".into(), json!(cs));
+    }
+    m.insert("format".into(), json!(i.format));
+    if let Ok(md) = std::fs::metadata(&i.filename) {
+        use std::os::unix::fs::MetadataExt;
+        m.insert("actual-size".into(), json!(md.blocks() * 512));
+    }
+    if let Some(b) = &i.backing_filename {
+        m.insert("backing-filename".into(), json!(b));
+        if let Some(bn) = n.backing() {
+            m.insert("full-backing-filename".into(), json!(bn.filename()));
+        }
+    }
+    if let Some(f) = &i.backing_format {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    if !i.specific.is_empty() {
+        let data: Map<String, Value> = i.specific.iter().cloned().collect();
+        m.insert(
+            "format-specific".into(),
+            json!({"type": i.format, "data": data}),
+        );
+    }
+    Value::Object(m)
+}
+
+fn info_human(n: &Arc<BlockNode>) -> String {
+    let i = n.info();
+    let mut s = format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\n",
+        i.filename,
+        i.format,
+        human_size(i.virtual_size),
+        i.virtual_size
+    );
+    if let Ok(md) = std::fs::metadata(&i.filename) {
+        use std::os::unix::fs::MetadataExt;
+        s += &format!("disk size: {}\n", human_size(md.blocks() * 512));
+    }
+    if let Some(cs) = i.cluster_size {
+        s += &format!("cluster_size: {cs}\n");
+    }
+    if let Some(b) = &i.backing_filename {
+        s += &format!("backing file: {b}");
+        if let Some(bn) = n.backing() {
+            if bn.filename() != b {
+                s += &format!(" (actual path: {})", bn.filename());
+            }
+        }
+        s.push('\n');
+    }
+    if let Some(f) = &i.backing_format {
+        s += &format!("backing file format: {f}\n");
+    }
+    if !i.specific.is_empty() {
+        s += "Format specific information:\n";
+        for (k, v) in &i.specific {
+            let v = match v {
+                Value::String(x) => x.clone(),
+                v => v.to_string(),
+            };
+            s += &format!("    {}: {v}\n", k.replace('-', " "));
+        }
+    }
+    s
+}
+
+fn human_size(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < U.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v} {}", U[u])
+    } else {
+        format!("{v:.3} {}", U[u]).trim_end_matches('0').to_string()
+    }
+}
+
+async fn info(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f"])?;
+    check_flags(&flags, &["--backing-chain", "--output", "-f"])?;
+    let file = pos.first().ok_or_else(usage)?;
+    let as_json = json_output(&flags)?;
+    let g = BlockGraph::new();
+    let top = open_ro(&g, file).await?;
+    let chain = if flag(&flags, "--backing-chain").is_some() {
+        top.chain()
+    } else {
+        vec![top.clone()]
+    };
+    if as_json {
+        let v: Vec<Value> = chain.iter().map(info_json).collect();
+        let out = if flag(&flags, "--backing-chain").is_some() {
+            Value::Array(v)
+        } else {
+            v.into_iter().next().unwrap_or(Value::Null)
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        let parts: Vec<String> = chain.iter().map(info_human).collect();
+        print!("{}", parts.join("\n"));
+    }
+    Ok(0)
+}
+
+async fn map(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f"])?;
+    check_flags(&flags, &["--output", "-f"])?;
+    let file = pos.first().ok_or_else(usage)?;
+    let as_json = json_output(&flags)?;
+    let g = BlockGraph::new();
+    let top = open_ro(&g, file).await?;
+    let entries = top.map().await?;
+    if as_json {
+        print!("{}", map_to_qemu_json(&entries));
+    } else {
+        let chain = top.chain();
+        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        for e in entries.iter().filter(|e| e.data && e.offset.is_some()) {
+            let f = chain
+                .get(e.depth)
+                .map(|n| n.filename().to_string())
+                .unwrap_or_default();
+            println!(
+                "{:<#16x}{:<#16x}{:<#16x}{f}",
+                e.start,
+                e.length,
+                e.offset.unwrap_or(0)
+            );
+        }
+    }
+    Ok(0)
+}
+
+async fn check(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f"])?;
+    check_flags(&flags, &["-f", "-q"])?;
+    let file = pos.first().ok_or_else(usage)?;
+    let g = BlockGraph::new();
+    let top = g
+        .open_image(file, &OpenOptions::new().read_only(true).no_backing(true))
+        .await?;
+    let Some(r) = top.check().await? else {
+        eprintln!("aio-img: This image format does not support checks");
+        return Ok(63);
+    };
+    for c in &r.corruptions {
+        println!("{c}");
+    }
+    for l in &r.leaks {
+        println!("{l}");
+    }
+    if r.corruptions.is_empty() && r.leaks.is_empty() {
+        println!("No errors were found on the image.");
+    } else {
+        println!();
+        if !r.corruptions.is_empty() {
+            println!("{} errors were found on the image.", r.corruptions.len());
+            println!("Data may be corrupted, or further writes to the image may corrupt it.");
+        }
+        if !r.leaks.is_empty() {
+            println!("{} leaked clusters were found on the image.", r.leaks.len());
+            println!("This means waste of disk space, but no harm to data.");
+        }
+    }
+    if r.total_clusters > 0 && r.allocated_clusters > 0 {
+        println!(
+            "{}/{} = {:.2}% allocated",
+            r.allocated_clusters,
+            r.total_clusters,
+            r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64
+        );
+    }
+    println!("Image end offset: {}", r.image_end_offset);
+    Ok(if !r.corruptions.is_empty() {
+        2
+    } else if !r.leaks.is_empty() {
+        3
+    } else {
+        0
+    })
+}
+
+async fn compare(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-F"])?;
+    check_flags(&flags, &["-f", "-F", "-q", "-s"])?;
+    let (a, b) = match (pos.first(), pos.get(1)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Err(usage()),
+    };
+    let g = BlockGraph::new();
+    let open = |f: &str, fmt: Option<&str>| {
+        let mut o = OpenOptions::new().read_only(true);
+        if let Some(fmt) = fmt {
+            o = o.format(fmt);
+        }
+        (f.to_string(), o)
+    };
+    let (fa, oa) = open(a, flag(&flags, "-f"));
+    let (fb, ob) = open(b, flag(&flags, "-F"));
+    let na = g.open_image(&fa, &oa).await?;
+    let nb = g.open_image(&fb, &ob).await?;
+    let strict = flag(&flags, "-s").is_some();
+    if strict && na.len() != nb.len() {
+        println!("Strict mode: Image size mismatch!");
+        return Ok(1);
+    }
+    let common = na.len().min(nb.len());
+    const CHUNK: u64 = 1 << 20;
+    let mut pos = 0;
+    while pos < common {
+        let n = CHUNK.min(common - pos);
+        let x = na.read(pos, vec![0; n as usize]).await?;
+        let y = nb.read(pos, vec![0; n as usize]).await?;
+        if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+            println!("Content mismatch at offset {}!", pos + i as u64);
+            return Ok(1);
+        }
+        pos += n;
+    }
+    let longer = if na.len() > nb.len() { &na } else { &nb };
+    while pos < longer.len() {
+        let n = CHUNK.min(longer.len() - pos);
+        let x = longer.read(pos, vec![0; n as usize]).await?;
+        if let Some(i) = x.iter().position(|&p| p != 0) {
+            println!("Content mismatch at offset {}!", pos + i as u64);
+            return Ok(1);
+        }
+        pos += n;
+    }
+    println!("Images are identical.");
+    Ok(0)
+}

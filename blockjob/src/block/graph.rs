@@ -1,0 +1,498 @@
+//! The block graph: opening images and chains, naming nodes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aio::file::Engine;
+use serde_json::Value;
+
+use super::file::FileDriver;
+use super::null::NullDriver;
+use super::qcow2::header::MAGIC;
+use super::qcow2::Qcow2;
+use super::raw::RawDriver;
+use super::{BlockNode, BoxFuture, Perm};
+use crate::{Error, Result};
+
+/// The deepest backing chain we follow.
+const MAX_CHAIN: usize = 64;
+
+/// Options for [`BlockGraph::open_image`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// Open read-only (backing files always are).
+    pub read_only: bool,
+    /// The format (`qcow2`, `raw`); `None` probes.
+    pub format: Option<String>,
+    /// The top node's name; `None` generates `#blockN`.
+    pub node_name: Option<String>,
+    /// Do not open the backing file named in the image.
+    pub no_backing: bool,
+    /// The file I/O engine.
+    pub engine: Engine,
+}
+
+impl OpenOptions {
+    /// Read-only, probed format, generated name.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets read-only.
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+    /// Sets the format instead of probing.
+    pub fn format(mut self, f: impl Into<String>) -> Self {
+        self.format = Some(f.into());
+        self
+    }
+    /// Names the top node.
+    pub fn node_name(mut self, n: impl Into<String>) -> Self {
+        self.node_name = Some(n.into());
+        self
+    }
+    /// Skips the backing chain.
+    pub fn no_backing(mut self, on: bool) -> Self {
+        self.no_backing = on;
+        self
+    }
+    /// Sets the I/O engine.
+    pub fn engine(mut self, e: Engine) -> Self {
+        self.engine = e;
+        self
+    }
+}
+
+/// How a format node gets its backing child.
+enum Backing {
+    /// From the image header (opened read-only, recursively).
+    FromHeader,
+    /// None.
+    Nothing,
+    /// This node.
+    Node(Arc<BlockNode>),
+}
+
+/// A set of named nodes: what `blockdev-add` adds to and what node names
+/// and file names are looked up in.
+#[derive(Default)]
+pub struct BlockGraph {
+    nodes: Mutex<Vec<Arc<BlockNode>>>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for BlockGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.nodes().iter().map(|n| n.name().to_string()))
+            .finish()
+    }
+}
+
+impl BlockGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every node, in the order added (children before parents).
+    pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Finds a node by node name, or else by file name (of a format node
+    /// first, then of a protocol node).
+    pub fn find(&self, name: &str) -> Option<Arc<BlockNode>> {
+        let nodes = self.nodes();
+        if let Some(n) = nodes.iter().find(|n| n.name() == name) {
+            return Some(n.clone());
+        }
+        let canon = std::fs::canonicalize(name).ok();
+        let same = |n: &Arc<BlockNode>| {
+            n.filename() == name
+                || (canon.is_some() && std::fs::canonicalize(n.filename()).ok() == canon)
+        };
+        nodes
+            .iter()
+            .rev()
+            .find(|n| n.driver_name() != "file" && same(n))
+            .or_else(|| nodes.iter().find(|n| same(n)))
+            .cloned()
+    }
+
+    fn auto_name(&self) -> String {
+        format!("#block{}", self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn add(&self, node: Arc<BlockNode>) -> Result<Arc<BlockNode>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if nodes.iter().any(|n| n.name() == node.name()) {
+            return Err(Error::InvalidArgument(format!(
+                "Duplicate nodes with node-name='{}'",
+                node.name()
+            )));
+        }
+        nodes.push(node.clone());
+        Ok(node)
+    }
+
+    fn check_name(&self, name: &str) -> Result<()> {
+        if self.nodes().iter().any(|n| n.name() == name) {
+            return Err(Error::InvalidArgument(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes a node and (if unused elsewhere) nothing else; the caller
+    /// closes it first.
+    pub fn remove(&self, name: &str) -> Option<Arc<BlockNode>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let i = nodes.iter().position(|n| n.name() == name)?;
+        Some(nodes.remove(i))
+    }
+
+    /// Closes every node, parents first.
+    pub async fn close_all(&self) -> Result<()> {
+        let mut first_err = None;
+        for n in self.nodes().iter().rev() {
+            if let Err(e) = n.close().await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Opens an image and, unless told not to, its backing chain:
+    /// backing file names relative to the image's directory, formats from
+    /// the backing format extension or probed, like QEMU.
+    pub async fn open_image(
+        &self,
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+    ) -> Result<Arc<BlockNode>> {
+        let path = path.as_ref().to_path_buf();
+        let mut seen = Vec::new();
+        self.open_chain(path, opts.clone(), &mut seen).await
+    }
+
+    fn open_chain<'a>(
+        &'a self,
+        path: PathBuf,
+        opts: OpenOptions,
+        seen: &'a mut Vec<PathBuf>,
+    ) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
+        Box::pin(async move {
+            let name = path.display().to_string();
+            let canon = std::fs::canonicalize(&path)
+                .map_err(|e| Error::open(&name, crate::error::io_text(&e)))?;
+            if seen.contains(&canon) {
+                let chain: Vec<String> = seen.iter().map(|p| p.display().to_string()).collect();
+                return Err(Error::open(
+                    &name,
+                    format!(
+                        "Backing file loop: {} -> {}",
+                        chain.join(" -> "),
+                        canon.display()
+                    ),
+                ));
+            }
+            if seen.len() >= MAX_CHAIN {
+                return Err(Error::open(&name, "Too many backing files (more than 64)"));
+            }
+            seen.push(canon);
+            if let Some(n) = &opts.node_name {
+                self.check_name(n)?;
+            }
+            let file = self.open_file(&name, !opts.read_only, opts.engine, None)?;
+            let backing = if opts.no_backing {
+                Backing::Nothing
+            } else {
+                Backing::FromHeader
+            };
+            let format = match &opts.format {
+                Some(f) => f.clone(),
+                None => probe(&file).await?,
+            };
+            let node_name = opts.node_name.clone();
+            self.open_format_inner(
+                file,
+                &format,
+                node_name,
+                !opts.read_only,
+                backing,
+                &path,
+                opts.engine,
+                seen,
+            )
+            .await
+        })
+    }
+
+    fn open_file(
+        &self,
+        path: &str,
+        writable: bool,
+        engine: Engine,
+        name: Option<String>,
+    ) -> Result<Arc<BlockNode>> {
+        let d = FileDriver::open(path, writable, engine)?;
+        let name = match name {
+            Some(n) => {
+                self.check_name(&n)?;
+                n
+            }
+            None => self.auto_name(),
+        };
+        self.add(BlockNode::new(name, Box::new(d), !writable))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn open_format_inner(
+        &self,
+        file: Arc<BlockNode>,
+        format: &str,
+        node_name: Option<String>,
+        writable: bool,
+        backing: Backing,
+        path: &Path,
+        engine: Engine,
+        seen: &mut Vec<PathBuf>,
+    ) -> Result<Arc<BlockNode>> {
+        let name = node_name.unwrap_or_else(|| self.auto_name());
+        self.check_name(&name)?;
+        let mut perm = Perm::CONSISTENT_READ;
+        if writable {
+            perm |= Perm::WRITE | Perm::RESIZE;
+        }
+        let shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        let file_perm = file.attach(&name, "file", perm, shared)?;
+        match format {
+            "raw" => {
+                let d = RawDriver::new(file_perm);
+                self.add(BlockNode::new(name, Box::new(d), !writable))
+            }
+            "qcow2" => {
+                let header = Qcow2::read_header(&file, writable).await?;
+                let bnode = match backing {
+                    Backing::Nothing => None,
+                    Backing::Node(n) => Some(n),
+                    Backing::FromHeader => match &header.backing_file {
+                        None => None,
+                        Some(b) => {
+                            let bpath = resolve_backing(path, b);
+                            let bopts = OpenOptions {
+                                read_only: true,
+                                format: header.backing_format().map(str::to_string),
+                                node_name: None,
+                                no_backing: false,
+                                engine,
+                            };
+                            let n =
+                                self.open_chain(bpath, bopts, seen)
+                                    .await
+                                    .map_err(|e| match e {
+                                        Error::Open { file, reason } => {
+                                            Error::open(file.as_str(), reason)
+                                        }
+                                        e => e,
+                                    })?;
+                            Some(n)
+                        }
+                    },
+                };
+                let bperm = match bnode {
+                    Some(b) => Some(b.attach(
+                        &name,
+                        "backing",
+                        Perm::CONSISTENT_READ,
+                        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::GRAPH_MOD,
+                    )?),
+                    None => None,
+                };
+                let d = Qcow2::open(file_perm, header, bperm, writable).await?;
+                self.add(BlockNode::new(name, Box::new(d), !writable))
+            }
+            other => Err(Error::open(
+                file.filename(),
+                format!("Unknown driver '{other}'"),
+            )),
+        }
+    }
+
+    /// Adds a node from QMP `blockdev-add` arguments, e.g.
+    /// `{"driver":"qcow2","node-name":"top","file":{"driver":"file","filename":"t.qcow2"},"backing":"mid"}`.
+    /// `file` may name an existing node; `backing` may name one, be
+    /// `null` (no backing) or be absent (from the image header).
+    pub async fn blockdev_add(&self, args: &Value) -> Result<Arc<BlockNode>> {
+        self.blockdev_add_inner(args).await
+    }
+
+    fn blockdev_add_inner<'a>(&'a self, args: &'a Value) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
+        Box::pin(async move {
+            let obj = args.as_object().ok_or_else(|| {
+                Error::InvalidArgument("blockdev-add arguments must be an object".into())
+            })?;
+            let s = |k: &str| -> Result<Option<String>> {
+                match obj.get(k) {
+                    None => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(_) => Err(Error::InvalidArgument(format!(
+                        "Invalid parameter type for '{k}', expected: string"
+                    ))),
+                }
+            };
+            let driver = s("driver")?
+                .ok_or_else(|| Error::InvalidArgument("Parameter 'driver' is missing".into()))?;
+            let node_name = s("node-name")?;
+            let read_only = match obj.get("read-only") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(Error::InvalidArgument(
+                        "Invalid parameter type for 'read-only', expected: boolean".into(),
+                    ))
+                }
+            };
+            let allowed: &[&str] = match driver.as_str() {
+                "file" => &["driver", "node-name", "read-only", "filename", "aio"],
+                "null-co" => &["driver", "node-name", "read-only", "size"],
+                "raw" => &["driver", "node-name", "read-only", "file"],
+                "qcow2" => &["driver", "node-name", "read-only", "file", "backing"],
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "Parameter 'driver' does not accept value '{other}'"
+                    )))
+                }
+            };
+            if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+                return Err(Error::InvalidArgument(format!(
+                    "Parameter '{k}' is unexpected"
+                )));
+            }
+            match driver.as_str() {
+                "file" => {
+                    let filename = s("filename")?.ok_or_else(|| {
+                        Error::InvalidArgument("Parameter 'filename' is missing".into())
+                    })?;
+                    let engine = match s("aio")?.as_deref() {
+                        None | Some("threads") => Engine::Threads,
+                        Some("io_uring") => Engine::IoUring,
+                        Some(o) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "Parameter 'aio' does not accept value '{o}'"
+                            )))
+                        }
+                    };
+                    self.open_file(&filename, !read_only, engine, node_name)
+                }
+                "null-co" => {
+                    let size = match obj.get("size") {
+                        None => 1 << 30,
+                        Some(v) => v.as_u64().ok_or_else(|| {
+                            Error::InvalidArgument(
+                                "Invalid parameter type for 'size', expected: integer".into(),
+                            )
+                        })?,
+                    };
+                    let name = node_name.unwrap_or_else(|| self.auto_name());
+                    self.check_name(&name)?;
+                    self.add(BlockNode::new(
+                        name,
+                        Box::new(NullDriver::new(size)),
+                        read_only,
+                    ))
+                }
+                fmt => {
+                    let file = match obj.get("file") {
+                        Some(Value::String(n)) => self.find(n).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "Cannot find device='{n}' nor node-name='{n}'"
+                            ))
+                        })?,
+                        Some(v @ Value::Object(_)) => {
+                            let mut v = v.clone();
+                            if read_only {
+                                if let Some(o) = v.as_object_mut() {
+                                    o.entry("read-only").or_insert(Value::Bool(true));
+                                }
+                            }
+                            self.blockdev_add_inner(&v).await?
+                        }
+                        _ => {
+                            return Err(Error::InvalidArgument(
+                                "Parameter 'file' is missing".into(),
+                            ))
+                        }
+                    };
+                    let backing = match obj.get("backing") {
+                        None => Backing::FromHeader,
+                        Some(Value::Null) => Backing::Nothing,
+                        Some(Value::String(n)) => Backing::Node(self.find(n).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "Cannot find device='{n}' nor node-name='{n}'"
+                            ))
+                        })?),
+                        Some(v @ Value::Object(_)) => {
+                            Backing::Node(self.blockdev_add_inner(v).await?)
+                        }
+                        Some(_) => {
+                            return Err(Error::InvalidArgument(
+                                "Invalid parameter type for 'backing', expected: string or null"
+                                    .into(),
+                            ))
+                        }
+                    };
+                    if fmt == "raw" && !matches!(backing, Backing::FromHeader) {
+                        return Err(Error::InvalidArgument(
+                            "Parameter 'backing' is unexpected".into(),
+                        ));
+                    }
+                    let path = PathBuf::from(file.filename());
+                    let mut seen = Vec::new();
+                    if let Ok(c) = std::fs::canonicalize(&path) {
+                        seen.push(c);
+                    }
+                    self.open_format_inner(
+                        file,
+                        fmt,
+                        node_name,
+                        !read_only,
+                        backing,
+                        &path,
+                        Engine::Threads,
+                        &mut seen,
+                    )
+                    .await
+                }
+            }
+        })
+    }
+}
+
+/// A backing file name as QEMU resolves it: absolute as is, relative to
+/// the directory of the image that names it.
+fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(b),
+        None => b.to_path_buf(),
+    }
+}
+
+/// The format of the image in `file`: `qcow2` by magic, else `raw`.
+async fn probe(file: &BlockNode) -> Result<String> {
+    if file.len() < 4 {
+        return Ok("raw".into());
+    }
+    let b = file.read(0, vec![0; 4]).await?;
+    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Ok(if magic == MAGIC { "qcow2" } else { "raw" }.into())
+}

@@ -1,0 +1,156 @@
+//! Block nodes, drivers and the graph that names them.
+//!
+//! A [`BlockNode`] is one layer: a driver (`file`, `raw`, `qcow2`,
+//! `null-co`), a node name, its children (`file`, `backing`), a read-only
+//! flag and the permissions its users hold. Drivers implement
+//! [`BlockDriver`], an object-safe trait whose operations return boxed
+//! `Send` futures, so nodes of different drivers stack freely and their
+//! requests run as tasks on any `AioContext`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+mod file;
+mod graph;
+mod node;
+mod null;
+mod perm;
+pub mod qcow2;
+mod raw;
+mod status;
+
+pub use graph::{BlockGraph, OpenOptions};
+pub use node::BlockNode;
+pub use perm::{Perm, PermGuard};
+pub use qcow2::CreateOptions;
+pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
+
+use crate::{Error, Result};
+
+/// Creates a qcow2 image at `path` (replacing any file there).
+pub async fn create_qcow2(path: impl AsRef<std::path::Path>, opts: &CreateOptions) -> Result<()> {
+    qcow2::create(path.as_ref(), opts).await
+}
+
+/// Creates a sparse raw image of `size` bytes at `path`.
+pub fn create_raw(path: impl AsRef<std::path::Path>, size: u64) -> Result<()> {
+    let path = path.as_ref();
+    let name = path.display().to_string();
+    let f =
+        std::fs::File::create(path).map_err(|e| Error::open(&name, crate::error::io_text(&e)))?;
+    f.set_len(size)
+        .map_err(|e| Error::open(&name, crate::error::io_text(&e)))
+}
+
+/// A boxed, `Send` future borrowing its driver for `'a`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What one layer says about a range (QEMU's `BDRV_BLOCK_*` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Allocated in this layer (data or zero); otherwise the backing file
+    /// decides.
+    pub allocated: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Has data (not just zeroes) in this layer.
+    pub data: bool,
+    /// Compressed (qcow2).
+    pub compressed: bool,
+    /// Where the range lives in the layer's file child, if it has one place.
+    pub offset: Option<u64>,
+}
+
+/// Per-driver facts for `aio-img info`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ImageInfo {
+    /// The format name (`qcow2`, `raw`, ...).
+    pub format: String,
+    /// The image's file name.
+    pub filename: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size (qcow2).
+    pub cluster_size: Option<u64>,
+    /// The backing file name as recorded in the image.
+    pub backing_filename: Option<String>,
+    /// The backing file format as recorded in the image.
+    pub backing_format: Option<String>,
+    /// The format-specific facts QEMU prints (`compat`, `refcount bits`, ...).
+    pub specific: Vec<(String, serde_json::Value)>,
+}
+
+/// A block driver: the operations one node type implements.
+///
+/// Offsets and lengths are bytes; requests never reach past
+/// [`len`](Self::len) ([`BlockNode`] checks). Buffers are owned and
+/// handed back, as in `aio::file`.
+pub trait BlockDriver: Send + Sync {
+    /// The driver name (`file`, `raw`, `qcow2`, `null-co`).
+    fn driver_name(&self) -> &'static str;
+    /// The file this node is about (for error messages and naming).
+    fn filename(&self) -> &str;
+    /// The virtual size in bytes.
+    fn len(&self) -> u64;
+    /// Whether the node is empty (size 0).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether writes past the end grow the node (protocol drivers).
+    fn grows_on_write(&self) -> bool {
+        false
+    }
+    /// The `file` child, if any.
+    fn file_child(&self) -> Option<std::sync::Arc<BlockNode>> {
+        None
+    }
+    /// The `backing` child, if any.
+    fn backing(&self) -> Option<std::sync::Arc<BlockNode>> {
+        None
+    }
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>>;
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>>;
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>>;
+    /// Discards `len` bytes at `offset` (contents afterwards: unspecified
+    /// for `file`; the backing file's for qcow2 without a zero flag).
+    fn discard<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// Changes the virtual size.
+    fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>>;
+    /// This layer's status of the range at `offset`: the status and how
+    /// many bytes from `offset` (≥ 1, ≤ `len`) share it.
+    fn block_status<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<(BlockStatus, u64)>>;
+    /// Flushes and marks the image clean (qcow2 dirty bit). Idempotent.
+    fn close(&self) -> BoxFuture<'_, Result<()>>;
+    /// Facts for `info`.
+    fn info(&self) -> ImageInfo;
+    /// Checks metadata consistency; `None` if the format has no checks.
+    fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// The result of a consistency check (`qemu-img check`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckReport {
+    /// Corruptions: refcount lower than the references, bad offsets.
+    pub corruptions: Vec<String>,
+    /// Leaks: refcount higher than the references.
+    pub leaks: Vec<String>,
+    /// Clusters allocated.
+    pub allocated_clusters: u64,
+    /// Clusters the virtual disk spans.
+    pub total_clusters: u64,
+    /// The end of the used part of the file.
+    pub image_end_offset: u64,
+}

@@ -1,0 +1,601 @@
+//! qcow2 metadata in memory: the L1 table, an L2 table cache, the
+//! refcount table and a refcount block cache; mapping lookups, cluster
+//! allocation and refcount updates.
+//!
+//! Caches are write-through: every change is written to the file when it
+//! is made, in the order refcounts → (flush) → data and L2 → (flush) → L1,
+//! so a crash leaves at worst leaked clusters. Eviction is therefore free.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::entry::{self, L2Entry, Mapping, COPIED, OFFSET_MASK};
+use super::header::field;
+use crate::block::BlockNode;
+use crate::{Error, Result};
+
+/// The immutable geometry of an open image and its file child.
+pub(crate) struct Geom {
+    pub(crate) name: String,
+    pub(crate) file: Arc<BlockNode>,
+    pub(crate) cluster_bits: u32,
+    pub(crate) extended_l2: bool,
+    pub(crate) refcount_order: u32,
+    pub(crate) version: u32,
+}
+
+impl Geom {
+    pub(crate) fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    pub(crate) fn l2_entries(&self) -> u64 {
+        self.cs() / if self.extended_l2 { 16 } else { 8 }
+    }
+    pub(crate) fn sc_size(&self) -> u64 {
+        if self.extended_l2 {
+            self.cs() / 32
+        } else {
+            self.cs()
+        }
+    }
+    /// Refcount entries per refcount block.
+    pub(crate) fn rpb(&self) -> u64 {
+        (self.cs() * 8) >> self.refcount_order
+    }
+    fn corrupt(&self, reason: String) -> Error {
+        Error::corrupt(&self.name, reason)
+    }
+    pub(crate) async fn read_file(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let flen = self.file.len();
+        if offset.checked_add(len).is_none_or(|e| e > flen) {
+            // Reads past the end read zeroes, as in QEMU.
+            let mut buf = vec![0u8; len as usize];
+            if offset < flen {
+                let n = (flen - offset) as usize;
+                let head = self.file.read(offset, vec![0; n]).await?;
+                buf[..n].copy_from_slice(&head);
+            }
+            return Ok(buf);
+        }
+        self.file.read(offset, vec![0; len as usize]).await
+    }
+    pub(crate) async fn write_file(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        self.file.write(offset, buf).await
+    }
+    pub(crate) async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+}
+
+fn words(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+pub(crate) fn to_bytes(w: &[u64]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_be_bytes()).collect()
+}
+
+/// A tiny LRU: a map plus a use counter; evicts the least recent entry.
+struct Lru<V> {
+    map: HashMap<u64, (V, u64)>,
+    clock: u64,
+    cap: usize,
+}
+
+impl<V> Lru<V> {
+    fn new(cap: usize) -> Self {
+        Lru {
+            map: HashMap::new(),
+            clock: 0,
+            cap: cap.max(2),
+        }
+    }
+    fn get(&mut self, k: u64) -> Option<&mut V> {
+        self.clock += 1;
+        let c = self.clock;
+        self.map.get_mut(&k).map(|(v, t)| {
+            *t = c;
+            v
+        })
+    }
+    fn insert(&mut self, k: u64, v: V) {
+        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
+            if let Some((&old, _)) = self.map.iter().min_by_key(|(_, (_, t))| *t) {
+                self.map.remove(&old);
+            }
+        }
+        self.clock += 1;
+        self.map.insert(k, (v, self.clock));
+    }
+}
+
+/// The mutable metadata, behind the driver's `CoMutex`.
+pub(crate) struct Meta {
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l1_offset: u64,
+    l2_cache: Lru<Vec<u64>>,
+    pub(crate) reftable: Vec<u64>,
+    pub(crate) reftable_offset: u64,
+    rb_cache: Lru<Vec<u8>>,
+    free_hint: u64,
+    /// One past the highest cluster that may be in use.
+    pub(crate) end_cluster: u64,
+}
+
+/// A mapping lookup's answer for a run of bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run {
+    /// How the run reads; for `Data`, `host` is the first byte's offset.
+    pub(crate) map: Mapping,
+    /// Bytes in the run.
+    pub(crate) len: u64,
+    /// The raw L2 entry of the run's first cluster.
+    pub(crate) entry: L2Entry,
+}
+
+impl Meta {
+    /// Loads the L1 and refcount tables.
+    pub(crate) async fn load(
+        g: &Geom,
+        l1_offset: u64,
+        l1_size: u32,
+        reftable_offset: u64,
+        reftable_clusters: u32,
+    ) -> Result<Meta> {
+        let l1 = words(&g.read_file(l1_offset, u64::from(l1_size) * 8).await?);
+        let reftable = words(
+            &g.read_file(reftable_offset, u64::from(reftable_clusters) * g.cs())
+                .await?,
+        );
+        let l2_cap = ((8u64 << 20) / g.cs()).clamp(4, 256) as usize;
+        Ok(Meta {
+            l1,
+            l1_offset,
+            l2_cache: Lru::new(l2_cap),
+            reftable,
+            reftable_offset,
+            rb_cache: Lru::new(l2_cap),
+            free_hint: 0,
+            end_cluster: g.file.len().div_ceil(g.cs()),
+        })
+    }
+
+    /// The L2 table at `l2_offset` (for L1 index `l1i`), from the cache
+    /// or the file. Offsets are validated first.
+    pub(crate) async fn l2_table(
+        &mut self,
+        g: &Geom,
+        l1i: u64,
+        l2_offset: u64,
+    ) -> Result<&mut Vec<u64>> {
+        if self.l2_cache.get(l2_offset).is_none() {
+            if l2_offset % g.cs() != 0 {
+                return Err(g.corrupt(format!(
+                    "L2 table offset {l2_offset:#x} unaligned (L1 index: {l1i:#x})"
+                )));
+            }
+            if l2_offset + g.cs() > g.file.len() {
+                return Err(g.corrupt(format!(
+                    "L2 table offset {l2_offset:#x} (L1 index: {l1i:#x}) is past the end of the file"
+                )));
+            }
+            let t = words(&g.file.read(l2_offset, vec![0; g.cs() as usize]).await?);
+            self.l2_cache.insert(l2_offset, t);
+        }
+        match self.l2_cache.get(l2_offset) {
+            Some(t) => Ok(t),
+            None => Err(g.corrupt("L2 cache lost a table".into())),
+        }
+    }
+
+    /// Puts a freshly built L2 table into the cache.
+    pub(crate) fn cache_l2(&mut self, l2_offset: u64, t: Vec<u64>) {
+        self.l2_cache.insert(l2_offset, t);
+    }
+
+    /// The L2 entry for guest cluster `ci`, with its L2 table offset (0 if
+    /// the L1 entry is empty).
+    pub(crate) async fn l2_entry(&mut self, g: &Geom, ci: u64) -> Result<(L2Entry, u64)> {
+        let l1i = ci / g.l2_entries();
+        let l2i = ci % g.l2_entries();
+        let l2_off = self.l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        if l2_off == 0 {
+            let e = L2Entry {
+                word: 0,
+                bitmap: g.extended_l2.then_some(0),
+            };
+            return Ok((e, 0));
+        }
+        let ext = g.extended_l2;
+        let t = self.l2_table(g, l1i, l2_off).await?;
+        let e = if ext {
+            L2Entry {
+                word: t[2 * l2i as usize],
+                bitmap: Some(t[2 * l2i as usize + 1]),
+            }
+        } else {
+            L2Entry {
+                word: t[l2i as usize],
+                bitmap: None,
+            }
+        };
+        Ok((e, l2_off))
+    }
+
+    /// How `offset` maps, and for how many bytes (≤ `max`) the mapping
+    /// continues the same way (same kind, contiguous host offsets).
+    pub(crate) async fn lookup(&mut self, g: &Geom, offset: u64, max: u64) -> Result<Run> {
+        let cs = g.cs();
+        let sc_size = g.sc_size();
+        let ci = offset >> g.cluster_bits;
+        let (entry, l2_off) = self.l2_entry(g, ci).await?;
+        let first = self.decode(g, &entry, offset, l2_off, ci)?;
+        let in_sc = offset % sc_size;
+        let mut len = (sc_size - in_sc).min(max);
+        let mut pos = offset - in_sc + sc_size;
+        let l2_span_end = (ci / g.l2_entries() + 1) * g.l2_entries() * cs;
+        if l2_off == 0 {
+            // The whole L2 range is unallocated.
+            len = (l2_span_end - offset).min(max);
+            return Ok(Run {
+                map: Mapping::Unallocated,
+                len,
+                entry,
+            });
+        }
+        let map = match first {
+            Mapping::Data { host } => Mapping::Data { host: host + in_sc },
+            m => m,
+        };
+        if matches!(map, Mapping::Compressed { .. }) {
+            let len = (cs - offset % cs).min(max);
+            return Ok(Run { map, len, entry });
+        }
+        while len < max && pos < l2_span_end {
+            let pci = pos >> g.cluster_bits;
+            let e = if pci == ci {
+                entry
+            } else {
+                self.l2_entry(g, pci).await?.0
+            };
+            let m = self.decode(g, &e, pos, l2_off, pci)?;
+            let same = match (map, m) {
+                (Mapping::Unallocated, Mapping::Unallocated) => true,
+                (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                (Mapping::Data { host: h0 }, Mapping::Data { host: h }) => h == h0 + (pos - offset),
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len = (len + sc_size).min(max);
+            pos += sc_size;
+        }
+        Ok(Run { map, len, entry })
+    }
+
+    fn decode(&self, g: &Geom, e: &L2Entry, offset: u64, l2_off: u64, ci: u64) -> Result<Mapping> {
+        let sc = (offset % g.cs()) / g.sc_size();
+        let m = e
+            .mapping(g.cluster_bits, sc, g.sc_size())
+            .map_err(|r| g.corrupt(r))?;
+        let l2i = ci % g.l2_entries();
+        match m {
+            Mapping::Data { host } | Mapping::Zero { host: Some(host) } => {
+                let hc = host - host % g.cs();
+                if e.host() % g.cs() != 0 {
+                    return Err(g.corrupt(format!(
+                        "Cluster allocation offset {:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})",
+                        e.host()
+                    )));
+                }
+                if hc >= g.file.len() {
+                    return Err(g.corrupt(format!(
+                        "L2 entry {l2i:#x} in L2 table {l2_off:#x} points to {:#x}, past the end of the file",
+                        e.host()
+                    )));
+                }
+            }
+            Mapping::Compressed { host, .. } if host >= g.file.len() => {
+                return Err(g.corrupt(format!(
+                    "compressed cluster at {host:#x} (L2 table {l2_off:#x}, index {l2i:#x}) is past the end of the file"
+                )));
+            }
+            _ => {}
+        }
+        Ok(m)
+    }
+
+    // ---- refcounts ----
+
+    async fn refblock(&mut self, g: &Geom, block_off: u64) -> Result<&mut Vec<u8>> {
+        if self.rb_cache.get(block_off).is_none() {
+            if block_off % g.cs() != 0 || block_off + g.cs() > g.file.len() {
+                return Err(g.corrupt(format!(
+                    "refcount block offset {block_off:#x} is unaligned or past the end of the file"
+                )));
+            }
+            let b = g.file.read(block_off, vec![0; g.cs() as usize]).await?;
+            self.rb_cache.insert(block_off, b);
+        }
+        match self.rb_cache.get(block_off) {
+            Some(b) => Ok(b),
+            None => Err(g.corrupt("refcount cache lost a block".into())),
+        }
+    }
+
+    /// The refcount of host cluster `c`.
+    pub(crate) async fn refcount(&mut self, g: &Geom, c: u64) -> Result<u64> {
+        let t = (c / g.rpb()) as usize;
+        let off = self.reftable.get(t).copied().unwrap_or(0) & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        let order = g.refcount_order;
+        let rpb = g.rpb();
+        let b = self.refblock(g, off).await?;
+        Ok(entry::get_refcount(b, order, c % rpb))
+    }
+
+    /// Sets the refcount of cluster `c`, whose refcount block must exist,
+    /// and writes the changed bytes.
+    async fn put_refcount(&mut self, g: &Geom, c: u64, v: u64) -> Result<()> {
+        let t = (c / g.rpb()) as usize;
+        let off = self.reftable[t] & OFFSET_MASK;
+        let order = g.refcount_order;
+        let i = c % g.rpb();
+        let b = self.refblock(g, off).await?;
+        entry::set_refcount(b, order, i, v);
+        let width = ((1u64 << order) / 8).max(1);
+        let byte = (i << order) / 8;
+        let byte = byte - byte % width;
+        let bytes = b[byte as usize..(byte + width) as usize].to_vec();
+        g.write_file(off + byte, bytes).await?;
+        if v == 0 {
+            self.free_hint = self.free_hint.min(c);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to cluster `c`'s refcount, allocating its refcount
+    /// block (and growing the table) if needed.
+    pub(crate) async fn update_refcount(&mut self, g: &Geom, c: u64, delta: i64) -> Result<()> {
+        self.ensure_refblock(g, c / g.rpb()).await?;
+        let old = self.refcount(g, c).await?;
+        let new = old as i128 + delta as i128;
+        if new < 0 || new as u128 > entry::max_refcount(g.refcount_order) as u128 {
+            return Err(g.corrupt(format!(
+                "refcount of cluster {c} would become {new} (was {old})"
+            )));
+        }
+        self.put_refcount(g, c, new as u64).await
+    }
+
+    /// Makes sure refcount block `t` exists.
+    fn ensure_refblock<'a>(
+        &'a mut self,
+        g: &'a Geom,
+        t: u64,
+    ) -> crate::block::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            loop {
+                if (t as usize) < self.reftable.len()
+                    && self.reftable[t as usize] & OFFSET_MASK != 0
+                {
+                    return Ok(());
+                }
+                if t as usize >= self.reftable.len() {
+                    self.grow_reftable(g, t + 1).await?;
+                    continue;
+                }
+                let b = self.find_free(g, 1).await?;
+                let tb = b / g.rpb();
+                let cs = g.cs();
+                if tb == t {
+                    // Self-describing block.
+                    let mut blk = vec![0u8; cs as usize];
+                    entry::set_refcount(&mut blk, g.refcount_order, b % g.rpb(), 1);
+                    g.write_file(b * cs, blk.clone()).await?;
+                    g.flush().await?;
+                    self.set_reftable_entry(g, t, b * cs).await?;
+                    self.rb_cache.insert(b * cs, blk);
+                } else if (tb as usize) >= self.reftable.len()
+                    || self.reftable[tb as usize] & OFFSET_MASK == 0
+                {
+                    self.ensure_refblock(g, tb).await?;
+                    continue;
+                } else {
+                    self.put_refcount(g, b, 1).await?;
+                    let blk = vec![0u8; cs as usize];
+                    g.write_file(b * cs, blk.clone()).await?;
+                    g.flush().await?;
+                    self.set_reftable_entry(g, t, b * cs).await?;
+                    self.rb_cache.insert(b * cs, blk);
+                }
+                self.end_cluster = self.end_cluster.max(b + 1);
+                g.flush().await?;
+                return Ok(());
+            }
+        })
+    }
+
+    async fn set_reftable_entry(&mut self, g: &Geom, t: u64, off: u64) -> Result<()> {
+        self.reftable[t as usize] = off;
+        g.write_file(self.reftable_offset + t * 8, off.to_be_bytes().to_vec())
+            .await
+    }
+
+    /// A free run of `n` clusters: the first free cluster from the hint
+    /// for one, the end of the image for more.
+    async fn find_free(&mut self, g: &Geom, n: u64) -> Result<u64> {
+        if n == 1 {
+            let mut c = self.free_hint;
+            while c < self.end_cluster {
+                if self.refcount(g, c).await? == 0 {
+                    self.free_hint = c;
+                    return Ok(c);
+                }
+                c += 1;
+            }
+            self.free_hint = self.end_cluster;
+        }
+        Ok(self.end_cluster)
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each, written but not
+    /// flushed) and returns the byte offset of the first.
+    pub(crate) async fn alloc(&mut self, g: &Geom, n: u64) -> Result<u64> {
+        'retry: loop {
+            let c = self.find_free(g, n).await?;
+            for i in 0..n {
+                self.ensure_refblock(g, (c + i) / g.rpb()).await?;
+            }
+            // Allocating refcount blocks may have used the candidate.
+            for i in 0..n {
+                if self.refcount(g, c + i).await? != 0 {
+                    continue 'retry;
+                }
+            }
+            for i in 0..n {
+                self.put_refcount(g, c + i, 1).await?;
+            }
+            self.end_cluster = self.end_cluster.max(c + n);
+            if n == 1 {
+                self.free_hint = c + 1;
+            }
+            return Ok(c * g.cs());
+        }
+    }
+
+    /// Decrements the refcounts of `n` clusters at byte offset `off`.
+    pub(crate) async fn free(&mut self, g: &Geom, off: u64, n: u64) -> Result<()> {
+        let c0 = off / g.cs();
+        for c in c0..c0 + n {
+            self.update_refcount(g, c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the refcount table with a bigger one of at least `min`
+    /// entries, placed with the refcount blocks covering it at the end of
+    /// the image. Crash-safe: the header switches to the new table only
+    /// after it and its blocks are on disk.
+    async fn grow_reftable(&mut self, g: &Geom, min: u64) -> Result<()> {
+        let cs = g.cs();
+        let rpb = g.rpb();
+        let end = self.end_cluster;
+        let per_cluster = cs / 8;
+        let mut entries = min
+            .max(self.reftable.len() as u64 * 2)
+            .div_ceil(per_cluster)
+            * per_cluster;
+        let mut nb = 0u64;
+        let (tc, new_blocks) = loop {
+            let tc = entries.div_ceil(per_cluster);
+            let last = end + nb + tc - 1;
+            let new_blocks: Vec<u64> = (end / rpb..=last / rpb)
+                .filter(|&t| self.reftable.get(t as usize).copied().unwrap_or(0) & OFFSET_MASK == 0)
+                .collect();
+            let need_entries = (last / rpb + 1).max(min);
+            if new_blocks.len() as u64 == nb && need_entries <= entries {
+                break (tc, new_blocks);
+            }
+            nb = new_blocks.len() as u64;
+            entries = entries.max(need_entries.div_ceil(per_cluster) * per_cluster);
+        };
+        if tc * cs > 8 << 20 {
+            return Err(Error::unsupported(
+                &g.name,
+                "the refcount table would exceed 8 MiB",
+            ));
+        }
+        let mut table = self.reftable.clone();
+        table.resize(entries as usize, 0);
+        let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+        for (i, &t) in new_blocks.iter().enumerate() {
+            table[t as usize] = (end + i as u64) * cs;
+            blocks.insert(t, vec![0u8; cs as usize]);
+        }
+        // Refcounts of the new clusters: in old blocks or new ones.
+        for c in end..end + nb + tc {
+            let t = c / rpb;
+            if let Some(b) = blocks.get_mut(&t) {
+                entry::set_refcount(b, g.refcount_order, c % rpb, 1);
+            } else {
+                self.put_refcount(g, c, 1).await?;
+            }
+        }
+        for (i, &t) in new_blocks.iter().enumerate() {
+            if let Some(b) = blocks.remove(&t) {
+                g.write_file((end + i as u64) * cs, b.clone()).await?;
+                self.rb_cache.insert((end + i as u64) * cs, b);
+            }
+        }
+        let table_off = (end + nb) * cs;
+        let mut tbytes = to_bytes(&table);
+        tbytes.resize((tc * cs) as usize, 0);
+        g.write_file(table_off, tbytes).await?;
+        g.flush().await?;
+        let mut hdr = table_off.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&(tc as u32).to_be_bytes());
+        g.write_file(field::REFCOUNT_TABLE, hdr).await?;
+        g.flush().await?;
+        let old_off = self.reftable_offset;
+        let old_clusters = (self.reftable.len() as u64 * 8).div_ceil(cs);
+        self.reftable = table;
+        self.reftable_offset = table_off;
+        self.end_cluster = end + nb + tc;
+        self.free(g, old_off, old_clusters).await?;
+        Ok(())
+    }
+
+    /// Writes L1 entry `l1i`.
+    pub(crate) async fn set_l1(&mut self, g: &Geom, l1i: u64, v: u64) -> Result<()> {
+        self.l1[l1i as usize] = v;
+        g.write_file(self.l1_offset + l1i * 8, v.to_be_bytes().to_vec())
+            .await
+    }
+
+    /// Grows the L1 table to `n` entries (a new table at the end; the
+    /// header switches after it is on disk; the old one is freed).
+    pub(crate) async fn grow_l1(&mut self, g: &Geom, n: u64) -> Result<()> {
+        if n <= self.l1.len() as u64 {
+            return Ok(());
+        }
+        if n > (32 << 20) / 8 {
+            return Err(Error::unsupported(&g.name, "Active L1 table too large"));
+        }
+        let cs = g.cs();
+        let clusters = (n * 8).div_ceil(cs);
+        let off = self.alloc(g, clusters).await?;
+        let mut t = self.l1.clone();
+        t.resize(n as usize, 0);
+        let mut bytes = to_bytes(&t);
+        bytes.resize((clusters * cs) as usize, 0);
+        g.write_file(off, bytes).await?;
+        g.flush().await?;
+        let mut hdr = (n as u32).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&off.to_be_bytes());
+        g.write_file(field::L1, hdr).await?;
+        g.flush().await?;
+        let old_off = self.l1_offset;
+        let old_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
+        self.l1 = t;
+        self.l1_offset = off;
+        if old_clusters > 0 && old_off != 0 {
+            self.free(g, old_off, old_clusters).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether an L1 entry's table has refcount 1.
+    pub(crate) fn l1_copied(&self, l1i: u64) -> bool {
+        self.l1.get(l1i as usize).is_some_and(|e| e & COPIED != 0)
+    }
+}

@@ -1,0 +1,345 @@
+//! The qcow2 format driver (version 3, and version 2 read/write without
+//! zero clusters).
+//!
+//! Reads follow the L1/L2 tables: unallocated ranges come from the
+//! backing node (zeroes past its end, or with no backing), zero clusters
+//! read as zeroes, compressed clusters are inflated, extended L2 entries
+//! are read per subcluster. Writes allocate through the refcounts, copy
+//! partial clusters from the backing chain, and update metadata in the
+//! order refcounts → data and L2 → L1 with flushes between (see `meta`).
+//! Metadata changes are serialised by one `CoMutex`; reads and writes to
+//! clusters already allocated (refcount 1) run concurrently.
+
+use std::io::Read as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aio::CoMutex;
+
+mod check;
+mod create;
+pub(crate) mod entry;
+pub(crate) mod header;
+pub(crate) mod meta;
+mod write;
+
+pub(crate) use create::create;
+pub use create::CreateOptions;
+
+use self::entry::Mapping;
+use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
+use self::meta::{Geom, Meta};
+use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard};
+use crate::{Error, Result};
+
+/// An open qcow2 image.
+pub(crate) struct Qcow2 {
+    g: Geom,
+    _file_perm: PermGuard,
+    backing: Mutex<Option<PermGuard>>,
+    header: Header,
+    read_only: bool,
+    size: AtomicU64,
+    meta: CoMutex<Meta>,
+    dirty_set: AtomicBool,
+}
+
+impl Qcow2 {
+    /// Parses the header of the image in `file` (no tables yet).
+    pub(crate) async fn read_header(file: &BlockNode, writable: bool) -> Result<Header> {
+        let n = file.len().min(2 << 20);
+        let buf = file.read(0, vec![0; n as usize]).await?;
+        Header::parse(&buf, writable).map_err(|r| Error::open(file.filename(), r))
+    }
+
+    /// Opens an image on an attached file child with an already opened
+    /// backing node (attached by the caller).
+    pub(crate) async fn open(
+        file: PermGuard,
+        header: Header,
+        backing: Option<PermGuard>,
+        writable: bool,
+    ) -> Result<Qcow2> {
+        let name = file.node().filename().to_string();
+        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(Error::open(&name, "external data files are not supported"));
+        }
+        if header.compression_type != 0 {
+            return Err(Error::open(&name, "zstd compression is not supported"));
+        }
+        if header.crypt_method != 0 {
+            return Err(Error::open(&name, "encrypted images are not supported"));
+        }
+        if writable {
+            if header.extended_l2() {
+                return Err(Error::open(
+                    &name,
+                    "writing images with extended L2 entries (subclusters) is not supported; open read-only",
+                ));
+            }
+            if header.nb_snapshots != 0 {
+                return Err(Error::open(
+                    &name,
+                    "writing images with internal snapshots is not supported; open read-only",
+                ));
+            }
+            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                return Err(Error::open(
+                    &name,
+                    "the image is dirty (refcounts may be stale); repair it with 'qemu-img check -r all' or open read-only",
+                ));
+            }
+        }
+        let g = Geom {
+            name: name.clone(),
+            file: file.node().clone(),
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            refcount_order: header.refcount_order,
+            version: header.version,
+        };
+        let meta = Meta::load(
+            &g,
+            header.l1_table_offset,
+            header.l1_size,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+        )
+        .await?;
+        let q = Qcow2 {
+            g,
+            _file_perm: file,
+            backing: Mutex::new(backing),
+            size: AtomicU64::new(header.size),
+            header,
+            read_only: !writable,
+            meta: CoMutex::new(meta),
+            dirty_set: AtomicBool::new(false),
+        };
+        if writable {
+            q.mark_dirty().await?;
+        }
+        Ok(q)
+    }
+
+    /// Sets the dirty bit (v3) and clears autoclear bits we do not
+    /// maintain (bitmaps), then flushes.
+    async fn mark_dirty(&self) -> Result<()> {
+        if self.g.version < 3 {
+            return Ok(());
+        }
+        if self.header.autoclear_features != 0 {
+            self.g
+                .write_file(field::AUTOCLEAR, 0u64.to_be_bytes().to_vec())
+                .await?;
+        }
+        let v = self.header.incompatible_features | INCOMPAT_DIRTY;
+        self.g
+            .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
+            .await?;
+        self.g.flush().await?;
+        self.dirty_set.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn backing_node(&self) -> Option<Arc<BlockNode>> {
+        let b = self.backing.lock().unwrap_or_else(|e| e.into_inner());
+        b.as_ref().map(|p| p.node().clone())
+    }
+
+    /// Reads `len` bytes at `offset` from the backing chain (zeroes where
+    /// there is none or past its end).
+    pub(crate) async fn read_backing(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        if let Some(b) = self.backing_node() {
+            let blen = b.len();
+            if offset < blen {
+                let n = (blen - offset).min(len);
+                let part = b.read(offset, vec![0; n as usize]).await?;
+                buf[..n as usize].copy_from_slice(&part);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Inflates the compressed cluster at `host` (`len` bytes at most).
+    pub(crate) async fn read_compressed(&self, host: u64, len: u64) -> Result<Vec<u8>> {
+        let flen = self.g.file.len();
+        let len = len.min(flen.saturating_sub(host));
+        let src = self.g.file.read(host, vec![0; len as usize]).await?;
+        let mut out = vec![0u8; self.g.cs() as usize];
+        flate2::read::DeflateDecoder::new(&src[..])
+            .read_exact(&mut out)
+            .map_err(|e| {
+                Error::corrupt(
+                    &self.g.name,
+                    format!("compressed cluster at {host:#x}: {e}"),
+                )
+            })?;
+        Ok(out)
+    }
+
+    /// Reads a run as mapped.
+    async fn read_run(&self, offset: u64, len: u64, map: Mapping) -> Result<Vec<u8>> {
+        match map {
+            Mapping::Unallocated => self.read_backing(offset, len).await,
+            Mapping::Zero { .. } => Ok(vec![0; len as usize]),
+            Mapping::Data { host } => self.g.read_file(host, len).await,
+            Mapping::Compressed { host, len: clen } => {
+                let c = self.read_compressed(host, clen).await?;
+                let start = (offset % self.g.cs()) as usize;
+                Ok(c[start..start + len as usize].to_vec())
+            }
+        }
+    }
+
+    async fn do_read(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let total = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < total {
+            let run = {
+                let mut m = self.meta.lock().await;
+                m.lookup(&self.g, offset + pos, total - pos).await?
+            };
+            let data = self.read_run(offset + pos, run.len, run.map).await?;
+            buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
+            pos += run.len;
+        }
+        Ok(buf)
+    }
+
+    async fn do_block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let run = {
+            let mut m = self.meta.lock().await;
+            m.lookup(&self.g, offset, len).await?
+        };
+        let st = match run.map {
+            Mapping::Unallocated => BlockStatus::default(),
+            Mapping::Zero { host } => BlockStatus {
+                allocated: true,
+                zero: true,
+                offset: host.map(|h| h + offset % self.g.cs()),
+                ..Default::default()
+            },
+            Mapping::Data { host } => BlockStatus {
+                allocated: true,
+                data: true,
+                offset: Some(host),
+                ..Default::default()
+            },
+            Mapping::Compressed { .. } => BlockStatus {
+                allocated: true,
+                data: true,
+                compressed: true,
+                ..Default::default()
+            },
+        };
+        Ok((st, run.len))
+    }
+
+    async fn do_close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.g.flush().await?;
+        if self.dirty_set.swap(false, Ordering::AcqRel) {
+            let v = self.header.incompatible_features & !INCOMPAT_DIRTY;
+            self.g
+                .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
+                .await?;
+            self.g.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for Qcow2 {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn filename(&self) -> &str {
+        &self.g.name
+    }
+    fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn file_child(&self) -> Option<Arc<BlockNode>> {
+        Some(self.g.file.clone())
+    }
+    fn backing(&self) -> Option<Arc<BlockNode>> {
+        self.backing_node()
+    }
+    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(self.do_read(offset, buf))
+    }
+    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_write(offset, buf))
+    }
+    fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_write_zeroes(offset, len, false))
+    }
+    fn discard<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_write_zeroes(offset, len, true))
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.g.flush())
+    }
+    fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_truncate(len))
+    }
+    fn block_status<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<(BlockStatus, u64)>> {
+        Box::pin(self.do_block_status(offset, len))
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_close())
+    }
+    fn info(&self) -> ImageInfo {
+        let h = &self.header;
+        let mut specific = vec![(
+            "compat".to_string(),
+            serde_json::Value::from(if h.version == 2 { "0.10" } else { "1.1" }),
+        )];
+        if h.version == 3 {
+            specific.push((
+                "compression-type".into(),
+                serde_json::Value::from(if h.incompatible_features & INCOMPAT_COMPRESSION != 0 {
+                    "zstd"
+                } else {
+                    "zlib"
+                }),
+            ));
+            specific.push((
+                "lazy-refcounts".into(),
+                serde_json::Value::from(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0),
+            ));
+        }
+        specific.push((
+            "refcount-bits".into(),
+            serde_json::Value::from(1u64 << h.refcount_order),
+        ));
+        specific.push((
+            "corrupt".into(),
+            serde_json::Value::from(h.incompatible_features & header::INCOMPAT_CORRUPT != 0),
+        ));
+        specific.push((
+            "extended-l2".into(),
+            serde_json::Value::from(h.extended_l2()),
+        ));
+        ImageInfo {
+            format: "qcow2".into(),
+            filename: self.g.name.clone(),
+            virtual_size: self.len(),
+            cluster_size: Some(self.g.cs()),
+            backing_filename: h.backing_file.clone(),
+            backing_format: h.backing_format().map(str::to_string),
+            specific,
+        }
+    }
+    fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
+        Box::pin(async move { self.do_check().await.map(Some) })
+    }
+}

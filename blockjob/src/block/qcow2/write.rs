@@ -1,0 +1,309 @@
+//! The qcow2 write path: allocating writes with copy-on-write, zero
+//! clusters, discard, growth.
+
+use super::entry::{Mapping, COPIED, OFFSET_MASK, ZERO};
+use super::header::field;
+use super::meta::{to_bytes, Meta};
+use super::Qcow2;
+use crate::block::BlockDriver as _;
+use crate::{Error, Result};
+
+/// A cluster freed once the tables no longer point to it: byte offset and
+/// length (compressed data may cover several clusters partially).
+type Freed = (u64, u64);
+
+/// Metadata changes of one request, applied in crash-safe order.
+#[derive(Default)]
+struct Batch {
+    /// L2 tables allocated by this request: (L1 index, offset).
+    new_l2: Vec<(u64, u64)>,
+    /// Entries changed in existing tables: (table offset, index, words).
+    entries: Vec<(u64, u64, u64)>,
+    /// What to free afterwards.
+    freed: Vec<Freed>,
+}
+
+impl Qcow2 {
+    /// The L2 table for `ci` (allocating one, refcount only, if needed)
+    /// and the entry index in it.
+    async fn l2_for(&self, m: &mut Meta, b: &mut Batch, ci: u64) -> Result<(u64, u64)> {
+        let g = &self.g;
+        let l1i = ci / g.l2_entries();
+        let l2i = ci % g.l2_entries();
+        let cur = m.l1.get(l1i as usize).copied().unwrap_or(0);
+        if l1i as usize >= m.l1.len() {
+            return Err(Error::corrupt(
+                &g.name,
+                format!("L1 index {l1i} out of range"),
+            ));
+        }
+        if let Some(&(_, off)) = b.new_l2.iter().find(|(i, _)| *i == l1i) {
+            return Ok((off, l2i));
+        }
+        let off = cur & OFFSET_MASK;
+        if off != 0 {
+            if !m.l1_copied(l1i) {
+                return Err(Error::unsupported(
+                    &g.name,
+                    "L2 table shared with a snapshot: writing is not supported",
+                ));
+            }
+            // Make sure it is loaded (and valid).
+            m.l2_table(g, l1i, off).await?;
+            return Ok((off, l2i));
+        }
+        let off = m.alloc(g, 1).await?;
+        m.cache_l2(off, vec![0; (g.cs() / 8) as usize]);
+        b.new_l2.push((l1i, off));
+        Ok((off, l2i))
+    }
+
+    /// Sets entry `l2i` of table `off` in the cache and records it.
+    async fn set_entry(
+        &self,
+        m: &mut Meta,
+        b: &mut Batch,
+        off: u64,
+        l2i: u64,
+        v: u64,
+    ) -> Result<()> {
+        let t = m.l2_table(&self.g, 0, off).await?;
+        t[l2i as usize] = v;
+        if !b.new_l2.iter().any(|(_, o)| *o == off) {
+            b.entries.push((off, l2i, v));
+        }
+        Ok(())
+    }
+
+    /// What the old entry held that must be freed once it is replaced.
+    fn old_host(&self, word: u64) -> Option<Freed> {
+        let g = &self.g;
+        if word & super::entry::COMPRESSED != 0 {
+            let x = 62 - (g.cluster_bits - 8);
+            let host = word & ((1u64 << x) - 1);
+            let sectors = ((word & !(super::entry::COMPRESSED | COPIED)) >> x) + 1;
+            return Some((host & !511, sectors * 512));
+        }
+        let host = word & OFFSET_MASK;
+        (host != 0).then_some((host, g.cs()))
+    }
+
+    /// Applies a batch: flush (refcounts and data), L2 writes, flush, L1
+    /// entries, then frees replaced clusters.
+    async fn commit(&self, m: &mut Meta, b: Batch) -> Result<()> {
+        let g = &self.g;
+        if b.new_l2.is_empty() && b.entries.is_empty() {
+            return Ok(());
+        }
+        g.flush().await?;
+        for &(_, off) in &b.new_l2 {
+            let t = m.l2_table(g, 0, off).await?;
+            let bytes = to_bytes(t);
+            g.write_file(off, bytes).await?;
+        }
+        for &(off, i, v) in &b.entries {
+            g.write_file(off + i * 8, v.to_be_bytes().to_vec()).await?;
+        }
+        g.flush().await?;
+        for &(l1i, off) in &b.new_l2 {
+            m.set_l1(g, l1i, off | COPIED).await?;
+        }
+        if !b.freed.is_empty() {
+            if !b.new_l2.is_empty() {
+                g.flush().await?;
+            }
+            for (off, len) in b.freed {
+                let first = off / g.cs();
+                let last = (off + len - 1) / g.cs();
+                m.free(g, first * g.cs(), last - first + 1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The current contents of guest cluster `ci`, read under the lock.
+    async fn cluster_content(&self, m: &mut Meta, ci: u64) -> Result<Vec<u8>> {
+        let cs = self.g.cs();
+        let start = ci * cs;
+        let end = start + cs;
+        let mut out = Vec::with_capacity(cs as usize);
+        let mut pos = start;
+        while pos < end {
+            let run = m.lookup(&self.g, pos, end - pos).await?;
+            out.extend_from_slice(&self.read_run(pos, run.len, run.map).await?);
+            pos += run.len;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn do_write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        let g = &self.g;
+        let total = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < total {
+            let mut m = self.meta.lock().await;
+            let run = m.lookup(g, offset + pos, total - pos).await?;
+            let chunk = buf[pos as usize..(pos + run.len) as usize].to_vec();
+            if let Mapping::Data { host } = run.map {
+                if run.entry.word & COPIED != 0 {
+                    drop(m);
+                    g.write_file(host, chunk).await?;
+                    pos += run.len;
+                    continue;
+                }
+            }
+            self.write_alloc(&mut m, offset + pos, chunk).await?;
+            pos += run.len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into newly allocated clusters, copying
+    /// the rest of partially written clusters from their old contents.
+    async fn write_alloc(&self, m: &mut Meta, offset: u64, data: Vec<u8>) -> Result<()> {
+        let g = &self.g;
+        let cs = g.cs();
+        let end = offset + data.len() as u64;
+        let mut b = Batch::default();
+        let mut ci = offset / cs;
+        while ci * cs < end {
+            let cstart = ci * cs;
+            let s = offset.max(cstart);
+            let e = end.min(cstart + cs);
+            let (old, _) = m.l2_entry(g, ci).await?;
+            let content = if s == cstart && e == cstart + cs {
+                data[(s - offset) as usize..(e - offset) as usize].to_vec()
+            } else {
+                let mut c = self.cluster_content(m, ci).await?;
+                c.resize(cs as usize, 0);
+                c[(s - cstart) as usize..(e - cstart) as usize]
+                    .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
+                c
+            };
+            let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
+            let host = m.alloc(g, 1).await?;
+            g.write_file(host, content).await?;
+            self.set_entry(m, &mut b, l2off, l2i, host | COPIED).await?;
+            b.freed.extend(self.old_host(old.word));
+            ci += 1;
+        }
+        self.commit(m, b).await
+    }
+
+    /// Write-zeroes (`discard` false) or discard (`discard` true).
+    ///
+    /// Whole clusters become zero clusters (v3) or unallocated (v2, and
+    /// discard without a backing file); their data clusters are freed.
+    /// Partial clusters are written with zeroes, or for discard left
+    /// alone, as QEMU does.
+    pub(super) async fn do_write_zeroes(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        let g = &self.g;
+        let cs = g.cs();
+        let end = offset + len;
+        let a = offset.div_ceil(cs) * cs;
+        let z = (end / cs) * cs;
+        if a >= z {
+            if !discard {
+                self.zero_partial(offset, end).await?;
+            }
+            return Ok(());
+        }
+        if !discard {
+            self.zero_partial(offset, a).await?;
+            self.zero_partial(z, end).await?;
+        }
+        let has_backing = self.backing_node().is_some();
+        if g.version < 3 && !discard && has_backing {
+            // No zero flag: write real zeroes over the backing data.
+            let mut pos = a;
+            while pos < z {
+                let n = (z - pos).min(1 << 20);
+                self.do_write(pos, vec![0; n as usize]).await?;
+                pos += n;
+            }
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        let mut b = Batch::default();
+        let mut freed_data = Vec::new();
+        for ci in a / cs..z / cs {
+            let (old, l2off) = m.l2_entry(g, ci).await?;
+            let allocated = old.word != 0;
+            let new = if g.version >= 3 && (has_backing || allocated) {
+                ZERO
+            } else {
+                0
+            };
+            if new == old.word {
+                continue;
+            }
+            if l2off == 0 && new == 0 {
+                continue;
+            }
+            let (l2off, l2i) = self.l2_for(&mut m, &mut b, ci).await?;
+            self.set_entry(&mut m, &mut b, l2off, l2i, new).await?;
+            if let Some(f) = self.old_host(old.word) {
+                if old.word & super::entry::COMPRESSED == 0 {
+                    freed_data.push(f);
+                }
+                b.freed.push(f);
+            }
+        }
+        self.commit(&mut m, b).await?;
+        drop(m);
+        if discard {
+            for (off, len) in freed_data {
+                g.file
+                    .discard(off, len.min(g.file.len().saturating_sub(off)))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[s, e)` within one cluster by writing, unless it already
+    /// reads as zeroes.
+    async fn zero_partial(&self, s: u64, e: u64) -> Result<()> {
+        if s >= e {
+            return Ok(());
+        }
+        let run = {
+            let mut m = self.meta.lock().await;
+            m.lookup(&self.g, s, e - s).await?
+        };
+        let already = match run.map {
+            Mapping::Zero { .. } => run.len >= e - s,
+            Mapping::Unallocated => run.len >= e - s && self.backing_node().is_none(),
+            _ => false,
+        };
+        if already {
+            return Ok(());
+        }
+        self.do_write(s, vec![0; (e - s) as usize]).await
+    }
+
+    pub(super) async fn do_truncate(&self, len: u64) -> Result<()> {
+        let g = &self.g;
+        let old = self.len();
+        if len < old {
+            return Err(Error::unsupported(
+                &g.name,
+                "shrinking a qcow2 image is not supported",
+            ));
+        }
+        if len % 512 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the size must be a multiple of 512 bytes",
+                g.name
+            )));
+        }
+        let mut m = self.meta.lock().await;
+        let need = len.div_ceil(g.l2_entries() * g.cs());
+        m.grow_l1(g, need).await?;
+        g.write_file(field::SIZE, len.to_be_bytes().to_vec())
+            .await?;
+        g.flush().await?;
+        self.size.store(len, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}

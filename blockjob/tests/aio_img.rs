@@ -1,0 +1,398 @@
+//! The `aio-img` tool against `qemu-img`: map output identical, check
+//! exit codes, and bad input as one-line errors with exit code 1.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+
+use blockjob::block::{BlockGraph, OpenOptions};
+
+fn aio_img(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_aio-img"))
+        .args(args)
+        .output()
+        .expect("run aio-img");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A chain of `depth` images with cluster size `cs`, written by qemu-io.
+fn chain(dir: &Path, depth: usize, cs: u64) -> std::path::PathBuf {
+    let mut prev: Option<String> = None;
+    let mut top = dir.to_path_buf();
+    for i in 0..depth {
+        let name = format!("c{i}.qcow2");
+        let img = dir.join(&name);
+        let o = format!("cluster_size={cs}");
+        let size = format!("{}", (3 + i as u64) << 20);
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+        if let Some(b) = &prev {
+            args.extend(["-b", b.as_str(), "-F", "qcow2"]);
+        }
+        args.extend([p(&img), size.as_str()]);
+        qemu_img(&args);
+        let k = i as u64;
+        qemu_io(
+            &img,
+            &[
+                format!("write -P {} {} 100000", k + 1, k * 400_000),
+                format!("write -z {} 70000", 1_500_000 + k * 100_000),
+                format!("write -P 9 {} 512", 2_500_000 + k * 4096),
+                format!("discard {} 200000", k * 400_000 + 50_000),
+            ],
+        );
+        prev = Some(name);
+        top = img;
+    }
+    top
+}
+
+fn assert_same_map(img: &Path) {
+    let theirs = qemu_img(&["map", "--output=json", p(img)]);
+    let (code, ours, err) = aio_img(&["map", "--output=json", p(img)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ours, theirs, "map of {}", img.display());
+}
+
+#[test]
+fn map_json_equals_qemu_cs512_depth1() {
+    let d = tmp();
+    assert_same_map(&chain(d.path(), 1, 512));
+}
+
+#[test]
+fn map_json_equals_qemu_cs64k_depth2() {
+    let d = tmp();
+    assert_same_map(&chain(d.path(), 2, 65536));
+}
+
+#[test]
+fn map_json_equals_qemu_cs2m_depth3() {
+    let d = tmp();
+    assert_same_map(&chain(d.path(), 3, 2 << 20));
+}
+
+#[test]
+fn map_json_equals_qemu_cs64k_depth4() {
+    let d = tmp();
+    assert_same_map(&chain(d.path(), 4, 65536));
+}
+
+#[test]
+fn map_json_equals_qemu_compressed() {
+    let d = tmp();
+    let src = chain(d.path(), 1, 65536);
+    let comp = d.path().join("comp.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", p(&src), p(&comp)]);
+    assert_same_map(&comp);
+}
+
+#[test]
+fn created_by_aio_img_and_written_matches_qemu_map_and_check() {
+    let d = tmp();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    let (c, _, e) = aio_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p(&base),
+        "2M",
+    ]);
+    assert_eq!(c, 0, "{e}");
+    qemu_io(&base, &["write -P 1 0 1M".into()]);
+    let (c, _, e) = aio_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    assert_eq!(c, 0, "{e}");
+    let info = qemu_img(&["info", "--output=json", p(&top)]);
+    assert!(info.contains("\"virtual-size\": 2097152"), "{info}");
+    assert!(
+        info.contains("\"backing-filename\": \"base.qcow2\""),
+        "{info}"
+    );
+    qemu_io(&top, &["write -P 2 100000 300000".into()]);
+    assert_same_map(&top);
+    let (c, out, _) = aio_img(&["check", p(&top)]);
+    assert_eq!(c, 0, "{out}");
+    let (c, out, _) = aio_img(&["compare", p(&top), p(&top)]);
+    assert_eq!((c, out.trim()), (0, "Images are identical."));
+    let (c, out, _) = aio_img(&["compare", p(&top), p(&base)]);
+    assert_eq!(c, 1, "{out}");
+    assert!(
+        out.starts_with("Content mismatch at offset 100000!"),
+        "{out}"
+    );
+    let (c, out, _) = aio_img(&["info", "--backing-chain", "--output=json", p(&top)]);
+    assert_eq!(c, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().map(|a| a.len()), Some(2));
+}
+
+/// Writes `bytes` at `off` in `file`.
+fn patch(file: &Path, off: usize, bytes: &[u8]) {
+    let mut b = std::fs::read(file).unwrap();
+    if b.len() < off + bytes.len() {
+        b.resize(off + bytes.len(), 0);
+    }
+    b[off..off + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(file, b).unwrap();
+}
+
+fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+#[test]
+fn check_exit_codes_match_qemu_for_leaks_and_corruption() {
+    let d = tmp();
+    let img = d.path().join("x.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 1 0 64k".into()]);
+    let (c, _, _) = aio_img(&["check", p(&img)]);
+    assert_eq!(c, 0);
+    // Leak: refcount 1 for a cluster appended to the file that nothing uses.
+    let b = std::fs::read(&img).unwrap();
+    let rb = be64(&b, be64(&b, 48) as usize) as usize;
+    let leak = d.path().join("leak.qcow2");
+    std::fs::copy(&img, &leak).unwrap();
+    let end = b.len() / 65536;
+    patch(&leak, (end + 1) * 65536 - 1, &[0]);
+    patch(&leak, rb + end * 2, &1u16.to_be_bytes());
+    assert_eq!(qemu_img_status(&["check", p(&leak)]).0, 3);
+    let (c, out, _) = aio_img(&["check", p(&leak)]);
+    assert_eq!(c, 3, "{out}");
+    assert!(
+        out.contains(&format!("Leaked cluster {end} refcount=1 reference=0")),
+        "{out}"
+    );
+    // Corruption: the data cluster's refcount dropped to 0.
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let data = (be64(&b, l2) & 0x00ff_ffff_ffff_fe00) as usize;
+    let bad = d.path().join("bad.qcow2");
+    std::fs::copy(&img, &bad).unwrap();
+    patch(&bad, rb + data / 65536 * 2, &0u16.to_be_bytes());
+    assert_eq!(qemu_img_status(&["check", p(&bad)]).0, 2);
+    let (c, out, _) = aio_img(&["check", p(&bad)]);
+    assert_eq!(c, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "ERROR cluster {} refcount=0 reference=1",
+            data / 65536
+        )),
+        "{out}"
+    );
+}
+
+/// Asserts a one-line error naming `file` and containing `want`, exit 1.
+fn assert_bad(args: &[&str], file: &Path, want: &str) {
+    let (c, _, err) = aio_img(args);
+    assert_eq!(c, 1, "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(p(file)) || err.contains(file.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    assert!(err.contains(want), "want {want:?}, got {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_headers_give_qemus_error_texts() {
+    let d = tmp();
+    let good = d.path().join("good.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&good), "1M"]);
+    let cases: &[(&str, usize, Vec<u8>, &str)] = &[
+        (
+            "version",
+            4,
+            99u32.to_be_bytes().to_vec(),
+            "Unsupported qcow2 version 99",
+        ),
+        (
+            "cluster_bits",
+            20,
+            40u32.to_be_bytes().to_vec(),
+            "Unsupported cluster size: 2^40",
+        ),
+        (
+            "l1_offset",
+            40,
+            0x30001u64.to_be_bytes().to_vec(),
+            "Active L1 table offset invalid",
+        ),
+        (
+            "l1_size",
+            36,
+            0x1000_0000u32.to_be_bytes().to_vec(),
+            "Active L1 table too large",
+        ),
+        (
+            "refcount_offset",
+            48,
+            0x10001u64.to_be_bytes().to_vec(),
+            "Reference count table offset invalid",
+        ),
+        (
+            "incompat",
+            72,
+            (1u64 << 40).to_be_bytes().to_vec(),
+            "Unsupported qcow2 feature(s): Unknown incompatible feature: 10000000000",
+        ),
+    ];
+    for (name, off, bytes, want) in cases {
+        let f = d.path().join(format!("bad-{name}.qcow2"));
+        std::fs::copy(&good, &f).unwrap();
+        patch(&f, *off, bytes);
+        let (qc, qerr) = qemu_img_status(&["info", p(&f)]);
+        assert_eq!(qc, 1);
+        assert!(qerr.contains(want), "qemu says {qerr}");
+        assert_bad(&["info", p(&f)], &f, want);
+        assert_bad(&["map", "--output=json", p(&f)], &f, want);
+    }
+    // Truncated.
+    let f = d.path().join("trunc.qcow2");
+    std::fs::write(&f, &std::fs::read(&good).unwrap()[..50]).unwrap();
+    assert_bad(&["info", p(&f)], &f, "qcow2 header too short");
+    // Missing.
+    let f = d.path().join("missing.qcow2");
+    assert_bad(&["info", p(&f)], &f, "No such file or directory");
+    // Bad magic with an explicit format, and the corrupt bit on a read-write open.
+    let ctx = aio::AioContext::new().unwrap();
+    let f = d.path().join("magic.qcow2");
+    std::fs::copy(&good, &f).unwrap();
+    patch(&f, 0, b"XXXX");
+    let g = BlockGraph::new();
+    let e = ctx
+        .block_on(g.open_image(&f, &OpenOptions::new().read_only(true).format("qcow2")))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Could not open '{}': Image is not in qcow2 format", p(&f))
+    );
+    let f = d.path().join("corrupt.qcow2");
+    std::fs::copy(&good, &f).unwrap();
+    patch(&f, 79, &[2]);
+    let e = ctx
+        .block_on(g.open_image(&f, &OpenOptions::new()))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("qcow2: Image is corrupt; cannot be opened read/write"),
+        "{e}"
+    );
+    ctx.block_on(g.open_image(&f, &OpenOptions::new().read_only(true)))
+        .unwrap();
+}
+
+#[test]
+fn backing_loop_is_an_error() {
+    let d = tmp();
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&b), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p(&a),
+    ]);
+    qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&b)]);
+    assert_bad(&["info", "--backing-chain", p(&a)], &a, "Backing file loop");
+}
+
+#[test]
+fn l2_entry_past_end_of_file_is_an_error_without_writes() {
+    let d = tmp();
+    let img = d.path().join("l2.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 1 0 64k".into()]);
+    let b = std::fs::read(&img).unwrap();
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    patch(&img, l2, &((1u64 << 63) | (1 << 40)).to_be_bytes());
+    let before = std::fs::read(&img).unwrap();
+    assert_bad(
+        &["map", "--output=json", p(&img)],
+        &img,
+        "past the end of the file",
+    );
+    let (c, _, err) = aio_img(&["compare", p(&img), p(&img)]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("past the end of the file"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), before, "nothing written");
+}
+
+#[test]
+fn fuzzed_headers_and_tables_error_never_panic_never_write() {
+    let d = tmp();
+    let img = d.path().join("f.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        p(&img),
+        "256k",
+    ]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 1 0 20k".into(),
+            "write -z 64k 4k".into(),
+            "write -P 3 100k 1k".into(),
+        ],
+    );
+    let good = std::fs::read(&img).unwrap();
+    let ctx = aio::AioContext::new().unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let meta_len = good.len().min(8 * 512);
+    let f = d.path().join("m.qcow2");
+    for _ in 0..300 {
+        let mut b = good.clone();
+        for _ in 0..(next() % 6 + 1) {
+            let i = (next() % meta_len as u64) as usize;
+            b[i] = next() as u8;
+        }
+        std::fs::write(&f, &b).unwrap();
+        let g = BlockGraph::new();
+        if let Ok(n) = ctx.block_on(g.open_image(&f, &OpenOptions::new().read_only(true))) {
+            let len = n.len().min(1 << 20);
+            let _ = ctx.block_on(n.read(0, vec![0; len as usize]));
+            if n.len() <= 1 << 30 {
+                let _ = ctx.block_on(n.map());
+            }
+            let _ = ctx.block_on(n.check());
+            let _ = ctx.block_on(g.close_all());
+        }
+        assert!(std::fs::read(&f).unwrap() == b, "the image was written");
+    }
+}

@@ -864,18 +864,20 @@ impl Job {
         self.shared.transition(JobStatus::Running);
         let shared = self.shared.clone();
         // Detached: the lifecycle reports through status and events.
-        self.shared.ctx.spawn(async move {
-            let ctl = JobControl { shared };
-            ctl.pause_point().await;
-            let ret = if ctl.is_cancelled() {
-                Err(Error::Cancelled)
-            } else {
-                let driver = ctl.shared.driver.clone();
-                driver.run(&ctl).await
-            };
-            finish(&ctl, ret).await;
-        })
-        .detach();
+        self.shared
+            .ctx
+            .spawn(async move {
+                let ctl = JobControl { shared };
+                ctl.pause_point().await;
+                let ret = if ctl.is_cancelled() {
+                    Err(Error::Cancelled)
+                } else {
+                    let driver = ctl.shared.driver.clone();
+                    driver.run(&ctl).await
+                };
+                finish(&ctl, ret).await;
+            })
+            .detach();
     }
 
     /// `cancel` verb. `force` abandons at once; a soft cancel lets the

@@ -297,6 +297,9 @@ impl serde_json::ser::Formatter for QmpFormatter {
         fragment: &str,
     ) -> io::Result<()> {
         let bytes = fragment.as_bytes();
+        if bytes.iter().all(|&b| b < 0x7f) {
+            return w.write_all(bytes);
+        }
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
             if c.is_ascii() && c != '\u{7f}' {

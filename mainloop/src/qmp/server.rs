@@ -34,7 +34,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use aio::{AioContext, Bh, ClientType, ClockType, FdHandler, Timer};
+use aio::{AioContext, Bh, ClientType, ClockType, FdHandler, Timer, WeakAioContext};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
@@ -327,7 +327,9 @@ enum Outcome {
 
 struct Shared {
     me: Weak<Shared>,
-    ctx: AioContext,
+    /// Weak: the context's queues hold closures that own the server (a
+    /// deferred shutdown), so a strong handle here would be a cycle.
+    ctx: WeakAioContext,
     opts: QmpServerOptions,
     greeting: Vec<u8>,
     registry: Mutex<Registry>,
@@ -368,13 +370,14 @@ struct Shared {
 /// ```
 pub struct QmpServer {
     shared: Arc<Shared>,
+    ctx: AioContext,
 }
 
 impl fmt::Debug for QmpServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let st = lock(&self.shared.state);
         f.debug_struct("QmpServer")
-            .field("context", &self.shared.ctx.name())
+            .field("context", &self.ctx.name())
             .field(
                 "listeners",
                 &st.listeners
@@ -429,7 +432,7 @@ impl QmpServer {
             });
             Shared {
                 me: me.clone(),
-                ctx: ctx.clone(),
+                ctx: ctx.downgrade(),
                 opts,
                 greeting,
                 registry: Mutex::new(Registry::with_builtins()),
@@ -440,12 +443,15 @@ impl QmpServer {
                 next_subscriber: AtomicU64::new(1),
             }
         });
-        Self { shared }
+        Self {
+            shared,
+            ctx: ctx.clone(),
+        }
     }
 
     /// The context the server runs on.
     pub fn context(&self) -> &AioContext {
-        &self.shared.ctx
+        &self.ctx
     }
 
     /// Starts listening on `addr`; returns the address bound (for
@@ -459,7 +465,7 @@ impl QmpServer {
     /// home thread, [`ServerError::ShutDown`] after shutdown.
     pub fn listen(&self, addr: &QmpAddress) -> Result<ListenAddress, ServerError> {
         let s = &self.shared;
-        if !s.ctx.in_home_thread() {
+        if !self.ctx.in_home_thread() {
             return Err(aio::Error::NotHomeThread {
                 op: "QmpServer::listen",
             }
@@ -480,7 +486,8 @@ impl QmpServer {
             registered: false,
             retry: None,
         };
-        s.ctx.set_fd_handler(l.fd(), Some(s.listener_handler(id)))?;
+        self.ctx
+            .set_fd_handler(l.fd(), Some(s.listener_handler(id)))?;
         l.registered = true;
         log::info!("QMP listening on {bound}");
         st.listeners.push(l);
@@ -625,7 +632,7 @@ impl QmpServer {
     ///
     /// [`ServerError::Aio`] off the home thread.
     pub fn shutdown(&self) -> Result<(), ServerError> {
-        if !self.shared.ctx.in_home_thread() {
+        if !self.ctx.in_home_thread() {
             return Err(aio::Error::NotHomeThread {
                 op: "QmpServer::shutdown",
             }
@@ -639,7 +646,7 @@ impl QmpServer {
 impl Drop for QmpServer {
     fn drop(&mut self) {
         let s = &self.shared;
-        if s.ctx.in_home_thread() {
+        if self.ctx.in_home_thread() {
             s.shutdown();
             return;
         }
@@ -652,13 +659,21 @@ impl Drop for QmpServer {
             }
         }
         let shared = s.clone();
-        s.ctx.bh_schedule_oneshot(move |_| shared.shutdown());
+        self.ctx.bh_schedule_oneshot(move |_| shared.shutdown());
     }
 }
 
 impl Shared {
     fn weak(&self) -> Weak<Shared> {
         self.me.clone()
+    }
+
+    /// `set_fd_handler` on the server's context (home thread only).
+    fn set_handler(&self, fd: RawFd, handler: Option<FdHandler>) -> aio::Result<()> {
+        match self.ctx.upgrade() {
+            Some(ctx) => ctx.set_fd_handler(fd, handler),
+            None => Err(aio::Error::ContextGone),
+        }
     }
 
     // ----- handlers ------------------------------------------------------
@@ -707,10 +722,7 @@ impl Shared {
         if want == c.interest {
             return;
         }
-        match self
-            .ctx
-            .set_fd_handler(c.stream.fd(), self.client_handler(id, want.0, want.1))
-        {
+        match self.set_handler(c.stream.fd(), self.client_handler(id, want.0, want.1)) {
             Ok(()) => c.interest = want,
             Err(e) => {
                 log::warn!("QMP client {id} ({}): cannot watch its socket: {e}", c.peer);
@@ -754,13 +766,16 @@ impl Shared {
             return;
         };
         if l.registered {
-            if let Err(e) = self.ctx.set_fd_handler(l.fd(), None) {
+            if let Err(e) = self.set_handler(l.fd(), None) {
                 log::warn!("QMP: pausing listener {}: {e}", l.addr);
             }
             l.registered = false;
         }
+        let Some(ctx) = self.ctx.upgrade() else {
+            return;
+        };
         let weak = self.weak();
-        let timer = self.ctx.timer_new(ClockType::Realtime, move |_ctx| {
+        let timer = ctx.timer_new(ClockType::Realtime, move |_ctx| {
             if let Some(s) = weak.upgrade() {
                 s.resume_listener(id);
             }
@@ -778,10 +793,7 @@ impl Shared {
             return;
         };
         if !l.registered {
-            match self
-                .ctx
-                .set_fd_handler(l.fd(), Some(self.listener_handler(id)))
-            {
+            match self.set_handler(l.fd(), Some(self.listener_handler(id))) {
                 Ok(()) => l.registered = true,
                 Err(e) => log::warn!("QMP: resuming listener {}: {e}", l.addr),
             }
@@ -823,7 +835,7 @@ impl Shared {
             return;
         };
         if c.interest != (false, false) {
-            if let Err(e) = self.ctx.set_fd_handler(c.stream.fd(), None) {
+            if let Err(e) = self.set_handler(c.stream.fd(), None) {
                 log::debug!("QMP client {id}: removing its handler: {e}");
             }
         }
@@ -978,8 +990,11 @@ impl Shared {
                 }
             }
         }
+        let Some(ctx) = self.ctx.upgrade() else {
+            return;
+        };
         let weak = self.weak();
-        self.ctx.bh_schedule_oneshot(move |_ctx| {
+        ctx.bh_schedule_oneshot(move |_ctx| {
             if let Some(s) = weak.upgrade() {
                 s.process_client(id);
             }
@@ -1083,9 +1098,12 @@ impl Shared {
         fut: registry::BoxFuture,
         id: Option<Value>,
     ) {
+        let Some(ctx) = self.ctx.upgrade() else {
+            return;
+        };
         let weak = self.weak();
         // Detached: the task outlives its client if need be.
-        let _detached = self.ctx.spawn(async move {
+        let _detached = ctx.spawn(async move {
             let result = CatchPanic { name, fut }.await;
             if let Some(s) = weak.upgrade() {
                 s.command_done(client, &result, id.as_ref());
@@ -1114,8 +1132,8 @@ impl Shared {
     fn quit(&self) {
         log::info!("QMP: quit");
         self.shutdown();
-        if let Some(cb) = &self.opts.on_quit {
-            cb(&self.ctx);
+        if let (Some(cb), Some(ctx)) = (&self.opts.on_quit, self.ctx.upgrade()) {
+            cb(&ctx);
         }
     }
 
@@ -1133,7 +1151,7 @@ impl Shared {
         };
         for l in listeners {
             if l.registered {
-                if let Err(e) = self.ctx.set_fd_handler(l.fd(), None) {
+                if let Err(e) = self.set_handler(l.fd(), None) {
                     log::debug!("QMP: removing listener {}: {e}", l.addr);
                 }
             }
@@ -1144,7 +1162,7 @@ impl Shared {
                 let _ = c.stream.write_some(c.out.pending());
             }
             if c.interest != (false, false) {
-                if let Err(e) = self.ctx.set_fd_handler(c.stream.fd(), None) {
+                if let Err(e) = self.set_handler(c.stream.fd(), None) {
                     log::debug!("QMP client {id}: removing its handler: {e}");
                 }
             }
@@ -1162,7 +1180,7 @@ impl Shared {
             let bytes = protocol::encode(&event);
             q.queue.push_back(Arc::new(PendingEvent { event, bytes }));
         }
-        if self.ctx.in_home_thread() {
+        if self.ctx.upgrade().is_some_and(|c| c.in_home_thread()) {
             self.deliver_events();
         } else {
             self.event_bh.schedule();

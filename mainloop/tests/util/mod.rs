@@ -269,8 +269,8 @@ impl QmpClient {
         }
     }
 
-    /// Whether the server closed the connection (EOF or a reset) within
-    /// the timeout; data still arriving counts as open.
+    /// Reads and discards input until the server closes the connection
+    /// (EOF or a reset: true) or the read timeout passes (false).
     pub fn is_closed(&mut self) -> bool {
         let mut buf = [0u8; 4096];
         loop {
@@ -319,6 +319,36 @@ impl QmpClient {
     /// Closes both directions at once.
     pub fn shutdown(&self) {
         self.raw.shutdown();
+    }
+
+    /// Closes the writing side only (the server sees EOF).
+    pub fn shutdown_write(&self) {
+        let r = match &self.raw {
+            RawSocket::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            RawSocket::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+        r.expect("shutdown(SHUT_WR)");
+    }
+
+    /// Another handle for writing, e.g. from a second thread.
+    pub fn try_clone_writer(&self) -> Box<dyn Write + Send> {
+        match &self.raw {
+            RawSocket::Unix(s) => Box::new(s.try_clone().unwrap()),
+            RawSocket::Tcp(s) => Box::new(s.try_clone().unwrap()),
+        }
+    }
+}
+
+/// Polls `cond` every 2 ms for up to 20 s; panics naming `what` if it never
+/// holds.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -8,3 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod qmp;
+
+/// The examples in `docs/qmp.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/qmp.md")]
+pub struct QmpDocDoctests;

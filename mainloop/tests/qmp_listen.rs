@@ -243,3 +243,36 @@ fn several_listeners_serve_the_same_commands() {
     t.join().unwrap();
     assert!(!unix.exists());
 }
+
+/// Nothing is dispatched while nothing happens: no write handler without
+/// pending output, no read handler on a client that has hung up.
+#[test]
+fn idle_server_does_not_spin() {
+    use std::io::Write;
+    let ctx = AioContext::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sock");
+    let server = QmpServer::new(&ctx, QmpServerOptions::new());
+    server.listen(&QmpAddress::Unix(path.clone())).unwrap();
+    let mut a = UnixStream::connect(&path).unwrap();
+    let mut b = UnixStream::connect(&path).unwrap();
+    ctx.poll_while(|| server.client_count() < 2);
+    a.write_all(b"{\"execute\": \"qmp_capabilities\"}").unwrap();
+    // `b` says something and hangs up its writing side.
+    b.write_all(b"{\"execute\": \"qmp_capabilities\"}").unwrap();
+    b.shutdown(std::net::Shutdown::Write).unwrap();
+    ctx.run_until_idle();
+    let mut buf = vec![0u8; 4096];
+    let n = a.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("{\"return\": {}}\r\n"));
+    // `b` got its replies and was closed; `a` idles.
+    let mut all = Vec::new();
+    b.read_to_end(&mut all).unwrap();
+    assert!(String::from_utf8_lossy(&all).ends_with("{\"return\": {}}\r\n"));
+    assert_eq!(server.client_count(), 1);
+    let before = ctx.stats();
+    for _ in 0..100 {
+        assert!(!ctx.poll(false), "an idle server made progress");
+    }
+    assert_eq!(ctx.stats().dispatches, before.dispatches);
+}

@@ -689,6 +689,13 @@ mod proptests {
         }
 
         #[test]
+        fn parse_error_texts_never_panic(input in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(e) = serde_json::from_slice::<Value>(&input) {
+                prop_assert!(parse_error(&e, &input).desc.starts_with("JSON parse error, "));
+            }
+        }
+
+        #[test]
         fn after_garbage_a_control_char_resynchronises(
             garbage in prop::collection::vec(any::<u8>(), 0..400),
         ) {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod block_qmp;
 mod error;
 mod iothread;
 mod main_loop;

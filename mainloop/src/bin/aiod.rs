@@ -1,65 +1,257 @@
 //! `aiod`: the runtime as a daemon, in the style of qemu-storage-daemon.
 //!
-//! Today it serves QMP (the built-in commands) on every `--qmp` address
-//! until a client sends `quit`. Logging goes to stderr through `env_logger`
+//! It serves QMP on every `--qmp` address (or `--chardev socket,... --monitor
+//! chardev=ID`, QSD's spelling) from the main loop's iohandler context, with
+//! the block layer's commands: `blockdev-add`, `blockdev-del`,
+//! `query-named-block-nodes`, the job queries and verbs. SIGINT and SIGTERM
+//! (through a signalfd) or QMP `quit` shut it down cleanly: running jobs are
+//! cancelled, images are closed (clean qcow2 dirty bit), socket files and
+//! the pid file are removed. Logging goes to stderr through `env_logger`
 //! (`RUST_LOG`, default `info`).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use aio::AioContext;
+use aio::ClockType;
+use blockjob::block::BlockGraph;
+use blockjob::job::{JobRegistry, JobStatus};
+use mainloop::block_qmp::{register_block_commands, BlockState};
 use mainloop::qmp::{QmpAddress, QmpServer, QmpServerOptions};
+use mainloop::{IOThread, IOThreadOptions, MainLoop, MainLoopOptions};
+use serde_json::{Map, Value};
 
 const USAGE: &str = "\
-usage: aiod --qmp unix:PATH|tcp:HOST:PORT [--qmp ...]
+usage: aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
+            [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]
+            [--pidfile PATH]
 
-  --qmp ADDR   serve QMP on ADDR (repeatable): unix:PATH, or tcp:HOST:PORT
-               (port 0 picks a free port; the address is logged)
-  -h, --help   show this help";
+  --qmp ADDR        serve QMP on ADDR (repeatable): unix:PATH, or tcp:HOST:PORT
+                    (port 0 picks a free port; the address is logged)
+  --blockdev OPTS   add a block node at start-up, as QMP blockdev-add would:
+                    JSON ({\"driver\":\"qcow2\",...}) or QEMU's dotted keys
+                    (driver=qcow2,node-name=top,file.driver=file,file.filename=t.qcow2)
+  --object iothread,id=ID
+                    start an iothread
+  --chardev socket,id=ID,path=PATH,server=on,wait=off
+  --monitor chardev=ID
+                    qemu-storage-daemon's spelling of --qmp unix:PATH
+  --pidfile PATH    write the process id to PATH (removed at exit)
+  -h, --help        show this help";
 
 /// The parsed command line.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 struct Args {
     qmp: Vec<QmpAddress>,
+    blockdevs: Vec<Value>,
+    iothreads: Vec<String>,
+    pidfile: Option<PathBuf>,
+}
+
+/// QEMU's dotted `key=value,...` syntax as a JSON object.
+fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
+    let mut root = Map::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, val) = part
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value, got '{part}'"))?;
+        let keys: Vec<&str> = key.split('.').collect();
+        let last = keys.len() - 1;
+        let leaf = keys[last];
+        let value = match (leaf, val) {
+            ("read-only", "on" | "true") => Value::Bool(true),
+            ("read-only", "off" | "false") => Value::Bool(false),
+            ("size", v) => v
+                .parse::<u64>()
+                .map(Value::from)
+                .map_err(|_| format!("'{key}' expects a number, got '{v}'"))?,
+            (_, v) => Value::String(v.to_string()),
+        };
+        let mut map = &mut root;
+        for k in &keys[..last] {
+            let entry = map
+                .entry(k.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            map = entry
+                .as_object_mut()
+                .ok_or_else(|| format!("'{k}' is both a value and an object"))?;
+        }
+        map.insert(leaf.to_string(), value);
+    }
+    Ok(root)
 }
 
 /// `Ok(None)` for `--help`; `Err` is a usage error.
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, String> {
-    let mut qmp = Vec::new();
+    let mut out = Args::default();
+    let mut chardevs: HashMap<String, String> = HashMap::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
-        let value = match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--qmp" => it.next().ok_or("--qmp needs an address")?,
-            a if a.starts_with("--qmp=") => a["--qmp=".len()..].to_string(),
-            a => return Err(format!("unknown argument '{a}'")),
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
         };
-        qmp.push(value.parse::<QmpAddress>().map_err(|e| e.to_string())?);
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--qmp" => {
+                let v = value("--qmp").map_err(|_| "--qmp needs an address".to_string())?;
+                out.qmp
+                    .push(v.parse::<QmpAddress>().map_err(|e| e.to_string())?);
+            }
+            "--blockdev" => {
+                let v = value("--blockdev")?;
+                let obj = if v.trim_start().starts_with('{') {
+                    serde_json::from_str::<Value>(&v)
+                        .map_err(|e| format!("--blockdev: invalid JSON: {e}"))?
+                } else {
+                    Value::Object(parse_keyval(&v).map_err(|e| format!("--blockdev: {e}"))?)
+                };
+                out.blockdevs.push(obj);
+            }
+            "--object" => {
+                let v = parse_keyval(&value("--object")?.replacen(
+                    "iothread,",
+                    "qom-type=iothread,",
+                    1,
+                ))
+                .map_err(|e| format!("--object: {e}"))?;
+                match (
+                    v.get("qom-type").and_then(Value::as_str),
+                    v.get("id").and_then(Value::as_str),
+                ) {
+                    (Some("iothread"), Some(id)) => out.iothreads.push(id.to_string()),
+                    _ => return Err("--object: only iothread,id=ID is supported".into()),
+                }
+            }
+            "--chardev" => {
+                let v = value("--chardev")?;
+                let rest = v
+                    .strip_prefix("socket,")
+                    .ok_or("--chardev: only socket chardevs are supported")?;
+                let kv = parse_keyval(rest).map_err(|e| format!("--chardev: {e}"))?;
+                let id = kv
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or("--chardev: id= is missing")?;
+                let path = kv
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .ok_or("--chardev: path= is missing")?;
+                chardevs.insert(id.to_string(), path.to_string());
+            }
+            "--monitor" => {
+                let kv =
+                    parse_keyval(&value("--monitor")?).map_err(|e| format!("--monitor: {e}"))?;
+                let id = kv
+                    .get("chardev")
+                    .and_then(Value::as_str)
+                    .ok_or("--monitor: chardev= is missing")?;
+                let path = chardevs
+                    .get(id)
+                    .ok_or_else(|| format!("--monitor: no --chardev with id '{id}'"))?;
+                out.qmp.push(
+                    format!("unix:{path}")
+                        .parse::<QmpAddress>()
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            "--pidfile" => out.pidfile = Some(PathBuf::from(value("--pidfile")?)),
+            a => return Err(format!("unknown argument '{a}'")),
+        }
     }
-    if qmp.is_empty() {
+    if out.qmp.is_empty() {
         return Err("nothing to serve: give at least one --qmp".into());
     }
-    Ok(Some(Args { qmp }))
+    Ok(Some(out))
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let ctx = AioContext::new()?;
-    let quit = Arc::new(AtomicBool::new(false));
+    // Signals first: they must be blocked before any other thread starts.
+    let mut ml = MainLoop::new(MainLoopOptions::new())?;
+    let quit = ml.quit_handle();
+    let q = quit.clone();
+    ml.handle_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
+        log::info!("signal {sig}: shutting down");
+        q.quit();
+    })?;
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("writing pid file {}: {e}", p.display()))?;
+    }
+    let mut iothreads = Vec::new();
+    for id in &args.iothreads {
+        iothreads.push(IOThread::spawn(id, IOThreadOptions::new())?);
+    }
+
+    let main = ml.main_context().clone();
+    let state = BlockState {
+        ctx: main.clone(),
+        graph: std::sync::Arc::new(BlockGraph::new()),
+        jobs: JobRegistry::new(ClockType::Realtime),
+    };
+    for bd in &args.blockdevs {
+        main.block_on(state.graph.blockdev_add(bd))
+            .map_err(|e| format!("--blockdev: {e}"))?;
+    }
+
     let q = quit.clone();
     let server = QmpServer::new(
-        &ctx,
-        QmpServerOptions::new().on_quit(move |_| q.store(true, Ordering::Release)),
+        ml.iohandler_context(),
+        QmpServerOptions::new().on_quit(move |_| q.quit()),
     );
+    register_block_commands(&server, state.clone())?;
     for addr in &args.qmp {
-        server.listen(addr)?;
+        let bound = server.listen(addr)?;
+        log::info!("QMP on {bound}");
     }
-    while !quit.load(Ordering::Acquire) {
-        ctx.poll(true);
+
+    ml.run();
+
+    shutdown(&ml, &state);
+    drop(server); // closes connections, removes the socket files
+    for t in iothreads {
+        t.stop()?;
     }
-    // Closes the connections and removes the socket files.
-    drop(server);
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
+}
+
+/// Cancels running jobs, waits (bounded) for them to finish, closes every
+/// image.
+fn shutdown(ml: &MainLoop, state: &BlockState) {
+    for info in state.jobs.list() {
+        if !matches!(info.status, JobStatus::Concluded | JobStatus::Null) {
+            if let Some(job) = state.jobs.get(&info.id) {
+                log::info!("cancelling job {}", info.id);
+                let _ = job.cancel(true);
+            }
+        }
+    }
+    let main = ml.main_context();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _guard = main.timer_new(ClockType::Realtime, |_| {});
+    while state
+        .jobs
+        .list()
+        .iter()
+        .any(|j| !matches!(j.status, JobStatus::Concluded | JobStatus::Null))
+        && Instant::now() < deadline
+    {
+        _guard.mod_in_ns(10_000_000);
+        main.poll(true);
+    }
+    if let Err(e) = main.block_on(state.graph.close_all()) {
+        log::error!("closing images: {e}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,5 +305,47 @@ mod tests {
             .unwrap_err()
             .contains("expected unix:PATH or tcp:HOST:PORT"));
         assert_eq!(parse(&["--help"]), Ok(None));
+        assert!(parse(&["--qmp", "unix:/x", "--blockdev", "{bad"])
+            .unwrap_err()
+            .contains("invalid JSON"));
+        assert!(parse(&["--qmp", "unix:/x", "--monitor", "chardev=nope"])
+            .unwrap_err()
+            .contains("no --chardev with id 'nope'"));
+    }
+
+    #[test]
+    fn blockdev_in_dotted_keys_becomes_nested_json() {
+        let a = parse(&[
+            "--qmp",
+            "unix:/x",
+            "--blockdev",
+            "driver=qcow2,node-name=top,file.driver=file,file.filename=/t.qcow2,read-only=on",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            a.blockdevs[0],
+            serde_json::json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+                "file": {"driver": "file", "filename": "/t.qcow2"}})
+        );
+    }
+
+    #[test]
+    fn qsd_chardev_and_monitor_spelling() {
+        let a = parse(&[
+            "--chardev",
+            "socket,id=m0,path=/tmp/q.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+            "--object",
+            "iothread,id=io0",
+            "--pidfile",
+            "/tmp/p",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(a.qmp[0].to_string(), "unix:/tmp/q.sock");
+        assert_eq!(a.iothreads, vec!["io0"]);
+        assert_eq!(a.pidfile, Some(PathBuf::from("/tmp/p")));
     }
 }

@@ -1,0 +1,328 @@
+//! The block layer's QMP commands, for a daemon (or an embedder) that
+//! serves a [`BlockGraph`] and a [`JobRegistry`]: `blockdev-add`,
+//! `blockdev-del`, `query-named-block-nodes`, `query-block-jobs`,
+//! `query-jobs`, and the `block-job-*` / `job-*` verbs, with QEMU's error
+//! classes and texts (reference/qsd-measure.md).
+//!
+//! Block work runs on the *main* context (where the nodes and jobs live),
+//! not on the iohandler context the QMP server runs on: each handler spawns
+//! its work there and awaits it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use aio::AioContext;
+use blockjob::block::{BlockGraph, BlockNode};
+use blockjob::job::{Job, JobEvent, JobRegistry};
+use serde_json::{json, Map, Value};
+
+use crate::qmp::{EventEmitter, QmpError, QmpServer, ServerError};
+
+crate::qmp_args! {
+    /// `{device}` of the `block-job-*` verbs.
+    pub struct DeviceArg {
+        /// The job id.
+        pub device: String,
+    }
+}
+
+crate::qmp_args! {
+    /// `{id}` of the `job-*` verbs and `block-job-finalize/dismiss`.
+    pub struct IdArg {
+        /// The job id.
+        pub id: String,
+    }
+}
+
+crate::qmp_args! {
+    /// `block-job-set-speed`.
+    pub struct SetSpeedArgs {
+        /// The job id.
+        pub device: String,
+        /// Bytes per second, 0 for unlimited.
+        pub speed: i64,
+    }
+}
+
+crate::qmp_args! {
+    /// `block-job-cancel`.
+    pub struct CancelArgs {
+        /// The job id.
+        pub device: String,
+        /// Abandon at once (default false: a READY mirror completes without
+        /// pivoting).
+        pub force: Option<bool>,
+    }
+}
+
+crate::qmp_args! {
+    /// `blockdev-del`.
+    pub struct NodeNameArg {
+        /// The node to remove.
+        pub node_name: String,
+    }
+}
+
+/// What the block commands operate on.
+#[derive(Clone)]
+pub struct BlockState {
+    /// The context nodes and jobs run on.
+    pub ctx: AioContext,
+    /// The node graph.
+    pub graph: Arc<BlockGraph>,
+    /// The jobs.
+    pub jobs: JobRegistry,
+}
+
+impl std::fmt::Debug for BlockState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockState").finish_non_exhaustive()
+    }
+}
+
+/// Runs `f` as a task on `ctx` and awaits it (from any context).
+async fn on<T: Send + 'static>(
+    ctx: &AioContext,
+    f: impl Future<Output = Result<T, QmpError>> + Send + 'static,
+) -> Result<T, QmpError> {
+    match ctx.spawn(f).await {
+        Ok(r) => r,
+        Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
+    }
+}
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+/// A `block-job-*` lookup: QEMU answers `DeviceNotActive` for a missing job.
+fn block_job(jobs: &JobRegistry, id: &str) -> Result<Job, QmpError> {
+    jobs.get(id)
+        .ok_or_else(|| QmpError::device_not_active(format!("Block job '{id}' not found")))
+}
+
+/// A `job-*` lookup: QEMU answers `GenericError "Job not found"`.
+fn any_job(jobs: &JobRegistry, id: &str) -> Result<Job, QmpError> {
+    jobs.get(id)
+        .ok_or_else(|| QmpError::generic("Job not found"))
+}
+
+/// `BlockDeviceInfo` of `query-named-block-nodes`.
+pub fn block_device_info(node: &BlockNode) -> Value {
+    let info = node.info();
+    let depth = node_chain_depth(node);
+    let mut image = json!({
+        "filename": info.filename,
+        "format": info.format,
+        "virtual-size": info.virtual_size,
+    });
+    if let Some(cs) = info.cluster_size {
+        image["cluster-size"] = json!(cs);
+    }
+    if let Some(b) = &info.backing_filename {
+        image["backing-filename"] = json!(b);
+    }
+    if let Some(f) = &info.backing_format {
+        image["backing-filename-format"] = json!(f);
+    }
+    let mut v = json!({
+        "node-name": node.name(),
+        "drv": node.driver_name(),
+        "file": node.filename(),
+        "ro": node.read_only(),
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "backing_file_depth": depth,
+        "image": image,
+    });
+    if let Some(b) = info.backing_filename {
+        v["backing_file"] = json!(b);
+    }
+    v
+}
+
+fn node_chain_depth(node: &BlockNode) -> usize {
+    let mut depth = 0;
+    let mut cur = node.backing();
+    while let Some(n) = cur {
+        depth += 1;
+        cur = n.backing();
+    }
+    depth
+}
+
+/// Why `node` cannot be deleted, in QEMU's words, if it cannot.
+fn busy_reason(graph: &BlockGraph, node: &Arc<BlockNode>) -> Option<String> {
+    for other in graph.nodes() {
+        if let Some(b) = other.backing() {
+            if Arc::ptr_eq(&b, node) {
+                return Some(format!("node is used as backing hd of '{}'", other.name()));
+            }
+        }
+        if let Some(f) = other.file_child() {
+            if Arc::ptr_eq(&f, node) && !Arc::ptr_eq(&other, node) {
+                return Some(format!("node is used as file of '{}'", other.name()));
+            }
+        }
+    }
+    node.users()
+        .into_iter()
+        .find(|(_, role, _, _)| role != "file" && role != "backing")
+        .map(|(user, _, _, _)| format!("block device is in use by {user}"))
+}
+
+/// Registers the block commands on `server`, and forwards job events to its
+/// clients.
+///
+/// # Errors
+///
+/// A name clash with a command already registered.
+pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<(), ServerError> {
+    let emitter: EventEmitter = server.emitter();
+    state
+        .jobs
+        .subscribe(move |ev: &JobEvent| emitter.emit(ev.name(), ev.data()));
+
+    let s = state.clone();
+    server.register_async("blockdev-add", move |args: Map<String, Value>| {
+        let s = s.clone();
+        async move {
+            let ctx = s.ctx.clone();
+            on(&ctx, async move {
+                s.graph
+                    .blockdev_add(&Value::Object(args))
+                    .await
+                    .map(|_| json!({}))
+                    .map_err(generic)
+            })
+            .await
+        }
+    })?;
+
+    let s = state.clone();
+    server.register_async("blockdev-del", move |a: NodeNameArg| {
+        let s = s.clone();
+        async move {
+            let ctx = s.ctx.clone();
+            on(&ctx, async move {
+                let name = a.node_name;
+                let node = s
+                    .graph
+                    .nodes()
+                    .into_iter()
+                    .find(|n| n.name() == name)
+                    .ok_or_else(|| {
+                        QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+                    })?;
+                if let Some(why) = busy_reason(&s.graph, &node) {
+                    return Err(QmpError::generic(format!("Node '{name}' is busy: {why}")));
+                }
+                remove_with_unused_children(&s.graph, &node);
+                node.close().await.map_err(generic)?;
+                Ok(json!({}))
+            })
+            .await
+        }
+    })?;
+
+    let s = state.clone();
+    server.register("query-named-block-nodes", move |_: crate::qmp::NoArgs| {
+        Ok(Value::Array(
+            s.graph
+                .nodes()
+                .iter()
+                .map(|n| block_device_info(n))
+                .collect(),
+        ))
+    })?;
+
+    let s = state.clone();
+    server.register("query-block-jobs", move |_: crate::qmp::NoArgs| {
+        Ok(Value::Array(
+            s.jobs.list().iter().map(|j| j.block_job_info()).collect(),
+        ))
+    })?;
+
+    let s = state.clone();
+    server.register("query-jobs", move |_: crate::qmp::NoArgs| {
+        Ok(Value::Array(
+            s.jobs.list().iter().map(|j| j.job_info()).collect(),
+        ))
+    })?;
+
+    let s = state.clone();
+    server.register("block-job-set-speed", move |a: SetSpeedArgs| {
+        if a.speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        block_job(&s.jobs, &a.device)?
+            .set_speed(a.speed as u64)
+            .map(|()| json!({}))
+            .map_err(generic)
+    })?;
+
+    let s = state.clone();
+    server.register("block-job-cancel", move |a: CancelArgs| {
+        block_job(&s.jobs, &a.device)?
+            .cancel(a.force.unwrap_or(false))
+            .map(|()| json!({}))
+            .map_err(generic)
+    })?;
+
+    type Verb = fn(&Job) -> blockjob::Result<()>;
+    let block_verbs: [(&str, Verb); 3] = [
+        ("block-job-pause", Job::pause),
+        ("block-job-resume", Job::resume),
+        ("block-job-complete", Job::complete),
+    ];
+    for (name, verb) in block_verbs {
+        let s = state.clone();
+        server.register(name, move |a: DeviceArg| {
+            verb(&block_job(&s.jobs, &a.device)?)
+                .map(|()| json!({}))
+                .map_err(generic)
+        })?;
+    }
+    let id_verbs: [(&str, Verb, bool); 8] = [
+        ("block-job-finalize", Job::finalize, true),
+        ("block-job-dismiss", Job::dismiss, true),
+        ("job-pause", Job::pause, false),
+        ("job-resume", Job::resume, false),
+        ("job-cancel", |j| j.cancel(true), false),
+        ("job-complete", Job::complete, false),
+        ("job-finalize", Job::finalize, false),
+        ("job-dismiss", Job::dismiss, false),
+    ];
+    for (name, verb, block) in id_verbs {
+        let s = state.clone();
+        server.register(name, move |a: IdArg| {
+            let job = if block {
+                block_job(&s.jobs, &a.id)?
+            } else {
+                any_job(&s.jobs, &a.id)?
+            };
+            verb(&job).map(|()| json!({})).map_err(generic)
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes `node` from the graph, and each child of it that no remaining
+/// node uses.
+fn remove_with_unused_children(graph: &BlockGraph, node: &Arc<BlockNode>) {
+    graph.remove(node.name());
+    let mut children: Vec<Arc<BlockNode>> = Vec::new();
+    children.extend(node.file_child());
+    children.extend(node.backing());
+    for c in children {
+        let used = graph.nodes().iter().any(|o| {
+            o.backing().is_some_and(|b| Arc::ptr_eq(&b, &c))
+                || o.file_child().is_some_and(|f| Arc::ptr_eq(&f, &c))
+        });
+        if !used && graph.nodes().iter().any(|n| Arc::ptr_eq(n, &c)) {
+            remove_with_unused_children(graph, &c);
+        }
+    }
+}

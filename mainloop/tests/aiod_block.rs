@@ -1,0 +1,191 @@
+//! `aiod` with the block layer: nodes from the command line and from
+//! `blockdev-add`, `blockdev-del`, `query-named-block-nodes`, job verbs on
+//! missing jobs with QEMU's classes, and a clean shutdown on SIGTERM
+//! (images closed clean, socket and pid file removed).
+
+mod util;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use util::QmpClient;
+
+const AIOD: &str = env!("CARGO_BIN_EXE_aiod");
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(child: &mut Child, path: &Path) {
+    let deadline = Instant::now() + util::TIMEOUT;
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "aiod exited early");
+        assert!(Instant::now() < deadline, "aiod did not create {path:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + util::TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("aiod did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, top, extra) = (
+        d.join("base.qcow2"),
+        d.join("top.qcow2"),
+        d.join("extra.qcow2"),
+    );
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", extra.to_str().unwrap(), "1M"]);
+    let sock = d.join("qmp.sock");
+    let pid = d.join("aiod.pid");
+    let blockdev = json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": top}})
+    .to_string();
+    let mut child = Command::new(AIOD)
+        .args(["--qmp", &format!("unix:{}", sock.display())])
+        .args(["--blockdev", &blockdev])
+        .args(["--pidfile", pid.to_str().unwrap()])
+        .args(["--object", "iothread,id=io0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, &sock);
+    assert_eq!(
+        std::fs::read_to_string(&pid).unwrap().trim(),
+        child.id().to_string()
+    );
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+
+    let nodes = c.ok("query-named-block-nodes", Value::Null);
+    let top_info = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "top")
+        .unwrap_or_else(|| panic!("no top in {nodes}"))
+        .clone();
+    assert_eq!(top_info["drv"], "qcow2");
+    assert_eq!(top_info["backing_file_depth"], 1);
+    assert_eq!(top_info["image"]["virtual-size"], 4 << 20);
+    assert_eq!(top_info["ro"], false);
+
+    // blockdev-add / blockdev-del round trip, in dotted-key-free JSON.
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "extra",
+            "file": {"driver": "file", "filename": extra}}),
+    );
+    assert!(c
+        .ok("query-named-block-nodes", Value::Null)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["node-name"] == "extra"));
+    let (class, desc) = c.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "extra",
+            "file": {"driver": "file", "filename": extra}}),
+    );
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("extra"), "{desc}");
+    c.ok("blockdev-del", json!({"node-name": "extra"}));
+
+    // QEMU's errors.
+    let missing = d.join("does-not-exist.qcow2");
+    assert_eq!(
+        c.err(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "ghost",
+                "file": {"driver": "file", "filename": missing}})
+        ),
+        util::generic(&format!(
+            "Could not open '{}': No such file or directory",
+            missing.display()
+        ))
+    );
+    assert_eq!(
+        c.err("blockdev-del", json!({"node-name": "nosuchnode"})),
+        util::generic("Failed to find node with node-name='nosuchnode'")
+    );
+    assert_eq!(
+        c.err("block-job-pause", json!({"device": "nosuchjob"})),
+        (
+            "DeviceNotActive".to_string(),
+            "Block job 'nosuchjob' not found".to_string()
+        )
+    );
+    assert_eq!(
+        c.err("job-cancel", json!({"id": "nosuchjob"})),
+        util::generic("Job not found")
+    );
+    assert_eq!(
+        c.err("block-job-set-speed", json!({"device": "x", "speed": -1})),
+        util::generic("Parameter 'speed' expects a non-negative value")
+    );
+    assert_eq!(c.ok("query-block-jobs", Value::Null), json!([]));
+    assert_eq!(c.ok("query-jobs", Value::Null), json!([]));
+
+    // The image is open for writing: qcow2's dirty bit is set while we run.
+    let info: Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        top.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(info["dirty-flag"], true, "dirty while open for writing");
+
+    // SIGTERM: clean shutdown.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert!(!sock.exists(), "socket removed");
+    assert!(!pid.exists(), "pid file removed");
+    assert!(c.is_closed());
+    qemu_img(&["check", "-q", top.to_str().unwrap()]);
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", top.to_str().unwrap()])).unwrap();
+    assert_eq!(info["dirty-flag"], false, "closed clean");
+}

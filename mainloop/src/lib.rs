@@ -13,6 +13,7 @@ mod error;
 mod iothread;
 mod main_loop;
 pub mod qmp;
+pub mod qtest_server;
 
 pub use error::{Error, Result};
 pub use iothread::{IOThread, IOThreadOptions};

@@ -19,13 +19,14 @@ use blockjob::block::BlockGraph;
 use blockjob::job::{JobRegistry, JobStatus};
 use mainloop::block_qmp::{register_block_commands, BlockState};
 use mainloop::qmp::{QmpAddress, QmpServer, QmpServerOptions};
+use mainloop::qtest_server::{QtestOptions, QtestServer};
 use mainloop::{IOThread, IOThreadOptions, MainLoop, MainLoopOptions};
 use serde_json::{Map, Value};
 
 const USAGE: &str = "\
 usage: aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
             [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]
-            [--pidfile PATH]
+            [--pidfile PATH] [--qtest unix:PATH]
 
   --qmp ADDR        serve QMP on ADDR (repeatable): unix:PATH, or tcp:HOST:PORT
                     (port 0 picks a free port; the address is logged)
@@ -38,6 +39,8 @@ usage: aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
   --monitor chardev=ID
                     qemu-storage-daemon's spelling of --qmp unix:PATH
   --pidfile PATH    write the process id to PATH (removed at exit)
+  --qtest unix:PATH run on a virtual clock that only the qtest socket at
+                    PATH moves (clock_step [NS], clock_set NS, clock_get)
   -h, --help        show this help";
 
 /// The parsed command line.
@@ -47,6 +50,7 @@ struct Args {
     blockdevs: Vec<Value>,
     iothreads: Vec<String>,
     pidfile: Option<PathBuf>,
+    qtest: Option<PathBuf>,
 }
 
 /// QEMU's dotted `key=value,...` syntax as a JSON object.
@@ -163,6 +167,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                 );
             }
             "--pidfile" => out.pidfile = Some(PathBuf::from(value("--pidfile")?)),
+            "--qtest" => {
+                let v = value("--qtest")?;
+                let path = v
+                    .strip_prefix("unix:")
+                    .ok_or("--qtest: expected unix:PATH")?;
+                out.qtest = Some(PathBuf::from(path));
+            }
             a => return Err(format!("unknown argument '{a}'")),
         }
     }
@@ -174,7 +185,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // Signals first: they must be blocked before any other thread starts.
-    let mut ml = MainLoop::new(MainLoopOptions::new())?;
+    let clock = aio::VirtualClock::new();
+    let mut ml = MainLoop::new(MainLoopOptions::new().virtual_clock(clock.clone()))?;
     let quit = ml.quit_handle();
     let q = quit.clone();
     ml.handle_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP], move |sig| {
@@ -187,14 +199,22 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut iothreads = Vec::new();
     for id in &args.iothreads {
-        iothreads.push(IOThread::spawn(id, IOThreadOptions::new())?);
+        iothreads.push(IOThread::spawn(
+            id,
+            IOThreadOptions::new().virtual_clock(clock.clone()),
+        )?);
     }
 
     let main = ml.main_context().clone();
     let state = BlockState {
         ctx: main.clone(),
         graph: std::sync::Arc::new(BlockGraph::new()),
-        jobs: JobRegistry::new(ClockType::Realtime),
+        // Under qtest, jobs sleep and rate-limit on the virtual clock.
+        jobs: JobRegistry::new(if args.qtest.is_some() {
+            ClockType::Virtual
+        } else {
+            ClockType::Realtime
+        }),
     };
     for bd in &args.blockdevs {
         main.block_on(state.graph.blockdev_add(bd))
@@ -211,6 +231,19 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let bound = server.listen(addr)?;
         log::info!("QMP on {bound}");
     }
+
+    let _qtest = match &args.qtest {
+        Some(path) => {
+            let jobs = state.jobs.clone();
+            Some(QtestServer::listen(
+                ml.iohandler_context(),
+                &main,
+                path,
+                QtestOptions::new().busy(move || jobs.list().iter().any(|j| j.busy)),
+            )?)
+        }
+        None => None,
+    };
 
     ml.run();
 

@@ -10,6 +10,13 @@
 //! * **timers.** The lateness of one-shot [`aio::Timer`]s on the
 //!   `Realtime` clock, and of the same wait done with a plain `epoll_wait`
 //!   whose timeout is rounded up to milliseconds ([`ms_epoll_lateness`]).
+//! * **tasks** ([`tasks`]). Spawn+complete throughput, a same-thread
+//!   ping-pong of two tasks through `CoQueue`s, and cross-thread wake
+//!   latency (an `aio` task, `AioContext::notify`, and a raw
+//!   eventfd + `epoll_wait` floor, [`CrossThreadEventfd`]).
+//! * **file I/O** ([`io`]). 4 KiB random reads/writes at a fixed queue
+//!   depth through `aio::file::File` on either engine, and the same job
+//!   run by `fio`.
 //!
 //! All `unsafe` lives in the private `sys` module.
 
@@ -23,9 +30,11 @@ use std::time::{Duration, Instant};
 
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
+pub mod io;
 mod sys;
+pub mod tasks;
 
-pub use sys::{MsEpollSleeper, RawEpollPingPong};
+pub use sys::{CrossThreadEventfd, MsEpollSleeper, RawEpollPingPong};
 
 /// The idle-fd counts of the fd-scaling benchmark.
 pub const IDLE_COUNTS: [usize; 5] = [1, 16, 256, 4096, 10_000];
@@ -498,6 +507,265 @@ mod tests {
             assert_eq!(sum.early, 0, "{}: {s:?}", src.label());
             assert!(sum.median <= sum.p99 && sum.p99 <= sum.max);
         }
+    }
+
+    // ----- tasks -----------------------------------------------------------
+
+    #[test]
+    fn spawn_batch_completes_every_task() {
+        let ctx = AioContext::new().unwrap();
+        for n in [0, 1, 100] {
+            spawn_batch_ok(&ctx, n);
+        }
+    }
+
+    fn spawn_batch_ok(ctx: &AioContext, n: usize) {
+        tasks::spawn_batch(ctx, n).unwrap();
+        assert_eq!(ctx.task_count(), 0, "n={n}: tasks left");
+    }
+
+    #[test]
+    fn pingpong_wakes_without_fallback() {
+        let ctx = AioContext::new().unwrap();
+        let r = tasks::pingpong(&ctx, 200).unwrap();
+        assert_eq!(r.wakes, 400);
+        assert_eq!(r.fallback_yields, 0, "a notify found its peer not waiting");
+        assert_eq!(ctx.task_count(), 0);
+    }
+
+    #[test]
+    fn wake_latency_every_loop() {
+        let cfg = tasks::WakeCfg {
+            warmup: 2,
+            samples: 10,
+            gap: Duration::from_micros(50),
+        };
+        for lp in tasks::WakeLoop::ALL {
+            for pl in tasks::Placement::ALL {
+                if !pl.available() {
+                    continue;
+                }
+                let v = tasks::wake_latency(lp, pl, cfg).unwrap();
+                assert_eq!(v.len(), 10, "{lp} {}", pl.label());
+                // Measured after the wake call started; bounded by a
+                // (generous) second.
+                assert!(
+                    v.iter().all(|&ns| (0..1_000_000_000).contains(&ns)),
+                    "{lp} {}: {v:?}",
+                    pl.label()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn raw_eventfd_signal_wait_clear() {
+        let raw = std::sync::Arc::new(CrossThreadEventfd::new().unwrap());
+        assert!(!raw.clear().unwrap(), "starts clear");
+        let r = raw.clone();
+        std::thread::spawn(move || r.signal().unwrap())
+            .join()
+            .unwrap();
+        raw.wait().unwrap();
+        assert!(raw.clear().unwrap());
+        assert!(!raw.clear().unwrap());
+    }
+
+    // ----- file I/O ----------------------------------------------------------
+
+    const TINY: u64 = 64 * 1024;
+
+    /// A prepared file in `dir`, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(dir: &std::path::Path, tag: &str, direct: bool) -> Self {
+            let p = dir.join(format!("bench-test-{}-{tag}.dat", std::process::id()));
+            io::prepare_file(&p, TINY, direct).unwrap();
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), TINY);
+            TempFile(p)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn job(path: &std::path::Path, depth: usize, rw: io::Rw, direct: bool) -> io::IoJob {
+        io::IoJob {
+            path: path.to_path_buf(),
+            size: TINY,
+            depth,
+            rw,
+            direct,
+            verify: true,
+        }
+    }
+
+    fn engines() -> [aio::file::Engine; 2] {
+        [aio::file::Engine::Threads, aio::file::Engine::IoUring]
+    }
+
+    #[test]
+    fn io_runs_exact_op_counts_and_verifies() {
+        let f = TempFile::new(std::path::Path::new("/dev/shm"), "ops", false);
+        for engine in engines() {
+            for depth in [1, 4] {
+                for rw in [io::Rw::RandWrite, io::Rw::RandRead] {
+                    let r = io::IoRunner::new(&job(&f.0, depth, rw, false), engine).unwrap();
+                    let run = r.run(io::Stop::Ops(50), 7).unwrap();
+                    let what = format!("{} depth {depth} {rw}", io::engine_label(engine));
+                    assert_eq!(run.ops, 50, "{what}");
+                    assert!(run.iops() > 0.0, "{what}");
+                    assert_eq!(r.context().task_count(), 0, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn io_time_based_run_stops() {
+        let f = TempFile::new(std::path::Path::new("/dev/shm"), "time", false);
+        for engine in engines() {
+            let r = io::IoRunner::new(&job(&f.0, 2, io::Rw::RandRead, false), engine).unwrap();
+            let run = r
+                .run(io::Stop::After(Duration::from_millis(20)), 1)
+                .unwrap();
+            assert!(run.ops > 0);
+            assert!(run.elapsed >= Duration::from_millis(20));
+            assert!(run.elapsed < Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn io_direct_on_disk() {
+        // A directory on the real disk (the crate's target dir is not
+        // tmpfs); skipped where it is.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        if io::is_tmpfs(dir).unwrap() {
+            return;
+        }
+        let f = TempFile::new(dir, "direct", true);
+        for engine in engines() {
+            for rw in [io::Rw::RandWrite, io::Rw::RandRead] {
+                let r = io::IoRunner::new(&job(&f.0, 3, rw, true), engine).unwrap();
+                assert_eq!(r.run(io::Stop::Ops(20), 3).unwrap().ops, 20);
+            }
+        }
+    }
+
+    #[test]
+    fn io_verify_catches_a_foreign_write() {
+        let f = TempFile::new(std::path::Path::new("/dev/shm"), "verify", false);
+        // Overwrite every stamp, as fio's randwrite would.
+        std::fs::write(&f.0, vec![0u8; TINY as usize]).unwrap();
+        let r = io::IoRunner::new(
+            &job(&f.0, 1, io::Rw::RandRead, false),
+            aio::file::Engine::Threads,
+        )
+        .unwrap();
+        let e = r.run(io::Stop::Ops(5), 1).unwrap_err().to_string();
+        assert!(e.contains("read back"), "{e}");
+    }
+
+    #[test]
+    fn prepare_refuses_bad_sizes() {
+        let p = std::path::Path::new("/dev/shm/bench-test-never-created");
+        assert!(io::prepare_file(p, 0, false).is_err());
+        assert!(io::prepare_file(p, 4097, false).is_err());
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn rng_spreads_over_blocks() {
+        let mut r = io::Rng::new(0);
+        let mut seen = [0u32; 16];
+        for _ in 0..16_000 {
+            seen[r.below(16) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
+    }
+
+    #[test]
+    fn fio_args_match_the_job() {
+        let j = job(
+            std::path::Path::new("/dev/shm/x"),
+            32,
+            io::Rw::RandRead,
+            true,
+        );
+        let a = io::fio_args(&j, "io_uring", Duration::from_millis(1500)).join(" ");
+        for want in [
+            "--filename=/dev/shm/x",
+            "--size=65536",
+            "--rw=randread",
+            "--bs=4096",
+            "--iodepth=32",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--runtime=1500ms",
+            "--norandommap",
+            "--output-format=json",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+    }
+
+    /// Trimmed from real fio 3.33 output (note `"rw" : "randread"` in the
+    /// job options, which must not be mistaken for the `read` object).
+    const FIO_JSON: &str = r#"note: a line before the JSON
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "x",
+      "job options" : {
+        "rw" : "randread",
+        "ioengine" : "io_uring"
+      },
+      "read" : {
+        "io_bytes" : 642547712,
+        "bw" : 1255495,
+        "iops" : 313868.263473,
+        "iops_min" : 1,
+        "runtime" : 500
+      },
+      "write" : {
+        "io_bytes" : 0,
+        "iops" : 0.000000,
+        "runtime" : 0
+      }
+    }
+  ]
+}"#;
+
+    #[test]
+    fn parses_fio_json() {
+        assert_eq!(
+            io::parse_fio_iops(FIO_JSON, io::Rw::RandRead),
+            Some(313_868.263473)
+        );
+        assert_eq!(io::parse_fio_iops(FIO_JSON, io::Rw::RandWrite), Some(0.0));
+        assert_eq!(io::parse_fio_iops("{}", io::Rw::RandRead), None);
+        assert_eq!(
+            io::parse_fio_iops(r#"{"jobs":[{"read":{"iops":12.5e3}}]}"#, io::Rw::RandRead),
+            Some(12_500.0)
+        );
+    }
+
+    #[test]
+    fn fio_agrees_on_a_tiny_file() {
+        let Some(fio) = io::fio_path() else {
+            return; // not installed: nothing to check
+        };
+        let f = TempFile::new(std::path::Path::new("/dev/shm"), "fio", false);
+        let mut j = job(&f.0, 4, io::Rw::RandRead, false);
+        j.verify = false;
+        let iops = io::run_fio(&fio, &j, "io_uring", Duration::from_millis(100)).unwrap();
+        assert!(iops > 0.0);
     }
 
     #[test]

@@ -185,3 +185,110 @@ impl MsEpollSleeper {
         }
     }
 }
+
+// ----- cross-thread wake floor ------------------------------------------
+
+/// The raw floor of the cross-thread wake benchmark: one eventfd in one
+/// epoll instance. One thread blocks in [`wait`](Self::wait) (plain
+/// `epoll_wait(-1)`), another [`signal`](Self::signal)s (one 8-byte
+/// `write`). Both methods take `&self`: share it in an `Arc`.
+#[derive(Debug)]
+pub struct CrossThreadEventfd {
+    efd: OwnedFd,
+    epoll: OwnedFd,
+}
+
+impl CrossThreadEventfd {
+    /// Creates the eventfd (counter 0) and registers it, level-triggered.
+    pub fn new() -> io::Result<Self> {
+        let epoll = epoll_create()?;
+        let efd = eventfd()?;
+        epoll_add(epoll.as_raw_fd(), efd.as_raw_fd(), ACTIVE_TOKEN)?;
+        Ok(Self { efd, epoll })
+    }
+
+    /// Adds 1 to the counter, making a waiter return. Any thread.
+    pub fn signal(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: `one` is a readable 8-byte value alive for the call; the
+        // eventfd is open (owned by `self`).
+        let n = unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Blocks in `epoll_wait(-1)` until the eventfd is readable (retrying
+    /// on `EINTR`). Does not clear it: see [`clear`](Self::clear).
+    pub fn wait(&self) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        loop {
+            // SAFETY: `ev` is one writable epoll_event and maxevents is 1;
+            // the epoll fd is open (owned by `self`).
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ev, 1, -1) };
+            match check(n) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads (and so resets) the counter; `Ok(false)` if it was 0.
+    pub fn clear(&self) -> io::Result<bool> {
+        let mut val: u64 = 0;
+        // SAFETY: `val` is a writable 8-byte location alive for the call;
+        // the eventfd is open and non-blocking.
+        let n = unsafe { libc::read(self.efd.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
+        if n == 8 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(false)
+        } else {
+            Err(e)
+        }
+    }
+}
+
+// ----- CPU affinity, filesystems ----------------------------------------
+
+/// Pins the calling thread to `cpu`.
+pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is a valid value.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET only writes bit `cpu` of `set`, and refuses (does
+    // nothing for) a cpu past the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
+    // calling thread.
+    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) }).map(drop)
+}
+
+/// Whether every CPU in `cpus` is in the calling thread's affinity mask.
+pub(crate) fn cpus_allowed(cpus: &[usize]) -> io::Result<bool> {
+    // SAFETY: as in `pin_current_thread`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed.
+    check(unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) })?;
+    Ok(cpus.iter().all(|&c| {
+        // SAFETY: CPU_ISSET only reads bit `c` (false past the set's size).
+        unsafe { libc::CPU_ISSET(c, &set) }
+    }))
+}
+
+/// Whether `path` lies on a tmpfs (`statfs` magic).
+pub(crate) fn is_tmpfs(path: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs is a plain C struct; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path alive for the call and `st` a
+    // writable statfs.
+    check(unsafe { libc::statfs(c.as_ptr(), &mut st) })?;
+    Ok(st.f_type == libc::TMPFS_MAGIC)
+}

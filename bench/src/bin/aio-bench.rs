@@ -1,8 +1,10 @@
-//! `aio-bench`: fd-scaling and timer-lateness benchmarks of the `aio` loop.
+//! `aio-bench`: benchmarks of the `aio` loop, its executor and its file I/O.
 //!
 //! ```text
 //! cargo run --release -p bench --bin aio-bench -- fdscale [--quick] [--json]
 //! cargo run --release -p bench --bin aio-bench -- timers  [--quick] [--json]
+//! cargo run --release -p bench --bin aio-bench -- tasks   [--quick] [--json]
+//! cargo run --release -p bench --bin aio-bench -- io      [--quick] [--json] [--target shm|disk|both] [--size BYTES]
 //! ```
 //!
 //! Results go to stdout (a table, or one JSON object per line with
@@ -10,9 +12,14 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use aio::file::Engine;
+use aio::AioContext;
+use bench::io::{self as bio, IoJob, IoRunner, Rw, Stop, BS};
+use bench::tasks::{self, Placement, WakeCfg, WakeLoop};
 use bench::{Fixture, Flavor, LatenessSummary, TimerSource, IDLE_COUNTS};
 
 const USAGE: &str = "\
@@ -25,11 +32,36 @@ commands:
   timers  [--quick] [--json]   lateness of one-shot Realtime timers (100 us,
                                1 ms, 10 ms) for epoll, epoll+timerfd, ppoll and
                                a millisecond-timeout epoll_wait reference
+  tasks   [--quick] [--json]   executor: spawn+complete throughput (tasks/s),
+                               a same-thread ping-pong of two tasks through
+                               CoQueues (wakes/s), and cross-thread wake ->
+                               resume latency of a blocked home thread (aio
+                               task, AioContext::notify, raw eventfd+epoll_wait)
+  io      [--quick] [--json]   4 KiB random read/write IOPS at queue depth 1 and
+          [--target shm|disk|both] [--size BYTES] [--rw randread|randwrite|both]
+          [--runtime SECS] [--rounds N] [--disk-dir DIR] [--no-fio]
+                               on a prepared file (default 1 GiB, --quick
+                               256 MiB) in /dev/shm (buffered) and on disk
+                               (O_DIRECT; default DIR: target/aio-bench-io),
+                               engines threads and io_uring, and fio's io_uring
+                               with the same parameters in the same run
 
 options:
-  --quick   fewer iterations / samples (fdscale < 30 s; timers skips 10 ms)
+  --quick   fewer iterations / samples / shorter runs (fdscale < 30 s; timers
+            skips 10 ms; tasks ~3 s; io ~30 s)
   --json    one JSON object per line on stdout instead of a table
   -h, --help  this text
+
+io options:
+  --target T     shm, disk or both (default both)
+  --size BYTES   file size, a multiple of 4096; suffixes K, M, G (powers of 2)
+  --rw R         randread, randwrite or both (default both)
+  --runtime SECS seconds per measured run (default 2, --quick 1)
+  --rounds N     measured runs per engine and row, interleaved (default 3,
+                 --quick 1); the table shows medians
+  --disk-dir DIR where the disk file goes (must not be tmpfs for O_DIRECT)
+  --no-fio       skip the fio rows (they are skipped anyway when fio is not
+                 on PATH)
 
 Progress messages go to stderr.";
 
@@ -39,17 +71,238 @@ struct Opts {
     json: bool,
 }
 
+/// Where the `io` benchmark puts its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    /// `/dev/shm` (tmpfs, buffered).
+    Shm,
+    /// A directory on the real disk (`O_DIRECT`).
+    Disk,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Shm => "shm",
+            Target::Disk => "disk",
+        }
+    }
+
+    /// `shm`, `disk` or `both`.
+    fn parse_list(s: &str) -> Option<Vec<Target>> {
+        match s {
+            "shm" => Some(vec![Target::Shm]),
+            "disk" => Some(vec![Target::Disk]),
+            "both" => Some(vec![Target::Shm, Target::Disk]),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IoOpts {
+    quick: bool,
+    json: bool,
+    targets: Vec<Target>,
+    rws: Vec<Rw>,
+    size: Option<u64>,
+    runtime: Option<Duration>,
+    rounds: Option<usize>,
+    disk_dir: Option<PathBuf>,
+    fio: bool,
+}
+
+/// What the hidden `iorun` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEngine {
+    Aio(Engine),
+    Fio,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IoRunOpts {
+    engine: RunEngine,
+    target: Target,
+    rw: Rw,
+    depth: usize,
+    size: u64,
+    stop: Stop,
+    file: Option<PathBuf>,
+    disk_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Help,
     FdScale(Opts),
     Timers(Opts),
+    Tasks(Opts),
+    Io(IoOpts),
     /// Hidden: a plain ping-pong run, for strace / callgrind.
     PingPong {
         flavor: Flavor,
         idle: usize,
         iters: u64,
     },
+    /// Hidden: one I/O job, for strace (`--ops N` for a differential count).
+    IoRun(IoRunOpts),
+}
+
+/// Parses `1073741824`, `1G`, `256M`, `64K` (powers of two).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn parse_secs(s: &str) -> Option<Duration> {
+    let v: f64 = s.parse().ok()?;
+    (v.is_finite() && v > 0.0 && v < 1e6).then(|| Duration::from_secs_f64(v))
+}
+
+/// Checks an `io` file size.
+fn check_size(size: u64) -> Result<u64, String> {
+    if size < BS as u64 || size % BS as u64 != 0 {
+        Err(format!("--size {size} is not a positive multiple of {BS}"))
+    } else {
+        Ok(size)
+    }
+}
+
+fn parse_io(rest: &[String]) -> Result<Command, String> {
+    let mut o = IoOpts {
+        quick: false,
+        json: false,
+        targets: vec![Target::Shm, Target::Disk],
+        rws: Rw::ALL.to_vec(),
+        size: None,
+        runtime: None,
+        rounds: None,
+        disk_dir: None,
+        fio: true,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{a} needs a value"))
+                .cloned()
+        };
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "--no-fio" => o.fio = false,
+            "-h" | "--help" => return Ok(Command::Help),
+            "--target" => {
+                let v = value()?;
+                o.targets = Target::parse_list(&v).ok_or_else(|| format!("bad --target {v}"))?;
+            }
+            "--rw" => {
+                let v = value()?;
+                o.rws = match v.as_str() {
+                    "both" => Rw::ALL.to_vec(),
+                    _ => vec![Rw::parse(&v).ok_or_else(|| format!("bad --rw {v}"))?],
+                };
+            }
+            "--size" => {
+                let v = value()?;
+                let n = parse_size(&v).ok_or_else(|| format!("bad --size {v}"))?;
+                o.size = Some(check_size(n)?);
+            }
+            "--runtime" => {
+                let v = value()?;
+                o.runtime = Some(parse_secs(&v).ok_or_else(|| format!("bad --runtime {v}"))?);
+            }
+            "--rounds" => {
+                let v = value()?;
+                o.rounds = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &usize| n > 0)
+                        .ok_or_else(|| format!("bad --rounds {v}"))?,
+                );
+            }
+            "--disk-dir" => o.disk_dir = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown option for io: {other}")),
+        }
+    }
+    Ok(Command::Io(o))
+}
+
+fn parse_iorun(rest: &[String]) -> Result<Command, String> {
+    let mut o = IoRunOpts {
+        engine: RunEngine::Aio(Engine::IoUring),
+        target: Target::Shm,
+        rw: Rw::RandRead,
+        depth: 32,
+        size: 256 << 20,
+        stop: Stop::Ops(100_000),
+        file: None,
+        disk_dir: None,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{a} needs a value"))
+                .cloned()
+        };
+        match a.as_str() {
+            "--engine" => {
+                let v = value()?;
+                o.engine = match v.as_str() {
+                    "fio" => RunEngine::Fio,
+                    _ => RunEngine::Aio(
+                        bio::parse_engine(&v).ok_or_else(|| format!("bad --engine {v}"))?,
+                    ),
+                };
+            }
+            "--target" => {
+                let v = value()?;
+                o.target = match Target::parse_list(&v).as_deref() {
+                    Some([t]) => *t,
+                    _ => return Err(format!("bad --target {v} (shm or disk)")),
+                };
+            }
+            "--rw" => {
+                let v = value()?;
+                o.rw = Rw::parse(&v).ok_or_else(|| format!("bad --rw {v}"))?;
+            }
+            "--depth" => {
+                let v = value()?;
+                o.depth = v
+                    .parse()
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .ok_or_else(|| format!("bad --depth {v}"))?;
+            }
+            "--size" => {
+                let v = value()?;
+                o.size = check_size(parse_size(&v).ok_or_else(|| format!("bad --size {v}"))?)?;
+            }
+            "--ops" => {
+                let v = value()?;
+                o.stop = Stop::Ops(v.parse().map_err(|_| format!("bad --ops {v}"))?);
+            }
+            "--runtime" => {
+                let v = value()?;
+                o.stop = Stop::After(parse_secs(&v).ok_or_else(|| format!("bad --runtime {v}"))?);
+            }
+            "--file" => o.file = Some(PathBuf::from(value()?)),
+            "--disk-dir" => o.disk_dir = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown option for iorun: {other}")),
+        }
+    }
+    if o.engine == RunEngine::Fio && matches!(o.stop, Stop::Ops(_)) {
+        // fio runs time-based only here.
+        o.stop = Stop::After(Duration::from_secs(2));
+    }
+    Ok(Command::IoRun(o))
 }
 
 fn parse(args: &[String]) -> Result<Command, String> {
@@ -58,7 +311,9 @@ fn parse(args: &[String]) -> Result<Command, String> {
     };
     match cmd.as_str() {
         "-h" | "--help" | "help" => Ok(Command::Help),
-        "fdscale" | "timers" => {
+        "io" => parse_io(rest),
+        "iorun" => parse_iorun(rest),
+        "fdscale" | "timers" | "tasks" => {
             let mut opts = Opts {
                 quick: false,
                 json: false,
@@ -71,10 +326,10 @@ fn parse(args: &[String]) -> Result<Command, String> {
                     other => return Err(format!("unknown option for {cmd}: {other}")),
                 }
             }
-            Ok(if cmd == "fdscale" {
-                Command::FdScale(opts)
-            } else {
-                Command::Timers(opts)
+            Ok(match cmd.as_str() {
+                "fdscale" => Command::FdScale(opts),
+                "timers" => Command::Timers(opts),
+                _ => Command::Tasks(opts),
             })
         }
         "pingpong" => {
@@ -134,6 +389,9 @@ fn main() -> ExitCode {
         }
         Command::FdScale(o) => fdscale(o),
         Command::Timers(o) => timers(o),
+        Command::Tasks(o) => tasks_cmd(o),
+        Command::Io(o) => io_cmd(&o),
+        Command::IoRun(o) => iorun(&o),
         Command::PingPong {
             flavor,
             idle,
@@ -502,6 +760,547 @@ fn human(ns: i64) -> String {
     }
 }
 
+// ----- tasks -------------------------------------------------------------
+
+/// Median, nearest rank, of `v` (not empty).
+fn median_of(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    bench::nearest_rank(&s, 0.5)
+}
+
+fn tasks_cmd(o: Opts) -> bench::Result<()> {
+    // (batch size, warm-up batches, measured batches)
+    let (spawn_n, spawn_warm, spawn_batches) = if o.quick {
+        (10_000, 2, 5)
+    } else {
+        (10_000, 5, 21)
+    };
+    let (pp_rounds, pp_warm, pp_batches) = if o.quick {
+        (20_000, 1, 3)
+    } else {
+        (50_000, 2, 11)
+    };
+    let wake = if o.quick {
+        WakeCfg {
+            warmup: 10,
+            samples: 300,
+            gap: Duration::from_micros(200),
+        }
+    } else {
+        WakeCfg {
+            warmup: 50,
+            samples: 3_000,
+            gap: Duration::from_micros(200),
+        }
+    };
+    eprintln!("tasks: {} mode", mode(o.quick));
+    let ctx = AioContext::new()?;
+
+    // (a) spawn N trivial tasks, await all.
+    for _ in 0..spawn_warm {
+        tasks::spawn_batch(&ctx, spawn_n)?;
+    }
+    let mut spawn_rates = Vec::with_capacity(spawn_batches);
+    for _ in 0..spawn_batches {
+        let d = tasks::spawn_batch(&ctx, spawn_n)?;
+        spawn_rates.push(spawn_n as f64 / d.as_secs_f64());
+    }
+    let spawn = median_of(&spawn_rates);
+    eprintln!(
+        "  spawn     {:>12.0} tasks/s  ({spawn_batches} batches of {spawn_n}; min {:.0}, max {:.0})",
+        spawn,
+        spawn_rates.iter().copied().fold(f64::INFINITY, f64::min),
+        spawn_rates.iter().copied().fold(0.0, f64::max)
+    );
+
+    // (b) ping-pong through CoQueues.
+    for _ in 0..pp_warm {
+        tasks::pingpong(&ctx, pp_rounds)?;
+    }
+    let mut pp_rates = Vec::with_capacity(pp_batches);
+    let mut fallback = 0;
+    for _ in 0..pp_batches {
+        let r = tasks::pingpong(&ctx, pp_rounds)?;
+        fallback += r.fallback_yields;
+        pp_rates.push(r.wakes as f64 / r.elapsed.as_secs_f64());
+    }
+    let pp = median_of(&pp_rates);
+    eprintln!(
+        "  pingpong  {:>12.0} wakes/s  ({pp_batches} batches of {} wakes; fallback yields {fallback})",
+        pp,
+        2 * pp_rounds
+    );
+    if o.json {
+        println!(
+            "{{\"bench\":\"tasks\",\"case\":\"spawn\",\"per_sec\":{spawn:.0},\"batch\":{spawn_n},\"batches\":{spawn_batches}}}"
+        );
+        println!(
+            "{{\"bench\":\"tasks\",\"case\":\"pingpong\",\"per_sec\":{pp:.0},\"unit\":\"wakes\",\"batch\":{},\"batches\":{pp_batches}}}",
+            2 * pp_rounds
+        );
+    }
+    drop(ctx);
+
+    // (c) cross-thread wake latency.
+    let mut rows = Vec::new();
+    for placement in Placement::ALL {
+        if !placement.available() {
+            eprintln!("  note: {} needs CPUs 0 and 1; skipped", placement.label());
+            continue;
+        }
+        for lp in WakeLoop::ALL {
+            let v = tasks::wake_latency(lp, placement, wake)
+                .map_err(|e| format!("wake latency {lp} {}: {e}", placement.label()))?;
+            let mut sorted = v.clone();
+            sorted.sort_unstable();
+            let (med, p90, p99, max) = (
+                bench::nearest_rank(&sorted, 0.5),
+                bench::nearest_rank(&sorted, 0.9),
+                bench::nearest_rank(&sorted, 0.99),
+                sorted[sorted.len() - 1],
+            );
+            eprintln!(
+                "  wakeup {:<11} {:<9} median={:>8} p90={:>8} p99={:>8} max={:>9} ns",
+                lp.label(),
+                placement.label(),
+                med,
+                p90,
+                p99,
+                max
+            );
+            if o.json {
+                println!(
+                    "{{\"bench\":\"wakeup\",\"loop\":\"{}\",\"placement\":\"{}\",\"samples\":{},\"median_ns\":{med},\"p90_ns\":{p90},\"p99_ns\":{p99},\"max_ns\":{max}}}",
+                    lp.label(),
+                    placement.label(),
+                    sorted.len()
+                );
+            }
+            rows.push((lp, placement, med, p90, p99, max));
+        }
+    }
+    if !o.json {
+        println!("tasks: executor throughput on one context (median of batches)");
+        println!("{:<10} {:>14} {:>10}", "case", "per second", "ns each");
+        println!(
+            "{:<10} {:>14.0} {:>10.1}   tasks spawned and joined, {spawn_n} per batch",
+            "spawn",
+            spawn,
+            1e9 / spawn
+        );
+        println!(
+            "{:<10} {:>14.0} {:>10.1}   task wakes, two tasks through two CoQueues",
+            "pingpong",
+            pp,
+            1e9 / pp
+        );
+        println!();
+        println!(
+            "wakeup: another thread wakes the blocked home thread; t(resume) - t(before wake), {} samples, {} us apart",
+            wake.samples,
+            wake.gap.as_micros()
+        );
+        println!(
+            "{:<12} {:<10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "loop", "placement", "median", "p90", "p99", "max", "median/raw"
+        );
+        for &(lp, pl, med, p90, p99, max) in &rows {
+            let raw = rows
+                .iter()
+                .find(|r| r.0 == WakeLoop::RawEventfd && r.1 == pl)
+                .map_or(f64::NAN, |r| r.2 as f64);
+            println!(
+                "{:<12} {:<10} {:>10} {:>10} {:>10} {:>10} {:>11.2}x",
+                lp.label(),
+                pl.label(),
+                human(med),
+                human(p90),
+                human(p99),
+                human(max),
+                med as f64 / raw
+            );
+        }
+    }
+    Ok(())
+}
+
+// ----- io ----------------------------------------------------------------
+
+/// The queue depths of the `io` benchmark.
+const DEPTHS: [usize; 2] = [1, 32];
+
+/// The target directory's default: `target/aio-bench-io` next to the
+/// binary's profile directory, else the temp dir.
+fn default_disk_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("aio-bench-io")))
+        .unwrap_or_else(|| std::env::temp_dir().join("aio-bench-io"))
+}
+
+/// The directory of `target`, created if needed, and whether to use
+/// `O_DIRECT` there (not on tmpfs).
+fn target_dir(target: Target, disk_dir: Option<&Path>) -> bench::Result<(PathBuf, bool)> {
+    let dir = match target {
+        Target::Shm => PathBuf::from("/dev/shm"),
+        Target::Disk => disk_dir.map_or_else(default_disk_dir, Path::to_path_buf),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let tmpfs = bio::is_tmpfs(&dir)?;
+    match (target, tmpfs) {
+        (Target::Shm, false) => eprintln!("  note: {} is not tmpfs", dir.display()),
+        (Target::Disk, true) => eprintln!(
+            "  note: {} is tmpfs: no O_DIRECT, so this is not a disk measurement",
+            dir.display()
+        ),
+        _ => {}
+    }
+    Ok((dir, target == Target::Disk && !tmpfs))
+}
+
+/// A prepared benchmark file, removed on drop.
+struct BenchFile(PathBuf);
+
+impl BenchFile {
+    fn prepare(dir: &Path, size: u64, direct: bool) -> bench::Result<(Self, Duration)> {
+        let path = dir.join(format!("aio-bench-io.{}.dat", std::process::id()));
+        let f = BenchFile(path);
+        let d = bio::prepare_file(&f.0, size, direct)?;
+        Ok((f, d))
+    }
+}
+
+impl Drop for BenchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The engines of one row, in column order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Col {
+    Threads,
+    Uring,
+    Fio,
+}
+
+/// One measured row: IOPS per round per engine.
+struct IoRow {
+    target: Target,
+    rw: Rw,
+    depth: usize,
+    direct: bool,
+    threads: Vec<f64>,
+    uring: Vec<f64>,
+    fio: Vec<f64>,
+}
+
+impl IoRow {
+    fn med(v: &[f64]) -> Option<f64> {
+        (!v.is_empty()).then(|| median_of(v))
+    }
+
+    /// The median over rounds of a / b measured in the same round.
+    fn paired(a: &[f64], b: &[f64]) -> Option<f64> {
+        let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        Self::med(&r)
+    }
+}
+
+fn io_cmd(o: &IoOpts) -> bench::Result<()> {
+    let size = o.size.unwrap_or(if o.quick { 256 << 20 } else { 1 << 30 });
+    let runtime = o
+        .runtime
+        .unwrap_or(Duration::from_secs(if o.quick { 1 } else { 2 }));
+    let rounds = o.rounds.unwrap_or(if o.quick { 1 } else { 3 });
+    let warmup = runtime.mul_f64(0.15).min(Duration::from_millis(300));
+    let fio = if o.fio {
+        let f = bio::fio_path();
+        match &f {
+            Some(p) => eprintln!(
+                "io: fio: {} ({})",
+                p.display(),
+                bio::fio_version(p).unwrap_or_else(|| "version unknown".into())
+            ),
+            None => eprintln!("io: note: fio is not on PATH; its rows are skipped"),
+        }
+        f
+    } else {
+        None
+    };
+    eprintln!(
+        "io: {} mode: {} MiB file, {rounds} round(s) x {:.1} s per engine and row, warm-up {} ms",
+        mode(o.quick),
+        size >> 20,
+        runtime.as_secs_f64(),
+        warmup.as_millis()
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for &target in &o.targets {
+        let (dir, direct) = target_dir(target, o.disk_dir.as_deref())?;
+        let (file, prep) = BenchFile::prepare(&dir, size, direct)?;
+        eprintln!(
+            "io: {}: prepared {} ({} MiB{}, written in {:.2} s)",
+            target.label(),
+            file.0.display(),
+            size >> 20,
+            if direct { ", O_DIRECT" } else { "" },
+            prep.as_secs_f64()
+        );
+        for &rw in &o.rws {
+            for depth in DEPTHS {
+                let job = IoJob {
+                    path: file.0.clone(),
+                    size,
+                    depth,
+                    rw,
+                    direct,
+                    // Reads run before any fio write in this file: the
+                    // stamps are intact, so check them (a few ns per read).
+                    verify: rw == Rw::RandRead,
+                };
+                let row = io_row(target, &job, fio.as_deref(), runtime, rounds, warmup)?;
+                print_row_json(o.json, &row);
+                rows.push(row);
+            }
+        }
+        drop(file);
+    }
+    eprintln!("io: done in {:.0} s", started.elapsed().as_secs_f64());
+    if !o.json {
+        print_io_table(&rows, size, runtime, rounds, fio.is_some());
+    }
+    Ok(())
+}
+
+fn io_row(
+    target: Target,
+    job: &IoJob,
+    fio: Option<&Path>,
+    runtime: Duration,
+    rounds: usize,
+    warmup: Duration,
+) -> bench::Result<IoRow> {
+    let what = format!("{} {} depth {}", target.label(), job.rw, job.depth);
+    let threads =
+        IoRunner::new(job, Engine::Threads).map_err(|e| format!("{what}: threads engine: {e}"))?;
+    let uring =
+        IoRunner::new(job, Engine::IoUring).map_err(|e| format!("{what}: io_uring engine: {e}"))?;
+    for r in [&threads, &uring] {
+        r.run(Stop::After(warmup), 0xdead)
+            .map_err(|e| format!("{what}: {} warm-up: {e}", bio::engine_label(r.engine())))?;
+    }
+    let mut row = IoRow {
+        target,
+        rw: job.rw,
+        depth: job.depth,
+        direct: job.direct,
+        threads: Vec::new(),
+        uring: Vec::new(),
+        fio: Vec::new(),
+    };
+    let mut cols = vec![Col::Threads, Col::Uring];
+    if fio.is_some() {
+        cols.push(Col::Fio);
+    }
+    for round in 0..rounds {
+        // Rotate the order every round so no engine always runs first.
+        let mut order = cols.clone();
+        order.rotate_left(round % cols.len());
+        let mut line = Vec::new();
+        for col in order {
+            let seed = (round as u64 + 1) * 0x1_0000_0001;
+            let iops = match col {
+                Col::Threads => threads.run(Stop::After(runtime), seed)?.iops(),
+                Col::Uring => uring.run(Stop::After(runtime), seed)?.iops(),
+                Col::Fio => match fio {
+                    Some(f) => bio::run_fio(f, job, "io_uring", runtime)
+                        .map_err(|e| format!("{what}: {e}"))?,
+                    None => continue,
+                },
+            };
+            let (name, v) = match col {
+                Col::Threads => ("threads", &mut row.threads),
+                Col::Uring => ("io_uring", &mut row.uring),
+                Col::Fio => ("fio", &mut row.fio),
+            };
+            v.push(iops);
+            line.push(format!("{name} {iops:.0}"));
+        }
+        eprintln!("  {what:<24} round {}: {}", round + 1, line.join(", "));
+    }
+    Ok(row)
+}
+
+fn print_row_json(json: bool, row: &IoRow) {
+    if !json {
+        return;
+    }
+    let cols: [(&str, &[f64]); 3] = [
+        ("threads", &row.threads),
+        ("io_uring", &row.uring),
+        ("fio", &row.fio),
+    ];
+    for (engine, v) in cols {
+        let Some(iops) = IoRow::med(v) else { continue };
+        let extra = if engine == "fio" {
+            ",\"ioengine\":\"io_uring\""
+        } else {
+            ""
+        };
+        println!(
+            "{{\"bench\":\"io\",\"engine\":\"{engine}\",\"rw\":\"{}\",\"bs\":{BS},\"depth\":{},\"target\":\"{}\",\"iops\":{iops:.0},\"direct\":{},\"rounds\":{}{extra}}}",
+            row.rw.label(),
+            row.depth,
+            row.target.label(),
+            row.direct,
+            v.len()
+        );
+    }
+    let x = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |r| format!("{r:.3}"));
+    println!(
+        "{{\"bench\":\"io_ratio\",\"rw\":\"{}\",\"bs\":{BS},\"depth\":{},\"target\":\"{}\",\"io_uring_vs_fio\":{},\"threads_vs_fio\":{},\"io_uring_vs_threads\":{}}}",
+        row.rw.label(),
+        row.depth,
+        row.target.label(),
+        x(IoRow::paired(&row.uring, &row.fio)),
+        x(IoRow::paired(&row.threads, &row.fio)),
+        x(IoRow::paired(&row.uring, &row.threads))
+    );
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(|| "-".to_string(), f)
+}
+
+fn print_io_table(rows: &[IoRow], size: u64, runtime: Duration, rounds: usize, fio: bool) {
+    println!(
+        "io: 4 KiB random I/O, IOPS (median of {rounds} round(s) x {:.1} s); {} MiB file; \
+         shm = tmpfs, buffered; disk = O_DIRECT",
+        runtime.as_secs_f64(),
+        size >> 20
+    );
+    println!(
+        "{:<6} {:<10} {:>5} {:>10} {:>10} {:>10} {:>11} {:>11} {:>14}",
+        "target",
+        "rw",
+        "depth",
+        "threads",
+        "io_uring",
+        "fio",
+        "uring/fio",
+        "threads/fio",
+        "uring/threads"
+    );
+    let x = |r: f64| format!("{r:.2}x");
+    for r in rows {
+        println!(
+            "{:<6} {:<10} {:>5} {:>10} {:>10} {:>10} {:>11} {:>11} {:>14}",
+            r.target.label(),
+            r.rw.label(),
+            r.depth,
+            fmt_opt(IoRow::med(&r.threads), |v| format!("{v:.0}")),
+            fmt_opt(IoRow::med(&r.uring), |v| format!("{v:.0}")),
+            fmt_opt(IoRow::med(&r.fio), |v| format!("{v:.0}")),
+            fmt_opt(IoRow::paired(&r.uring, &r.fio), x),
+            fmt_opt(IoRow::paired(&r.threads, &r.fio), x),
+            fmt_opt(IoRow::paired(&r.uring, &r.threads), x),
+        );
+    }
+    println!("(fio = fio's io_uring engine, same file and parameters; ratios are medians of per-round ratios)");
+    println!();
+    println!("targets (depth 32):");
+    let verdict = |what: &str, ok: bool, detail: &str| {
+        let v = if ok { "PASS" } else { "MISS" };
+        println!("  {v}  {what:<50} {detail}");
+    };
+    for r in rows.iter().filter(|r| r.depth == 32) {
+        let row = format!("{} {}", r.target.label(), r.rw.label());
+        if let Some(v) = IoRow::paired(&r.uring, &r.threads) {
+            verdict(
+                &format!("io_uring >= threads ({row})"),
+                v >= 1.0,
+                &format!("{v:.2}x"),
+            );
+        }
+        match IoRow::paired(&r.uring, &r.fio) {
+            Some(v) => verdict(
+                &format!("io_uring >= 0.8x fio io_uring ({row})"),
+                v >= 0.8,
+                &format!("{v:.2}x"),
+            ),
+            None if !fio => println!("  SKIP  io_uring >= 0.8x fio io_uring ({row}): no fio"),
+            None => {}
+        }
+    }
+}
+
+// ----- iorun (hidden) ----------------------------------------------------
+
+fn iorun(o: &IoRunOpts) -> bench::Result<()> {
+    let (dir, direct) = target_dir(o.target, o.disk_dir.as_deref())?;
+    let (path, _file) = match &o.file {
+        Some(p) => (p.clone(), None),
+        None => {
+            let (f, d) = BenchFile::prepare(&dir, o.size, direct)?;
+            eprintln!(
+                "iorun: prepared {} in {:.2} s",
+                f.0.display(),
+                d.as_secs_f64()
+            );
+            (f.0.clone(), Some(f))
+        }
+    };
+    let job = IoJob {
+        path,
+        size: o.size,
+        depth: o.depth,
+        rw: o.rw,
+        direct,
+        verify: false,
+    };
+    match o.engine {
+        RunEngine::Fio => {
+            let fio = bio::fio_path().ok_or("fio is not on PATH")?;
+            let Stop::After(runtime) = o.stop else {
+                return Err("fio runs need --runtime".into());
+            };
+            let iops = bio::run_fio(&fio, &job, "io_uring", runtime)?;
+            eprintln!(
+                "iorun: fio io_uring {} depth {} {iops:.0} IOPS",
+                o.rw, o.depth
+            );
+        }
+        RunEngine::Aio(engine) => {
+            let r = IoRunner::new(&job, engine)?;
+            let before = r.context().stats();
+            let run = r.run(o.stop, 42)?;
+            let s = r.context().stats();
+            eprintln!(
+                "iorun: {} {} depth {} ops={} {:.0} IOPS in {:.3} s",
+                bio::engine_label(engine),
+                o.rw,
+                o.depth,
+                run.ops,
+                run.iops(),
+                run.elapsed.as_secs_f64()
+            );
+            let per = |a: u64, b: u64| (a - b) as f64 / run.ops.max(1) as f64;
+            eprintln!(
+                "iorun: per request: loop iterations {:.3}, blocking waits {:.3}, fd dispatches {:.3}, BH runs {:.3}, notify writes {:.3}",
+                per(s.iterations, before.iterations),
+                per(s.blocking_waits, before.blocking_waits),
+                per(s.dispatches, before.dispatches),
+                per(s.bh_runs, before.bh_runs),
+                per(s.notify_writes, before.notify_writes)
+            );
+        }
+    }
+    Ok(())
+}
+
 // ----- pingpong (hidden) -----------------------------------------------
 
 fn pingpong(flavor: Flavor, idle: usize, iters: u64) -> bench::Result<()> {
@@ -559,6 +1358,64 @@ mod tests {
         assert!(parse(&args("fdscale --fast")).is_err());
         assert!(parse(&args("pingpong --iters")).is_err());
         assert!(parse(&args("pingpong --backend nope")).is_err());
+        assert_eq!(
+            parse(&args("tasks --quick")),
+            Ok(Command::Tasks(o(true, false)))
+        );
+        assert!(parse(&args("tasks --bogus")).is_err());
+    }
+
+    #[test]
+    fn parses_io() {
+        let Ok(Command::Io(o)) = parse(&args("io")) else {
+            panic!("io did not parse");
+        };
+        assert_eq!(o.targets, vec![Target::Shm, Target::Disk]);
+        assert_eq!(o.rws, Rw::ALL.to_vec());
+        assert!(o.fio && !o.quick && !o.json && o.size.is_none());
+        let Ok(Command::Io(o)) = parse(&args(
+            "io --quick --json --target disk --size 64M --rw randwrite --runtime 0.5 --rounds 2 --disk-dir /x --no-fio",
+        )) else {
+            panic!("io options did not parse");
+        };
+        assert_eq!(o.targets, vec![Target::Disk]);
+        assert_eq!(o.rws, vec![Rw::RandWrite]);
+        assert_eq!(o.size, Some(64 << 20));
+        assert_eq!(o.runtime, Some(Duration::from_millis(500)));
+        assert_eq!(o.rounds, Some(2));
+        assert_eq!(o.disk_dir, Some(PathBuf::from("/x")));
+        assert!(o.quick && o.json && !o.fio);
+        for bad in [
+            "io --target nfs",
+            "io --size 4097",
+            "io --size 0",
+            "io --size lots",
+            "io --rounds 0",
+            "io --runtime -1",
+            "io --rw read",
+            "io --depth 4",
+            "io --size",
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad}");
+        }
+        let Ok(Command::IoRun(r)) = parse(&args(
+            "iorun --engine threads --depth 4 --ops 10 --target disk --rw randwrite --size 1G",
+        )) else {
+            panic!("iorun did not parse");
+        };
+        assert_eq!(r.engine, RunEngine::Aio(Engine::Threads));
+        assert_eq!((r.depth, r.stop, r.size), (4, Stop::Ops(10), 1 << 30));
+        assert!(parse(&args("iorun --target both")).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("256M"), Some(256 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size(""), None);
     }
 
     #[test]

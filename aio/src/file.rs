@@ -1,14 +1,16 @@
-//! Asynchronous file I/O on a [`ThreadPool`]: positioned and vectored reads
-//! and writes, flush, write-zeroes, discard, size queries, `O_DIRECT`.
+//! Asynchronous file I/O: positioned and vectored reads and writes, flush,
+//! write-zeroes, discard, size queries, `O_DIRECT`, on one of two engines
+//! ([`Engine`]): a [`ThreadPool`] or the calling context's io_uring.
 //!
-//! Every operation takes its buffers by value, runs the system calls on a
-//! pool worker and hands the buffers back with the result, so nothing is
-//! borrowed across threads. The futures are executor-agnostic: they
-//! complete by waking the `Waker` they were polled with. Operations are
-//! submitted when the method is called, not when the future is first
-//! polled, so issuing several calls before awaiting any runs them
-//! concurrently. Dropping a future before a worker picks the operation up
-//! cancels it.
+//! Every operation takes its buffers by value and hands them back with the
+//! result, so nothing is borrowed across threads or by the kernel. With the
+//! threads engine the futures are executor-agnostic (they complete by
+//! waking the `Waker` they were polled with) and operations are submitted
+//! when the method is called, so issuing several calls before awaiting any
+//! runs them concurrently; dropping a future before a worker picks the
+//! operation up cancels it. With the io_uring engine an operation is
+//! submitted at the future's first poll, on the current context: spawn a
+//! task per request to keep several in flight.
 //!
 //! Short transfers are retried until the request is complete (or, for
 //! reads, until end of file); `EINTR` and `EAGAIN` are retried and never
@@ -45,8 +47,11 @@ pub enum Engine {
     /// Blocking system calls on a [`ThreadPool`] (QEMU's `aio=threads`).
     #[default]
     Threads,
-    /// io_uring (QEMU's `aio=io_uring`). Not built yet: opening a file with
-    /// it returns [`Error::Unsupported`].
+    /// io_uring (QEMU's `aio=io_uring`): requests go to a ring of the
+    /// context the calling task runs on, submitted from its home thread at
+    /// the future's first poll and reaped by the loop through an eventfd.
+    /// Requests must be awaited inside a task or `block_on` of a context
+    /// (otherwise they fail with [`Error::NotInTask`]).
     IoUring,
 }
 
@@ -282,8 +287,8 @@ impl File {
     /// `statx(STATX_DIOALIGN)` reports, or 512 where the kernel does not
     /// say.
     ///
-    /// [`Engine::IoUring`] fails with [`Error::Unsupported`]: that engine is
-    /// not built yet, and there is no silent fallback to threads.
+    /// The engine is fixed at open; [`Engine::IoUring`] never falls back to
+    /// threads.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<File> {
         let path = path.as_ref();
         let mut o = fs::OpenOptions::new();

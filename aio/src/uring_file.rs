@@ -2,10 +2,12 @@
 //! the context the calling task runs on, and completions are reaped by an
 //! fd handler on that context's eventfd — no thread of its own.
 //!
-//! Submissions are batched: a request only queues an SQE and schedules a
-//! bottom half; the bottom half hands every queued SQE to the kernel in one
-//! `io_uring_enter`. So 32 requests issued by tasks in one iteration cost
-//! one syscall.
+//! Submission adapts to the queue: while the device has few requests
+//! ([`SUBMIT_NOW_BELOW`]), a new request is handed to the kernel at once, so
+//! a device never idles waiting for the loop's next iteration; with more in
+//! flight, a request only queues an SQE and schedules a bottom half that
+//! hands every queued SQE over in one `io_uring_enter`, so a burst of
+//! requests issued by tasks in one iteration costs one syscall.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +23,8 @@ use crate::sys::uring_io::{Completion, IoOp, IoRing};
 use crate::AioContext;
 
 const RING_ENTRIES: u32 = 256;
+/// Submit at once while fewer requests than this are with the kernel.
+pub(crate) const SUBMIT_NOW_BELOW: usize = 8;
 
 /// One context's file-I/O ring.
 pub(crate) struct UringEngine {
@@ -126,10 +130,23 @@ impl Future for UringOp {
                     Ok(e) => e,
                     Err(e) => return Poll::Ready(Err(e)),
                 };
-                let key = engine.ring.lock().push(op, cx.waker().clone());
-                match key {
-                    Ok(key) => {
-                        engine.submit_bh.schedule();
+                let pushed = {
+                    let mut ring = engine.ring.lock();
+                    ring.push(op, cx.waker().clone()).map(|key| {
+                        let now = ring.submitted_in_flight() < SUBMIT_NOW_BELOW;
+                        if now {
+                            if let Err(e) = ring.submit() {
+                                log::error!("io_uring submit: {e}");
+                            }
+                        }
+                        (key, now)
+                    })
+                };
+                match pushed {
+                    Ok((key, submitted)) => {
+                        if !submitted {
+                            engine.submit_bh.schedule();
+                        }
                         self.state = State::Waiting { engine, key };
                         Poll::Pending
                     }

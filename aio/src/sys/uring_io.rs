@@ -179,9 +179,19 @@ impl IoRing {
     /// Creates a ring with `entries` slots and an eventfd registered for its
     /// completions.
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
-        let ring = IoUring::builder()
+        // COOP_TASKRUN (5.19+): completions are not signalled by
+        // interrupting the task, so a wait in epoll is not cut short with
+        // EINTR; fall back without it on older kernels.
+        let ring = match IoUring::builder()
             .setup_cqsize(entries.saturating_mul(4))
-            .build(entries)?;
+            .setup_coop_taskrun()
+            .build(entries)
+        {
+            Ok(r) => r,
+            Err(_) => IoUring::builder()
+                .setup_cqsize(entries.saturating_mul(4))
+                .build(entries)?,
+        };
         let eventfd = EventFd::new()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Self {
@@ -205,6 +215,11 @@ impl IoRing {
     /// Whether requests are queued but not yet handed to the kernel.
     pub(crate) fn has_queued(&self) -> bool {
         self.queued > 0
+    }
+
+    /// Requests the kernel has and has not completed yet.
+    pub(crate) fn submitted_in_flight(&self) -> usize {
+        self.ops.len() - self.queued
     }
 
     /// Queues `op`; its buffers stay in the ring until it completes.

@@ -19,8 +19,12 @@ use crate::block::{BlockGraph, BlockNode, OpBlocker, PermGuard, WriteHookGuard};
 use crate::job::{ErrorAction, IoOperation, JobControl, JobOptions, JobType};
 use crate::{Error, Result};
 
+pub mod commit;
+pub mod mirror;
 pub mod stream;
 
+pub use commit::{start_commit, CommitArgs};
+pub use mirror::{start_mirror, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};
 
 /// QEMU's `STREAM_CHUNK` and `COMMIT_BUFFER_SIZE`: 512 KiB.
@@ -198,7 +202,6 @@ pub(crate) async fn handle_io_error(
 pub(crate) struct Holds {
     pub(crate) blockers: Vec<OpBlocker>,
     pub(crate) perms: Vec<PermGuard>,
-    #[allow(dead_code)] // used by mirror and backup
     pub(crate) hooks: Vec<WriteHookGuard>,
 }
 
@@ -224,7 +227,6 @@ impl Held {
         let perms = std::mem::take(&mut self.0.lock().perms);
         drop(perms);
     }
-    #[allow(dead_code)] // used by mirror and backup
     pub(crate) fn drop_hooks(&self) {
         let hooks = std::mem::take(&mut self.0.lock().hooks);
         drop(hooks);

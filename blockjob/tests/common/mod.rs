@@ -257,3 +257,27 @@ pub(crate) fn backing_of(img: &Path) -> Option<String> {
         .and_then(|b| b.as_str())
         .map(str::to_string)
 }
+
+/// Runs the loop until the job reaches `status`.
+pub(crate) fn wait_status(
+    ctx: &aio::AioContext,
+    job: &blockjob::job::Job,
+    status: blockjob::job::JobStatus,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while job.status() != status {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job stuck in {:?}",
+            job.status()
+        );
+        ctx.poll(true);
+    }
+}
+
+/// `qemu-img convert -O qcow2` of `img`'s guest view into `dir/name`.
+pub(crate) fn snapshot(img: &Path, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    qemu_img(&["convert", "-O", "qcow2", p(img), p(&out)]);
+    out
+}

@@ -23,5 +23,6 @@
 pub mod block;
 mod error;
 pub mod job;
+pub mod jobs;
 
 pub use error::{Error, Result};

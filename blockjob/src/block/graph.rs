@@ -80,7 +80,7 @@ enum Backing {
 /// and file names are looked up in.
 #[derive(Default)]
 pub struct BlockGraph {
-    nodes: Mutex<Vec<Arc<BlockNode>>>,
+    nodes: Arc<Mutex<Vec<Arc<BlockNode>>>>,
     next: AtomicU64,
 }
 
@@ -96,6 +96,12 @@ impl BlockGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A handle on the node list that outlives a borrow of the graph (jobs
+    /// drop nodes when they finish).
+    pub(crate) fn handle(&self) -> GraphRef {
+        GraphRef(self.nodes.clone())
     }
 
     /// Every node, in the order added (children before parents).
@@ -154,6 +160,42 @@ impl BlockGraph {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         let i = nodes.iter().position(|n| n.name() == name)?;
         Some(nodes.remove(i))
+    }
+
+    /// QMP `blockdev-del`: refuses a missing node, a node with an op
+    /// blocker (a job) and a node that another node uses as a child;
+    /// otherwise closes it and its children and removes from the graph
+    /// every node below it that no remaining node uses.
+    pub async fn blockdev_del(&self, name: &str) -> Result<()> {
+        let node = self
+            .nodes()
+            .into_iter()
+            .find(|n| n.name() == name)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("Failed to find node with node-name='{name}'"))
+            })?;
+        node.check_op_blockers()?;
+        let children = |n: &Arc<BlockNode>| -> Vec<Arc<BlockNode>> {
+            n.file_child().into_iter().chain(n.backing()).collect()
+        };
+        if self
+            .nodes()
+            .iter()
+            .any(|p| children(p).iter().any(|c| Arc::ptr_eq(c, &node)))
+        {
+            return Err(Error::InvalidArgument(format!("Node '{name}' is in use")));
+        }
+        let mut gone = vec![node.clone()];
+        let mut i = 0;
+        while i < gone.len() {
+            let c = children(&gone[i]);
+            gone.extend(c);
+            i += 1;
+        }
+        node.close().await?;
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|n| !gone.iter().any(|g| Arc::ptr_eq(g, n)));
+        Ok(())
     }
 
     /// Closes every node, parents first.
@@ -471,6 +513,18 @@ impl BlockGraph {
                 }
             }
         })
+    }
+}
+
+/// A shared handle on a graph's node list.
+#[derive(Clone)]
+pub(crate) struct GraphRef(Arc<Mutex<Vec<Arc<BlockNode>>>>);
+
+impl GraphRef {
+    /// Removes `node` from the graph (not closing it).
+    pub(crate) fn remove_node(&self, node: &Arc<BlockNode>) {
+        let mut nodes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|n| !Arc::ptr_eq(n, node));
     }
 }
 

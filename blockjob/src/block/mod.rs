@@ -19,8 +19,9 @@ pub mod qcow2;
 mod raw;
 mod status;
 
+pub(crate) use graph::GraphRef;
 pub use graph::{BlockGraph, OpenOptions};
-pub use node::BlockNode;
+pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::CreateOptions;
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
@@ -133,6 +134,25 @@ pub trait BlockDriver: Send + Sync {
     fn close(&self) -> BoxFuture<'_, Result<()>>;
     /// Facts for `info`.
     fn info(&self) -> ImageInfo;
+    /// Replaces the backing child (`None`: no backing) and, with `record`
+    /// = `Some((file name, format))`, rewrites the backing file link in
+    /// the image. Formats without backing files refuse.
+    fn set_backing<'a>(
+        &'a self,
+        backing: Option<PermGuard>,
+        record: Option<(Option<String>, Option<String>)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        drop(backing);
+        let _ = record;
+        let name = self.filename().to_string();
+        let drv = self.driver_name();
+        Box::pin(async move {
+            Err(Error::unsupported(
+                &name,
+                format!("Driver '{drv}' does not support backing files"),
+            ))
+        })
+    }
     /// Checks metadata consistency; `None` if the format has no checks.
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async { Ok(None) })

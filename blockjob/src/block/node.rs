@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::perm::PermUser;
-use super::{BlockDriver, BlockStatus, CheckReport, ImageInfo, Perm, PermGuard};
+use super::{BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard};
 use crate::{Error, Result};
 
 /// A node of the block graph: a driver instance with a name, a read-only
@@ -21,6 +21,74 @@ pub struct BlockNode {
     users: Mutex<Vec<PermUser>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    blockers: Mutex<Vec<(u64, String)>>,
+    hooks: Mutex<Vec<(u64, Arc<dyn WriteHook>)>>,
+}
+
+/// Something that watches writes through a node: a dirty bitmap (mirror)
+/// or copy-before-write (backup). Hooks see writes, zero writes and
+/// discards that go through [`BlockNode`]'s methods — guest I/O — not the
+/// writes a driver makes to its own children.
+pub trait WriteHook: Send + Sync {
+    /// Runs before the request reaches the driver; an error fails the
+    /// request (QEMU's copy-before-write with `on-cbw-error=break-guest-write`).
+    fn before_write<'a>(
+        &'a self,
+        node: &'a BlockNode,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (node, offset, len);
+        Box::pin(async { Ok(()) })
+    }
+    /// Runs after the request completed (successfully or not).
+    fn after_write(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+}
+
+/// A registered [`WriteHook`]; dropping it unregisters the hook.
+pub struct WriteHookGuard {
+    node: Arc<BlockNode>,
+    id: u64,
+}
+
+impl fmt::Debug for WriteHookGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteHookGuard")
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl Drop for WriteHookGuard {
+    fn drop(&mut self) {
+        let mut h = self.node.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        h.retain(|(i, _)| *i != self.id);
+    }
+}
+
+/// An op blocker (QEMU's `bdrv_op_block_all`): while it lives, jobs and
+/// `blockdev-del` on the node are refused with
+/// `Node 'X' is busy: <reason>`.
+pub struct OpBlocker {
+    node: Arc<BlockNode>,
+    id: u64,
+}
+
+impl fmt::Debug for OpBlocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpBlocker")
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl Drop for OpBlocker {
+    fn drop(&mut self) {
+        let mut b = self.node.blockers.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|(i, _)| *i != self.id);
+    }
 }
 
 impl fmt::Debug for BlockNode {
@@ -34,6 +102,12 @@ impl fmt::Debug for BlockNode {
     }
 }
 
+fn after_write(hooks: &[Arc<dyn WriteHook>], offset: u64, len: u64) {
+    for h in hooks {
+        h.after_write(offset, len);
+    }
+}
+
 impl BlockNode {
     /// Wraps a driver instance.
     pub(crate) fn new(name: String, driver: Box<dyn BlockDriver>, read_only: bool) -> Arc<Self> {
@@ -44,6 +118,8 @@ impl BlockNode {
             users: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            blockers: Mutex::new(Vec::new()),
+            hooks: Mutex::new(Vec::new()),
         })
     }
 
@@ -140,7 +216,11 @@ impl BlockNode {
         if buf.is_empty() {
             return Ok(());
         }
-        self.driver.write(offset, buf).await
+        let len = buf.len() as u64;
+        let hooks = self.before_write(offset, len).await?;
+        let r = self.driver.write(offset, buf).await;
+        after_write(&hooks, offset, len);
+        r
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -152,7 +232,10 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        self.driver.write_zeroes(offset, len).await
+        let hooks = self.before_write(offset, len).await?;
+        let r = self.driver.write_zeroes(offset, len).await;
+        after_write(&hooks, offset, len);
+        r
     }
 
     /// Discards `len` bytes at `offset`.
@@ -162,7 +245,104 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        self.driver.discard(offset, len).await
+        let hooks = self.before_write(offset, len).await?;
+        let r = self.driver.discard(offset, len).await;
+        after_write(&hooks, offset, len);
+        r
+    }
+
+    async fn before_write(&self, offset: u64, len: u64) -> Result<Vec<Arc<dyn WriteHook>>> {
+        let hooks: Vec<Arc<dyn WriteHook>> = {
+            let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+            h.iter().map(|(_, h)| h.clone()).collect()
+        };
+        for h in &hooks {
+            h.before_write(self, offset, len).await?;
+        }
+        Ok(hooks)
+    }
+
+    /// Registers a hook on writes through this node.
+    pub fn add_write_hook(self: &Arc<Self>, hook: Arc<dyn WriteHook>) -> WriteHookGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, hook));
+        WriteHookGuard {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    /// Blocks operations (jobs, `blockdev-del`) on the node with `reason`,
+    /// e.g. `block device is in use by block job: stream`.
+    pub fn op_block(self: &Arc<Self>, reason: impl Into<String>) -> OpBlocker {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.blockers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, reason.into()));
+        OpBlocker {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    /// QEMU's `bdrv_op_is_blocked`: `Node 'X' is busy: <reason>` if an op
+    /// blocker is set.
+    pub fn check_op_blockers(&self) -> Result<()> {
+        let b = self.blockers.lock().unwrap_or_else(|e| e.into_inner());
+        match b.first() {
+            Some((_, reason)) => Err(Error::Job(format!(
+                "Node '{}' is busy: {reason}",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `backing` (or nothing) this node's backing child, taking the
+    /// usual backing permissions on it, and with `update_image` records its
+    /// file name and format in the image (qcow2 header). The old backing
+    /// child is released.
+    /// `backing_file` overrides the recorded name (QMP's `backing-file`).
+    pub async fn set_backing(
+        self: &Arc<Self>,
+        backing: Option<&Arc<BlockNode>>,
+        update_image: bool,
+        backing_file: Option<&str>,
+    ) -> Result<()> {
+        let guard = match backing {
+            Some(b) => Some(b.attach(
+                &self.name,
+                "backing",
+                Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::GRAPH_MOD,
+            )?),
+            None => None,
+        };
+        let record = update_image.then(|| match backing {
+            Some(b) => (
+                Some(backing_file.unwrap_or(b.filename()).to_string()),
+                Some(b.driver_name().to_string()),
+            ),
+            None => (None, None),
+        });
+        self.driver.set_backing(guard, record).await
+    }
+
+    /// Closes this layer and its `file` child but not its backing chain
+    /// (a layer dropped from the middle of a chain).
+    pub async fn close_layer(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.driver.close().await;
+        if let Some(f) = self.file_child() {
+            f.close().await?;
+        }
+        r
     }
 
     /// Makes completed writes durable.
@@ -223,6 +403,21 @@ impl BlockNode {
         perm: Perm,
         shared: Perm,
     ) -> Result<PermGuard> {
+        self.attach_ignoring(user, role, perm, shared, &[])
+    }
+
+    /// [`attach`](Self::attach), not checking against the users named in
+    /// `ignore`: a job takes over the permissions of the nodes inside the
+    /// chain it owns (QEMU's `ignore_children` in permission updates; the
+    /// job's op blockers keep anyone else out of those nodes).
+    pub fn attach_ignoring(
+        self: &Arc<Self>,
+        user: &str,
+        role: &str,
+        perm: Perm,
+        shared: Perm,
+        ignore: &[String],
+    ) -> Result<PermGuard> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         if self.read_only && !(perm.without(Perm::CONSISTENT_READ | Perm::GRAPH_MOD)).is_empty() {
             return Err(Error::Permission {
@@ -230,7 +425,7 @@ impl BlockNode {
                 reason: format!("Block node '{}' is read-only", self.name),
             });
         }
-        for u in users.iter() {
+        for u in users.iter().filter(|u| !ignore.contains(&u.user)) {
             let denied = perm.without(u.shared);
             if !denied.is_empty() {
                 return Err(Error::Permission {

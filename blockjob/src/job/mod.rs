@@ -97,9 +97,11 @@ pub trait JobDriver: Send + Sync + 'static {
         )))
     }
 
-    /// First finalization step; an error aborts the job.
-    fn prepare(&self) -> Result<()> {
-        Ok(())
+    /// First finalization step (graph changes of stream and commit); an
+    /// error aborts the job. Async because it may write image metadata.
+    fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
+        let _ = job;
+        Box::pin(async { Ok(()) })
     }
     /// The job succeeded: make its effect permanent.
     fn commit(&self) {}
@@ -1038,7 +1040,7 @@ async fn finish(ctl: &JobControl, ret: Result<()>) {
             if sh.state.lock().cancelled && manual {
                 Err(Error::Cancelled)
             } else {
-                sh.driver.prepare()
+                sh.driver.prepare(ctl).await
             }
         }
         Err(e) => Err(e),

@@ -97,3 +97,187 @@ pub(crate) fn tmp() -> tempfile::TempDir {
 pub(crate) fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// Job events as short strings: status names, and event names for the
+/// others (`created running ... BLOCK_JOB_COMPLETED concluded null`).
+pub(crate) type JobLog = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A registry on `clock` whose events are logged.
+pub(crate) fn registry(clock: aio::ClockType) -> (blockjob::job::JobRegistry, JobLog) {
+    let reg = blockjob::job::JobRegistry::new(clock);
+    let log: JobLog = Arc::default();
+    let l = log.clone();
+    reg.subscribe(move |ev: &blockjob::job::JobEvent| {
+        let s = match ev {
+            blockjob::job::JobEvent::StatusChange { status, .. } => status.as_str().to_string(),
+            other => other.name().to_string(),
+        };
+        l.lock().unwrap().push(s);
+    });
+    (reg, log)
+}
+
+/// The log joined with spaces.
+pub(crate) fn events(log: &JobLog) -> String {
+    log.lock().unwrap().join(" ")
+}
+
+/// A qcow2 image of `size` bytes (64 KiB clusters), optionally backed.
+pub(crate) fn create(img: &Path, size: &str, backing: Option<&Path>) {
+    match backing {
+        Some(b) => qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(b),
+            "-F",
+            "qcow2",
+            p(img),
+            size,
+        ]),
+        None => qemu_img(&["create", "-q", "-f", "qcow2", p(img), size]),
+    };
+}
+
+/// base ← mid ← top, 4 MiB: base all 0x11 with a zeroed hole, mid and
+/// top patterns over parts of it (some overlapping, one zero write in
+/// mid).
+pub(crate) fn make_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    create(&base, "4M", None);
+    create(&mid, "4M", Some(&base));
+    create(&top, "4M", Some(&mid));
+    qemu_io(
+        &base,
+        &["write -P 0x11 0 4M".into(), "write -z 3M 256k".into()],
+    );
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x22 512k 1M".into(),
+            "write -P 0x23 2560k 64k".into(),
+            "write -z 3584k 128k".into(),
+        ],
+    );
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x33 1M 256k".into(),
+            "write -P 0x34 4032k 64k".into(),
+        ],
+    );
+    (base, mid, top)
+}
+
+/// `blockdev-add` of the chain with node names top, mid, base (all
+/// writable, as QSD's nested `blockdev-add` opens them).
+pub(crate) fn add_chain(
+    ctx: &aio::AioContext,
+    g: &BlockGraph,
+    base: &Path,
+    mid: &Path,
+    top: &Path,
+) -> Arc<BlockNode> {
+    let args = serde_json::json!({
+        "driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": p(top)},
+        "backing": {"driver": "qcow2", "node-name": "mid",
+            "file": {"driver": "file", "filename": p(mid)},
+            "backing": {"driver": "qcow2", "node-name": "base",
+                "file": {"driver": "file", "filename": p(base)}}}});
+    ctx.block_on(g.blockdev_add(&args)).expect("blockdev-add")
+}
+
+/// `blockdev-add` of one image with its chain from the header.
+pub(crate) fn add_image(
+    ctx: &aio::AioContext,
+    g: &BlockGraph,
+    name: &str,
+    img: &Path,
+) -> Arc<BlockNode> {
+    let args = serde_json::json!({"driver": "qcow2", "node-name": name,
+        "file": {"driver": "file", "filename": p(img)}});
+    ctx.block_on(g.blockdev_add(&args)).expect("blockdev-add")
+}
+
+/// Runs the loop until the job waits for a timer or a kick (not in I/O).
+pub(crate) fn settle(ctx: &aio::AioContext, job: &blockjob::job::Job) {
+    loop {
+        ctx.run_until_idle();
+        if !job.info().busy {
+            ctx.run_until_idle();
+            if !job.info().busy {
+                return;
+            }
+        }
+        ctx.poll(true);
+    }
+}
+
+/// Advances the virtual clock by `ns`, timer by timer, letting the job's
+/// file I/O finish at each virtual instant (virtual time does not pass
+/// while the job waits for its I/O).
+pub(crate) fn vstep(ctx: &aio::AioContext, job: &blockjob::job::Job, ns: i64) {
+    let target = ctx.clock_now(aio::ClockType::Virtual) + ns;
+    loop {
+        settle(ctx, job);
+        let now = ctx.clock_now(aio::ClockType::Virtual);
+        match ctx.timer_deadline_ns(aio::ClockType::Virtual) {
+            Some(d) if now + d <= target => {
+                ctx.virtual_set(now + d);
+            }
+            _ => break,
+        }
+    }
+    ctx.virtual_set(target);
+    settle(ctx, job);
+}
+
+/// `qemu-img compare A B` succeeds (same guest view).
+pub(crate) fn assert_same(a: &Path, b: &Path) {
+    let (code, out) = qemu_img_status(&["compare", p(a), p(b)]);
+    assert_eq!(code, 0, "qemu-img compare {a:?} {b:?}: {out}");
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+pub(crate) fn assert_check(img: &Path) {
+    let (code, out) = qemu_img_status(&["check", p(img)]);
+    assert_eq!(code, 0, "qemu-img check {img:?}: {out}");
+}
+
+/// The backing file qemu-img reports, if any.
+pub(crate) fn backing_of(img: &Path) -> Option<String> {
+    let out = qemu_img(&["info", "--output=json", "-U", p(img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.get("backing-filename")
+        .and_then(|b| b.as_str())
+        .map(str::to_string)
+}
+
+/// Runs the loop until the job reaches `status`.
+pub(crate) fn wait_status(
+    ctx: &aio::AioContext,
+    job: &blockjob::job::Job,
+    status: blockjob::job::JobStatus,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while job.status() != status {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job stuck in {:?}",
+            job.status()
+        );
+        ctx.poll(true);
+    }
+}
+
+/// `qemu-img convert -O qcow2` of `img`'s guest view into `dir/name`.
+pub(crate) fn snapshot(img: &Path, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    qemu_img(&["convert", "-O", "qcow2", p(img), p(&out)]);
+    out
+}

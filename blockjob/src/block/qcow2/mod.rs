@@ -37,7 +37,7 @@ pub(crate) struct Qcow2 {
     g: Geom,
     _file_perm: PermGuard,
     backing: Mutex<Option<PermGuard>>,
-    header: Header,
+    header: Mutex<Header>,
     read_only: bool,
     size: AtomicU64,
     meta: CoMutex<Meta>,
@@ -111,7 +111,7 @@ impl Qcow2 {
             _file_perm: file,
             backing: Mutex::new(backing),
             size: AtomicU64::new(header.size),
-            header,
+            header: Mutex::new(header),
             read_only: !writable,
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
@@ -128,17 +128,82 @@ impl Qcow2 {
         if self.g.version < 3 {
             return Ok(());
         }
-        if self.header.autoclear_features != 0 {
+        let (autoclear, incompat) = {
+            let h = self.header();
+            (h.autoclear_features, h.incompatible_features)
+        };
+        if autoclear != 0 {
             self.g
                 .write_file(field::AUTOCLEAR, 0u64.to_be_bytes().to_vec())
                 .await?;
         }
-        let v = self.header.incompatible_features | INCOMPAT_DIRTY;
+        let v = incompat | INCOMPAT_DIRTY;
         self.g
             .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
             .await?;
         self.g.flush().await?;
         self.dirty_set.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn header(&self) -> std::sync::MutexGuard<'_, Header> {
+        self.header.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the backing child and, with `record`, the backing file name
+    /// and format recorded in the image (QEMU's
+    /// `qcow2_change_backing_file`).
+    ///
+    /// Ordering: everything written so far (data, L2/L1, refcounts) is
+    /// flushed *before* the header is rewritten, and the header is flushed
+    /// before the in-memory backing link changes, so the image on disk
+    /// never names a backing file whose data it still relies on without
+    /// having its own copy. The header cluster is re-read from disk (the
+    /// truth: L1/refcount table moves and the dirty bit are written there
+    /// field by field), modified and written back whole, under the
+    /// metadata lock.
+    async fn do_set_backing(
+        &self,
+        backing: Option<PermGuard>,
+        record: Option<(Option<String>, Option<String>)>,
+    ) -> Result<()> {
+        if let Some((name, format)) = record {
+            if self.read_only {
+                return Err(Error::Permission {
+                    node: self.g.name.clone(),
+                    reason: format!(
+                        "Could not update backing file link of '{}': read-only image",
+                        self.g.name
+                    ),
+                });
+            }
+            let _m = self.meta.lock().await;
+            self.g.flush().await?;
+            let cs = self.g.cs();
+            let buf = self.g.read_file(0, cs).await?;
+            let mut h = Header::parse(&buf, false).map_err(|r| Error::corrupt(&self.g.name, r))?;
+            h.backing_file = name;
+            h.extensions
+                .retain(|e| !matches!(e, header::Extension::BackingFormat(_)));
+            if h.version >= 3 && h.backing_file.is_some() {
+                if let Some(f) = format {
+                    h.extensions.insert(0, header::Extension::BackingFormat(f));
+                }
+            }
+            let out = h
+                .serialize()
+                .map_err(|r| Error::InvalidArgument(format!("{}: {r}", self.g.name)))?;
+            self.g.write_file(0, out).await?;
+            self.g.flush().await?;
+            let mut mem = self.header();
+            mem.backing_file = h.backing_file.clone();
+            mem.extensions = h.extensions.clone();
+        }
+        let old = {
+            let mut b = self.backing.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *b, backing)
+        };
+        drop(old);
         Ok(())
     }
 
@@ -243,7 +308,7 @@ impl Qcow2 {
         }
         self.g.flush().await?;
         if self.dirty_set.swap(false, Ordering::AcqRel) {
-            let v = self.header.incompatible_features & !INCOMPAT_DIRTY;
+            let v = self.header().incompatible_features & !INCOMPAT_DIRTY;
             self.g
                 .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
                 .await?;
@@ -298,7 +363,7 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.do_close())
     }
     fn info(&self) -> ImageInfo {
-        let h = &self.header;
+        let h = &*self.header();
         let mut specific = vec![(
             "compat".to_string(),
             serde_json::Value::from(if h.version == 2 { "0.10" } else { "1.1" }),
@@ -341,5 +406,12 @@ impl BlockDriver for Qcow2 {
     }
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async move { self.do_check().await.map(Some) })
+    }
+    fn set_backing<'a>(
+        &'a self,
+        backing: Option<PermGuard>,
+        record: Option<(Option<String>, Option<String>)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_set_backing(backing, record))
     }
 }

@@ -1,0 +1,449 @@
+//! `blockdev-mirror` (QEMU's `block/mirror.c`), and the machinery active
+//! commit shares with it: a dirty bitmap fed by a write hook on the source
+//! node, a copy loop that drains it, READY when in sync, `complete` for a
+//! final sync and pivot, and a soft cancel after READY that completes
+//! without pivoting.
+//!
+//! The pivot is reported, not performed on users: there are no
+//! BlockBackends here. After `BLOCK_JOB_COMPLETED` following `complete`
+//! the target holds everything the source did (including guest writes
+//! made during the job); both nodes stay in the graph and the caller (the
+//! QMP layer) moves the source's users to the target. Active commit does
+//! change the graph: see `commit`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use aio::AioContext;
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use super::{
+    allocated_above, check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held,
+    Holds, OnError, SyncMode,
+};
+use crate::block::{BlockGraph, BlockNode, Perm, WriteHook};
+use crate::job::ratelimit::SLICE_NS;
+use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
+use crate::{Error, Result};
+
+/// QEMU's `DEFAULT_MIRROR_BUF_SIZE`: 16 MiB.
+pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+/// QEMU's `MAX_IO_BYTES`: 1 MiB.
+const MAX_IO_BYTES: u64 = 1 << 20;
+/// QEMU's `MAX_IN_FLIGHT`.
+const MAX_IN_FLIGHT: u64 = 16;
+
+/// QMP `MirrorCopyMode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Bitmap-driven background copy (the default; the only one here).
+    #[default]
+    Background,
+    /// Synchronous writes to the target (not implemented: refused).
+    WriteBlocking,
+}
+
+/// QMP `blockdev-mirror` arguments.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MirrorArgs {
+    /// Job id; defaults to `device`.
+    #[serde(default)]
+    pub job_id: Option<String>,
+    /// The source node.
+    pub device: String,
+    /// The target node (existing, same size).
+    pub target: String,
+    /// Refused if given (not implemented).
+    #[serde(default)]
+    pub replaces: Option<String>,
+    /// `full`, `top` or `none` (`incremental`/`bitmap` are refused, as in
+    /// QEMU).
+    pub sync: SyncMode,
+    /// Speed limit, bytes/s (0 = unlimited); applies until READY.
+    #[serde(default)]
+    pub speed: i64,
+    /// Dirty bitmap granularity: a power of two in [512 B, 64 MiB];
+    /// default the target's cluster size (at least 4 KiB), 64 KiB without
+    /// clusters.
+    #[serde(default)]
+    pub granularity: Option<u32>,
+    /// Copy buffer size (default 16 MiB); one iteration copies at most
+    /// `max(buf-size / 16, 1 MiB)` of contiguous dirty data.
+    #[serde(default)]
+    pub buf_size: Option<i64>,
+    /// Policy for read errors (default `report`).
+    #[serde(default)]
+    pub on_source_error: OnError,
+    /// Policy for write errors (default `report`).
+    #[serde(default)]
+    pub on_target_error: OnError,
+    /// Accepted, ignored: no filter node is inserted.
+    #[serde(default)]
+    pub filter_node_name: Option<String>,
+    /// `background` only.
+    #[serde(default)]
+    pub copy_mode: CopyMode,
+    /// Default true.
+    #[serde(default = "yes")]
+    pub auto_finalize: bool,
+    /// Default true.
+    #[serde(default = "yes")]
+    pub auto_dismiss: bool,
+    /// Trust that the target reads as zeroes (accepted; the first pass
+    /// copies zero ranges as zero writes either way).
+    #[serde(default)]
+    pub target_is_zero: bool,
+}
+
+impl MirrorArgs {
+    /// Arguments with QEMU's defaults.
+    pub fn new(
+        job_id: impl Into<String>,
+        device: impl Into<String>,
+        target: impl Into<String>,
+        sync: SyncMode,
+    ) -> Self {
+        Self {
+            job_id: Some(job_id.into()),
+            device: device.into(),
+            target: target.into(),
+            replaces: None,
+            sync,
+            speed: 0,
+            granularity: None,
+            buf_size: None,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            filter_node_name: None,
+            copy_mode: CopyMode::Background,
+            auto_finalize: true,
+            auto_dismiss: true,
+            target_is_zero: false,
+        }
+    }
+}
+
+/// A dirty bitmap over a node's guest range, one bit per `granularity`
+/// bytes. Registered as a write hook it marks what guest writes touch.
+pub(crate) struct DirtyBitmap {
+    gran: u64,
+    size: u64,
+    bits: Mutex<Vec<bool>>,
+}
+
+impl DirtyBitmap {
+    pub(crate) fn new(size: u64, gran: u64) -> Self {
+        Self {
+            gran,
+            size,
+            bits: Mutex::new(vec![false; size.div_ceil(gran) as usize]),
+        }
+    }
+
+    fn span(&self, off: u64, len: u64) -> std::ops::Range<usize> {
+        let end = (off + len).min(self.size);
+        (off / self.gran) as usize..end.div_ceil(self.gran) as usize
+    }
+
+    pub(crate) fn set(&self, off: u64, len: u64, on: bool) {
+        let r = self.span(off, len);
+        self.bits.lock()[r].iter_mut().for_each(|b| *b = on);
+    }
+
+    /// Dirty bytes.
+    pub(crate) fn count(&self) -> u64 {
+        let bits = self.bits.lock();
+        let n = bits.iter().filter(|&&b| b).count() as u64;
+        let last_short = bits.last().copied().unwrap_or(false) && self.size % self.gran != 0;
+        n * self.gran
+            - if last_short {
+                self.gran - self.size % self.gran
+            } else {
+                0
+            }
+    }
+
+    /// The first dirty run (at most `max` bytes, whole granules).
+    pub(crate) fn next_run(&self, max: u64) -> Option<(u64, u64)> {
+        let bits = self.bits.lock();
+        let first = bits.iter().position(|&b| b)?;
+        let most = (max / self.gran).max(1) as usize;
+        let n = bits[first..].iter().take(most).take_while(|&&b| b).count();
+        let off = first as u64 * self.gran;
+        let len = (n as u64 * self.gran).min(self.size - off);
+        Some((off, len))
+    }
+}
+
+impl WriteHook for DirtyBitmap {
+    fn after_write(&self, offset: u64, len: u64) {
+        self.set(offset, len, true);
+    }
+}
+
+/// What is dirty when the job starts.
+pub(crate) enum Initial {
+    /// Everything.
+    Full,
+    /// What is allocated in these layers (top first): sync `top` is the
+    /// source alone; active commit is top down to above base.
+    Allocated(Vec<Arc<BlockNode>>),
+    /// Nothing (sync `none`).
+    Nothing,
+}
+
+/// The mirror loop, shared by `blockdev-mirror` and active commit.
+pub(crate) struct MirrorCore {
+    pub(crate) source: Arc<BlockNode>,
+    pub(crate) target: Arc<BlockNode>,
+    pub(crate) bitmap: Arc<DirtyBitmap>,
+    pub(crate) initial: Initial,
+    pub(crate) max_io: u64,
+    pub(crate) on_source_error: OnError,
+    pub(crate) on_target_error: OnError,
+    pub(crate) ready: AtomicBool,
+    /// Grow the target to the source's size (active commit's base).
+    pub(crate) grow_target: bool,
+}
+
+impl MirrorCore {
+    async fn populate(&self) -> Result<()> {
+        let len = self.source.len();
+        match &self.initial {
+            Initial::Nothing => {}
+            Initial::Full => self.bitmap.set(0, len, true),
+            Initial::Allocated(layers) => {
+                let mut off = 0;
+                while off < len {
+                    let (a, n) = allocated_above(layers, off, len - off).await?;
+                    if a {
+                        self.bitmap.set(off, n, true);
+                    }
+                    off += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn policy(&self, op: IoOperation) -> OnError {
+        match op {
+            IoOperation::Read => self.on_source_error,
+            _ => self.on_target_error,
+        }
+    }
+
+    pub(crate) async fn run(&self, job: &JobControl) -> Result<()> {
+        if self.grow_target && self.target.len() < self.source.len() {
+            self.target.truncate(self.source.len()).await?;
+        }
+        if let Err(e) = self.populate().await {
+            handle_io_error(job, self.on_source_error, IoOperation::Read, e).await?;
+            self.bitmap.set(0, self.source.len(), true);
+        }
+        loop {
+            let ready = self.ready.load(Ordering::Acquire);
+            if job.is_cancelled() && (job.is_force_cancelled() || !ready) {
+                return Err(Error::Cancelled);
+            }
+            let (done, _) = job.progress();
+            job.set_total(done + self.bitmap.count());
+            if let Some((off, n)) = self.bitmap.next_run(self.max_io) {
+                self.bitmap.set(off, n, false);
+                if let Err((op, e)) = copy_range(&self.source, &self.target, off, n).await {
+                    self.bitmap.set(off, n, true);
+                    handle_io_error(job, self.policy(op), op, e).await?;
+                    continue;
+                }
+                job.add_progress(n);
+                // Throttled only until READY, as in QEMU.
+                job.rate_limit(if ready { 0 } else { n }).await;
+                continue;
+            }
+            // In sync: nothing dirty, nothing in flight.
+            if let Err(e) = self.target.flush().await {
+                handle_io_error(job, self.on_target_error, IoOperation::Write, e).await?;
+                continue;
+            }
+            if !ready {
+                self.ready.store(true, Ordering::Release);
+                job.set_ready();
+            }
+            if job.should_complete() || job.is_cancelled() {
+                // `complete` (pivot) or a soft cancel after READY (no
+                // pivot): either way the target is in sync right now —
+                // every request runs on this context, so no guest write
+                // can land between the check above and here.
+                return Ok(());
+            }
+            job.sleep_ns(SLICE_NS).await;
+        }
+    }
+
+    /// Before READY every cancel is a force cancel.
+    pub(crate) fn cancel(&self, force: bool) -> bool {
+        force || !self.ready.load(Ordering::Acquire)
+    }
+}
+
+struct MirrorJob {
+    core: MirrorCore,
+    held: Held,
+}
+
+impl JobDriver for MirrorJob {
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
+    }
+    fn run<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.core.run(job))
+    }
+    fn cancel(&self, force: bool, _job: &JobControl) -> bool {
+        self.core.cancel(force)
+    }
+    fn complete(&self, _job: &JobControl) -> Result<()> {
+        Ok(())
+    }
+    fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.held.drop_hooks();
+            if job.should_complete() && !job.is_cancelled() {
+                log::info!(
+                    "job {}: pivot: '{}' replaces '{}'",
+                    job.id(),
+                    self.core.target.name(),
+                    self.core.source.name()
+                );
+            }
+            Ok(())
+        })
+    }
+    fn clean(&self) {
+        self.held.release();
+    }
+}
+
+/// The granularity QEMU picks: the target's cluster size, at least
+/// 4 KiB; 64 KiB for formats without clusters.
+pub(crate) fn default_granularity(target: &BlockNode) -> u64 {
+    match target.info().cluster_size {
+        Some(cs) => cs.max(4096),
+        None => 64 << 10,
+    }
+}
+
+/// `blockdev-mirror`.
+///
+/// # Errors
+///
+/// QEMU's texts for missing nodes, busy nodes, bad granularity and
+/// unsupported sync modes; `Source and target image have different
+/// sizes`.
+pub fn start_mirror(
+    ctx: &AioContext,
+    graph: &BlockGraph,
+    registry: &JobRegistry,
+    args: MirrorArgs,
+) -> Result<Job> {
+    let source = find_device(graph, &args.device)?;
+    let target = find_device(graph, &args.target)?;
+    source.check_op_blockers()?;
+    target.check_op_blockers()?;
+    if args.replaces.is_some() {
+        return Err(Error::Job("'replaces' is not supported".into()));
+    }
+    if args.copy_mode == CopyMode::WriteBlocking {
+        return Err(Error::Job(
+            "copy-mode 'write-blocking' is not supported".into(),
+        ));
+    }
+    let gran = match args.granularity {
+        None | Some(0) => default_granularity(&target),
+        Some(g) => {
+            if !(512..=64 << 20).contains(&g) {
+                return Err(Error::Job(
+                    "Parameter 'granularity' expects a value in range [512B, 64MB]".into(),
+                ));
+            }
+            if !g.is_power_of_two() {
+                return Err(Error::Job(
+                    "Parameter 'granularity' expects a power of 2".into(),
+                ));
+            }
+            u64::from(g)
+        }
+    };
+    let buf_size = match args.buf_size {
+        None | Some(0) => DEFAULT_BUF_SIZE,
+        Some(b) if b < 0 => {
+            return Err(Error::Job(
+                "Parameter 'buf-size' expects a non-negative value".into(),
+            ))
+        }
+        Some(b) => (b as u64).div_ceil(gran) * gran,
+    };
+    let initial = match args.sync {
+        SyncMode::Full => Initial::Full,
+        SyncMode::Top => Initial::Allocated(vec![source.clone()]),
+        SyncMode::None => Initial::Nothing,
+        SyncMode::Incremental | SyncMode::Bitmap => {
+            let s = if args.sync == SyncMode::Bitmap {
+                "bitmap"
+            } else {
+                "incremental"
+            };
+            return Err(Error::Job(format!("Sync mode '{s}' not supported")));
+        }
+    };
+    if Arc::ptr_eq(&source, &target) {
+        return Err(Error::Job("Can't mirror node into itself".into()));
+    }
+    if source.len() != target.len() {
+        return Err(Error::Job(
+            "Source and target image have different sizes".into(),
+        ));
+    }
+    let speed = check_speed(args.speed)?;
+    let id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    let user = format!("block job '{id}'");
+    let mut holds = Holds::default();
+    holds
+        .perms
+        .push(source.attach(&user, "source", Perm::CONSISTENT_READ, Perm::ALL)?);
+    holds.perms.push(target.attach(
+        &user,
+        "target",
+        Perm::WRITE | Perm::RESIZE,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+    )?);
+    let bitmap = Arc::new(DirtyBitmap::new(source.len(), gran));
+    let driver = Arc::new(MirrorJob {
+        core: MirrorCore {
+            source: source.clone(),
+            target: target.clone(),
+            bitmap: bitmap.clone(),
+            initial,
+            max_io: (buf_size / MAX_IN_FLIGHT).max(MAX_IO_BYTES).min(buf_size),
+            on_source_error: args.on_source_error,
+            on_target_error: args.on_target_error,
+            ready: AtomicBool::new(false),
+            grow_target: false,
+        },
+        held: Held::default(),
+    });
+    let job = registry.create(
+        ctx,
+        job_options(&id, speed, args.auto_finalize, args.auto_dismiss),
+        driver.clone(),
+    )?;
+    holds.block(&source, JobType::Mirror);
+    holds.block(&target, JobType::Mirror);
+    holds.hooks.push(source.add_write_hook(bitmap));
+    *driver.held.0.lock() = holds;
+    job.start();
+    Ok(job)
+}

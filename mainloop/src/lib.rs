@@ -11,6 +11,7 @@
 pub mod block_qmp;
 mod error;
 mod iothread;
+pub mod job_qmp;
 mod main_loop;
 pub mod qmp;
 pub mod qtest_server;

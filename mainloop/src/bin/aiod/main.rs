@@ -18,16 +18,23 @@ use aio::ClockType;
 use blockjob::block::BlockGraph;
 use blockjob::job::{JobRegistry, JobStatus};
 use mainloop::block_qmp::{register_block_commands, BlockState};
+use mainloop::job_qmp::register_job_commands;
+
+mod demo;
 use mainloop::qmp::{QmpAddress, QmpServer, QmpServerOptions};
 use mainloop::qtest_server::{QtestOptions, QtestServer};
 use mainloop::{IOThread, IOThreadOptions, MainLoop, MainLoopOptions};
 use serde_json::{Map, Value};
 
 const USAGE: &str = "\
-usage: aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
+usage: aiod --demo
+       aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
             [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]
             [--pidfile PATH] [--qtest unix:PATH]
 
+  --demo            make a 3-layer qcow2 chain in a temporary folder, run
+                    backup, mirror, commit and stream on it through QMP,
+                    verify each result with qemu-img, exit
   --qmp ADDR        serve QMP on ADDR (repeatable): unix:PATH, or tcp:HOST:PORT
                     (port 0 picks a free port; the address is logged)
   --blockdev OPTS   add a block node at start-up, as QMP blockdev-add would:
@@ -51,6 +58,7 @@ struct Args {
     iothreads: Vec<String>,
     pidfile: Option<PathBuf>,
     qtest: Option<PathBuf>,
+    demo: bool,
 }
 
 /// QEMU's dotted `key=value,...` syntax as a JSON object.
@@ -104,6 +112,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
+            "--demo" => out.demo = true,
             "--qmp" => {
                 let v = value("--qmp").map_err(|_| "--qmp needs an address".to_string())?;
                 out.qmp
@@ -177,7 +186,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             a => return Err(format!("unknown argument '{a}'")),
         }
     }
-    if out.qmp.is_empty() {
+    if out.qmp.is_empty() && !out.demo {
         return Err("nothing to serve: give at least one --qmp".into());
     }
     Ok(Some(out))
@@ -227,6 +236,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         QmpServerOptions::new().on_quit(move |_| q.quit()),
     );
     register_block_commands(&server, state.clone())?;
+    register_job_commands(&server, state.clone())?;
     for addr in &args.qmp {
         let bound = server.listen(addr)?;
         log::info!("QMP on {bound}");
@@ -288,7 +298,11 @@ fn shutdown(ml: &MainLoop, state: &BlockState) {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The demo prints its own story; keep the log to warnings there.
+    let demo = std::env::args().any(|a| a == "--demo");
+    let default_level = if demo { "warn" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
         Ok(None) => {
@@ -300,6 +314,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.demo {
+        return match demo::run_demo() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("aiod --demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,127 @@
+//! The job-starting commands: `block-stream`, `block-commit`,
+//! `blockdev-mirror` (and `blockdev-backup` with the backup job). Arguments are checked against a
+//! schema first (QEMU's texts for missing, mistyped, unknown and bad enum
+//! arguments), then handed to the job constructors in `blockjob::jobs`.
+
+use serde_json::{json, Map, Value};
+
+use crate::block_qmp::BlockState;
+use crate::qmp::{ArgType, IntKind, QmpError, QmpServer, Schema, ServerError};
+
+fn on_error() -> ArgType {
+    ArgType::enumeration(["report", "ignore", "enospc", "stop", "auto"])
+}
+
+fn common(s: Schema) -> Schema {
+    s.optional("job-id", ArgType::Str)
+        .required("device", ArgType::Str)
+        .optional("speed", ArgType::Int(IntKind::I64))
+        .optional("filter-node-name", ArgType::Str)
+        .optional("auto-finalize", ArgType::Bool)
+        .optional("auto-dismiss", ArgType::Bool)
+}
+
+fn stream_schema() -> Schema {
+    common(Schema::new())
+        .optional("base", ArgType::Str)
+        .optional("base-node", ArgType::Str)
+        .optional("bottom", ArgType::Str)
+        .optional("backing-file", ArgType::Str)
+        .optional("backing-mask-protocol", ArgType::Bool)
+        .optional("on-error", on_error())
+}
+
+fn commit_schema() -> Schema {
+    common(Schema::new())
+        .optional("base-node", ArgType::Str)
+        .optional("base", ArgType::Str)
+        .optional("top-node", ArgType::Str)
+        .optional("top", ArgType::Str)
+        .optional("backing-file", ArgType::Str)
+        .optional("backing-mask-protocol", ArgType::Bool)
+        .optional("on-error", on_error())
+}
+
+fn mirror_schema() -> Schema {
+    common(Schema::new())
+        .required("target", ArgType::Str)
+        .optional("replaces", ArgType::Str)
+        .required(
+            "sync",
+            ArgType::enumeration(["top", "full", "none", "incremental", "bitmap"]),
+        )
+        .optional("granularity", ArgType::Int(IntKind::U32))
+        .optional("buf-size", ArgType::Int(IntKind::I64))
+        .optional("on-source-error", on_error())
+        .optional("on-target-error", on_error())
+        .optional(
+            "copy-mode",
+            ArgType::enumeration(["background", "write-blocking"]),
+        )
+        .optional("target-is-zero", ArgType::Bool)
+}
+
+#[allow(dead_code)] // blockdev-backup lands with the backup job
+fn backup_schema() -> Schema {
+    common(Schema::new())
+        .required("target", ArgType::Str)
+        .required(
+            "sync",
+            ArgType::enumeration(["top", "full", "none", "incremental", "bitmap"]),
+        )
+        .optional("bitmap", ArgType::Str)
+        .optional("compress", ArgType::Bool)
+        .optional("on-source-error", on_error())
+        .optional("on-target-error", on_error())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
+    serde_json::from_value(Value::Object(args)).map_err(|e| QmpError::generic(e.to_string()))
+}
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn negative_speed(args: &Map<String, Value>) -> Result<(), QmpError> {
+    if args
+        .get("speed")
+        .and_then(Value::as_i64)
+        .is_some_and(|s| s < 0)
+    {
+        return Err(QmpError::generic(
+            "Parameter 'speed' expects a non-negative value",
+        ));
+    }
+    Ok(())
+}
+
+/// Registers the job-starting commands.
+///
+/// # Errors
+///
+/// A name clash with a command already registered.
+pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<(), ServerError> {
+    let s = state.clone();
+    server.register_with_schema("block-stream", stream_schema(), move |a| {
+        negative_speed(&a)?;
+        blockjob::jobs::start_stream(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+            .map(|_| json!({}))
+            .map_err(generic)
+    })?;
+    let s = state.clone();
+    server.register_with_schema("block-commit", commit_schema(), move |a| {
+        negative_speed(&a)?;
+        blockjob::jobs::start_commit(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+            .map(|_| json!({}))
+            .map_err(generic)
+    })?;
+    let s = state.clone();
+    server.register_with_schema("blockdev-mirror", mirror_schema(), move |a| {
+        negative_speed(&a)?;
+        blockjob::jobs::start_mirror(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+            .map(|_| json!({}))
+            .map_err(generic)
+    })?;
+    Ok(())
+}

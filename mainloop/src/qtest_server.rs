@@ -207,6 +207,26 @@ fn settle(target: &AioContext, busy: Option<&BusyFn>) {
     }
 }
 
+/// Moves the virtual clock to `until` deadline by deadline, settling after
+/// each one: work a timer starts (a job's next chunk of real I/O) finishes
+/// before time moves on, as it would on a real clock that is never faster
+/// than the work.
+fn advance_to(target: &AioContext, busy: Option<&BusyFn>, until: i64) -> i64 {
+    loop {
+        settle(target, busy);
+        let now = target.clock_now(aio::ClockType::Virtual);
+        match target.timer_deadline_ns(aio::ClockType::Virtual) {
+            Some(rel) if now + rel <= until && rel > 0 => {
+                target.virtual_set(now + rel);
+            }
+            _ => break,
+        }
+    }
+    target.virtual_set(until);
+    settle(target, busy);
+    target.clock_now(aio::ClockType::Virtual)
+}
+
 fn handle(target: &AioContext, busy: Option<&BusyFn>, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let num = |w: &str| -> Result<i64, String> {
@@ -218,12 +238,17 @@ fn handle(target: &AioContext, busy: Option<&BusyFn>, line: &str) -> String {
     let now = |t: &AioContext| t.clock_now(aio::ClockType::Virtual);
     let result: Result<i64, String> = match words.as_slice() {
         ["clock_get"] => Ok(now(target)),
-        ["clock_step"] => match target.virtual_step_next() {
-            Some(t) => Ok(t),
-            None => Err("no virtual-clock timer is pending".to_string()),
-        },
-        ["clock_step", ns] => num(ns).map(|ns| target.virtual_step(ns)),
-        ["clock_set", ns] => num(ns).map(|ns| target.virtual_set(ns)),
+        ["clock_step"] => {
+            settle(target, busy);
+            match target.timer_deadline_ns(aio::ClockType::Virtual) {
+                Some(rel) => Ok(advance_to(target, busy, now(target) + rel)),
+                None => Err("no virtual-clock timer is pending".to_string()),
+            }
+        }
+        ["clock_step", ns] => {
+            num(ns).map(|ns| advance_to(target, busy, now(target).saturating_add(ns)))
+        }
+        ["clock_set", ns] => num(ns).map(|ns| advance_to(target, busy, ns)),
         [cmd, ..] => Err(format!("unknown or malformed command '{cmd}'")),
         [] => Err("empty command".to_string()),
     };

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Runs the same job scenarios against aiod and qemu-storage-daemon with
+QEMU's Python QMP client, and checks that both give the same event sequence
+(event names, statuses, payload keys and values) and the same image
+contents.
+
+usage: qsd_compare.py PATH_TO_AIOD [SCENARIO...]
+
+Each scenario builds a fresh three-layer qcow2 chain with qemu-img/qemu-io,
+starts the daemon on a unix socket, adds the chain with one nested
+blockdev-add (as in reference/qsd-measure.md), runs one job to the end,
+deletes the node, quits, and hashes the resulting images (qemu-img convert
+to raw). Exits 0 when every scenario matches; prints the differences and
+exits 1 otherwise.
+"""
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+from qemu.qmp import QMPClient
+
+MIB = 1 << 20
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def make_chain(d):
+    base, mid, top = (os.path.join(d, f) for f in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    sh("qemu-io", "-c", "write -P 0x11 0 4M", base)
+    sh("qemu-io", "-c", "write -P 0x22 2M 2M", mid)
+    sh("qemu-io", "-c", "write -P 0x33 3M 2M", top)
+    sh("qemu-io", "-c", "write -z 6M 512k", top)
+    tgt = os.path.join(d, "tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, "8M")
+
+
+def chain_arg(d):
+    def node(name, backing):
+        n = {"driver": "qcow2", "node-name": name,
+             "file": {"driver": "file", "filename": os.path.join(d, f"{name}.qcow2")}}
+        if backing is not None:
+            n["backing"] = backing
+        return n
+    return node("top", node("mid", node("base", None)))
+
+
+SCENARIOS = {
+    "stream-all": ([("block-stream", {"job-id": "j", "device": "top"})], ["top"]),
+    "stream-base": ([("block-stream", {"job-id": "j", "device": "top", "base-node": "base"})],
+                    ["top"]),
+    "commit-intermediate": ([("block-commit", {"job-id": "j", "device": "top",
+                                               "top-node": "mid", "base-node": "base"})],
+                            ["top", "base"]),
+    "commit-active": ([("block-commit", {"job-id": "j", "device": "top", "base-node": "base"})],
+                      ["base"]),
+    "mirror-full": ([("blockdev-mirror", {"job-id": "j", "device": "top", "target": "tgt",
+                                          "sync": "full"})], ["tgt"]),
+}
+
+
+def daemon_cmd(kind, aiod, sock):
+    if kind == "aiod":
+        return [aiod, "--qmp", f"unix:{sock}"]
+    return ["qemu-storage-daemon", "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
+            "--monitor", "chardev=m0"]
+
+
+def summarize(ev):
+    """What must match: the event name, a JOB_STATUS_CHANGE's status, and
+    every other payload's keys and values."""
+    name, data = ev["event"], ev.get("data", {})
+    if name == "JOB_STATUS_CHANGE":
+        return (name, data["status"])
+    return (name, tuple(sorted((k, str(v)) for k, v in data.items())))
+
+
+async def scenario(kind, aiod, name, d):
+    commands, outputs = SCENARIOS[name]
+    sock = os.path.join(d, f"{kind}.sock")
+    proc = subprocess.Popen(daemon_cmd(kind, aiod, sock), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            await asyncio.sleep(0.01)
+        qmp = QMPClient(f"{kind}-{name}")
+        await qmp.connect(sock)
+        events = []
+        await qmp.execute("blockdev-add", chain_arg(d))
+        if name.startswith("mirror"):
+            await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                                               "file": {"driver": "file",
+                                                        "filename": os.path.join(d, "tgt.qcow2")}})
+        with qmp.listener() as listener:
+            for cmd, args in commands:
+                await qmp.execute(cmd, args)
+            async for ev in listener:
+                events.append(ev)
+                if ev["event"] == "BLOCK_JOB_READY":
+                    await qmp.execute("block-job-complete", {"device": "j"})
+                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "null":
+                    break
+        await qmp.execute("blockdev-del", {"node-name": "top"})
+        if name.startswith("mirror"):
+            await qmp.execute("blockdev-del", {"node-name": "tgt"})
+        await qmp.execute("quit")
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass  # the daemon closed first, as it should after quit
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    images = {}
+    for img in outputs:
+        raw = os.path.join(d, f"{img}.raw")
+        sh("qemu-img", "convert", "-O", "raw", os.path.join(d, f"{img}.qcow2"), raw)
+        with open(raw, "rb") as f:
+            images[img] = hashlib.sha256(f.read()).hexdigest()
+        sh("qemu-img", "check", "-q", os.path.join(d, f"{img}.qcow2"))
+    return [summarize(e) for e in events], images
+
+
+async def main(aiod, only=None):
+    failures = []
+    for name in SCENARIOS:
+        if only and name not in only:
+            continue
+        results = {}
+        for kind in ("aiod", "qsd"):
+            with tempfile.TemporaryDirectory(prefix=f"cmp-{kind}-") as d:
+                make_chain(d)
+                results[kind] = await asyncio.wait_for(scenario(kind, aiod, name, d), 60)
+        (ev_a, img_a), (ev_q, img_q) = results["aiod"], results["qsd"]
+        if ev_a != ev_q:
+            failures.append(f"{name}: events differ\n  aiod: {ev_a}\n  qsd:  {ev_q}")
+        if img_a != img_q:
+            failures.append(f"{name}: images differ: aiod {img_a} qsd {img_q}")
+        print(f"{name}: {'same' if ev_a == ev_q and img_a == img_q else 'DIFFERENT'}"
+              f" ({len(ev_a)} events)")
+    if failures:
+        print("\n".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1], sys.argv[2:])))

@@ -284,3 +284,47 @@ fn stream_into_an_intermediate_node() {
     assert_same(&top, &want_top);
     assert_check(&mid);
 }
+
+#[test]
+fn base_by_file_name_and_bottom_select_the_same_base() {
+    for how in ["base", "bottom"] {
+        let dir = tmp();
+        let (base, mid, top) = make_chain(dir.path());
+        let want = snapshot(&top, dir.path(), "want.qcow2");
+        let ctx = AioContext::new().unwrap();
+        let g = BlockGraph::new();
+        let topn = add_chain(&ctx, &g, &base, &mid, &top);
+        let (reg, _log) = registry(ClockType::Realtime);
+        let mut a = StreamArgs::new("s", "top");
+        match how {
+            "base" => a.base = Some(p(&base).to_string()),
+            _ => a.bottom = Some("mid".into()),
+        }
+        let job = start_stream(&ctx, &g, &reg, a).unwrap();
+        ctx.block_on(job.wait_finished());
+        assert_eq!(topn.backing().unwrap().name(), "base", "{how}");
+        ctx.block_on(g.close_all()).unwrap();
+        assert_same(&top, &want);
+        assert_check(&top);
+    }
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, _log) = registry(ClockType::Realtime);
+    let mut a = StreamArgs::new("s", "top");
+    a.base = Some("nosuch.qcow2".into());
+    assert_eq!(
+        start_stream(&ctx, &g, &reg, a).unwrap_err().to_string(),
+        "Can't find 'nosuch.qcow2' in the backing chain"
+    );
+    let mut a = StreamArgs::new("s", "top");
+    a.base = Some(p(&base).to_string());
+    a.base_node = Some("base".into());
+    assert_eq!(
+        start_stream(&ctx, &g, &reg, a).unwrap_err().to_string(),
+        "'base' and 'base-node' cannot be specified at the same time"
+    );
+    ctx.block_on(g.close_all()).unwrap();
+}

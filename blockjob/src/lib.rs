@@ -2,7 +2,8 @@
 //! block nodes (`file`, `raw`, `qcow2`, `null-co`) with backing chains and
 //! permissions, block status across a chain, the `aio-img` tool, and QEMU's
 //! job model (states, verbs, pause nesting, rate limits, events) with jobs
-//! as async state machines on a context.
+//! as async state machines on a context, and the four block jobs on it
+//! ([`jobs`]: stream, commit, mirror, backup).
 //!
 //! Every image this crate writes is one QEMU reads the same way; the tests
 //! check that against `qemu-img` and `qemu-io`.

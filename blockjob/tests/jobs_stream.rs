@@ -192,3 +192,139 @@ fn busy_nodes_and_bad_arguments_are_refused_with_qemu_s_texts() {
     ctx.block_on(g.blockdev_del("top")).unwrap();
     assert_check(&top);
 }
+
+#[test]
+fn guest_writes_during_stream_survive_it() {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want = snapshot(&top, dir.path(), "want.qcow2");
+    qemu_io(
+        &want,
+        &[
+            "write -P 0xd1 512k 4k".into(),
+            "write -P 0xd2 2600k 8k".into(),
+            "write -z 3M 64k".into(),
+        ],
+    );
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let topn = add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, log) = registry(ClockType::Virtual);
+    let mut args = StreamArgs::new("s", "top");
+    args.speed = 1 << 20;
+    let job = start_stream(&ctx, &g, &reg, args).unwrap();
+    vstep(&ctx, &job, 1_000_000_000);
+    // Behind and ahead of the stream's position, in ranges it copies.
+    ctx.block_on(topn.write(512 << 10, vec![0xd1; 4096]))
+        .unwrap();
+    ctx.block_on(topn.write(2600 << 10, vec![0xd2; 8192]))
+        .unwrap();
+    ctx.block_on(topn.write_zeroes(3 << 20, 64 << 10)).unwrap();
+    job.set_speed(0).unwrap();
+    ctx.block_on(job.wait_finished());
+    assert_eq!(events(&log), OK_SEQ);
+    ctx.block_on(g.close_all()).unwrap();
+    assert_eq!(backing_of(&top), None);
+    assert_same(&top, &want);
+    assert_check(&top);
+}
+
+#[test]
+fn manual_finalize_changes_the_chain_only_at_finalize() {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want = snapshot(&top, dir.path(), "want.qcow2");
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let topn = add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, log) = registry(ClockType::Realtime);
+    let mut args: StreamArgs = serde_json::from_value(serde_json::json!({
+        "job-id": "ctl4", "device": "top", "base-node": "base", "auto-finalize": false,
+        "auto-dismiss": false, "speed": 536870912, "backing-file": "base.qcow2"}))
+    .unwrap();
+    args.speed = 0;
+    let job = start_stream(&ctx, &g, &reg, args).unwrap();
+    wait_status(&ctx, &job, JobStatus::Pending);
+    assert_eq!(topn.backing().unwrap().name(), "mid", "not before finalize");
+    job.finalize().unwrap();
+    ctx.block_on(job.wait_finished());
+    assert_eq!(job.status(), JobStatus::Concluded);
+    job.dismiss().unwrap();
+    assert_eq!(
+        events(&log),
+        "created running waiting pending BLOCK_JOB_PENDING BLOCK_JOB_COMPLETED concluded null"
+    );
+    assert_eq!(topn.backing().unwrap().name(), "base");
+    ctx.block_on(g.close_all()).unwrap();
+    // The recorded name is the one given (relative to top's directory).
+    assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
+    assert_same(&top, &want);
+    assert_check(&top);
+}
+
+#[test]
+fn stream_into_an_intermediate_node() {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want_top = snapshot(&top, dir.path(), "want-top.qcow2");
+    let want_mid = snapshot(&mid, dir.path(), "want-mid.qcow2");
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let topn = add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, log) = registry(ClockType::Realtime);
+    let job = start_stream(&ctx, &g, &reg, StreamArgs::new("s-mid", "mid")).unwrap();
+    ctx.block_on(job.wait_finished());
+    assert_eq!(events(&log), OK_SEQ);
+    let midn = topn.backing().unwrap();
+    assert_eq!(midn.name(), "mid");
+    assert!(midn.backing().is_none());
+    ctx.block_on(g.close_all()).unwrap();
+    assert_eq!(backing_of(&mid), None);
+    assert_same(&mid, &want_mid);
+    assert_same(&top, &want_top);
+    assert_check(&mid);
+}
+
+#[test]
+fn base_by_file_name_and_bottom_select_the_same_base() {
+    for how in ["base", "bottom"] {
+        let dir = tmp();
+        let (base, mid, top) = make_chain(dir.path());
+        let want = snapshot(&top, dir.path(), "want.qcow2");
+        let ctx = AioContext::new().unwrap();
+        let g = BlockGraph::new();
+        let topn = add_chain(&ctx, &g, &base, &mid, &top);
+        let (reg, _log) = registry(ClockType::Realtime);
+        let mut a = StreamArgs::new("s", "top");
+        match how {
+            "base" => a.base = Some(p(&base).to_string()),
+            _ => a.bottom = Some("mid".into()),
+        }
+        let job = start_stream(&ctx, &g, &reg, a).unwrap();
+        ctx.block_on(job.wait_finished());
+        assert_eq!(topn.backing().unwrap().name(), "base", "{how}");
+        ctx.block_on(g.close_all()).unwrap();
+        assert_same(&top, &want);
+        assert_check(&top);
+    }
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, _log) = registry(ClockType::Realtime);
+    let mut a = StreamArgs::new("s", "top");
+    a.base = Some("nosuch.qcow2".into());
+    assert_eq!(
+        start_stream(&ctx, &g, &reg, a).unwrap_err().to_string(),
+        "Can't find 'nosuch.qcow2' in the backing chain"
+    );
+    let mut a = StreamArgs::new("s", "top");
+    a.base = Some(p(&base).to_string());
+    a.base_node = Some("base".into());
+    assert_eq!(
+        start_stream(&ctx, &g, &reg, a).unwrap_err().to_string(),
+        "'base' and 'base-node' cannot be specified at the same time"
+    );
+    ctx.block_on(g.close_all()).unwrap();
+}

@@ -223,6 +223,21 @@ impl BlockNode {
         r
     }
 
+    /// A write that does not change what the node reads as (copy-on-read
+    /// by a stream job; QEMU's `BDRV_REQ_WRITE_UNCHANGED`): write hooks do
+    /// not see it. An all-zero buffer becomes a zero write.
+    pub async fn write_unchanged(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if buf.iter().all(|&b| b == 0) {
+            return self.driver.write_zeroes(offset, buf.len() as u64).await;
+        }
+        self.driver.write(offset, buf).await
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;

@@ -355,6 +355,13 @@ pub fn start_commit(
         .into_iter()
         .find(|n| n.backing().is_some_and(|b| Arc::ptr_eq(&b, &top)))
         .ok_or_else(|| Error::Job(format!("Could not find the overlay of '{}'", top.name())))?;
+    if overlay.read_only() {
+        // Its backing file link is rewritten at the end.
+        return Err(Error::Job(format!(
+            "Block node '{}' is read-only",
+            overlay.name()
+        )));
+    }
     let driver = Arc::new(CommitJob {
         top: top.clone(),
         base: base.clone(),

@@ -19,10 +19,12 @@ use crate::block::{BlockGraph, BlockNode, OpBlocker, PermGuard, WriteHookGuard};
 use crate::job::{ErrorAction, IoOperation, JobControl, JobOptions, JobType};
 use crate::{Error, Result};
 
+pub mod backup;
 pub mod commit;
 pub mod mirror;
 pub mod stream;
 
+pub use backup::{start_backup, BackupArgs};
 pub use commit::{start_commit, CommitArgs};
 pub use mirror::{start_mirror, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};

@@ -4,15 +4,16 @@
 
 use std::sync::Arc;
 
-use aio::AioContext;
+use aio::{AioContext, ClockType};
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use super::{
-    allocated_above, check_speed, copy_range, drop_layers, find_backing_image, find_device,
-    find_node, handle_io_error, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
+    allocated_above, check_speed, drop_layers, find_backing_image, find_device, find_node,
+    handle_io_error, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
-use crate::block::{BlockGraph, BlockNode, GraphRef, Perm};
-use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobRegistry, JobType};
+use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, GraphRef, Perm, WriteHook};
+use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
 /// QMP `block-stream` arguments.
@@ -79,6 +80,77 @@ impl StreamArgs {
     }
 }
 
+/// Serialises the stream's copy-on-read of a range with guest writes to
+/// the same range (QEMU makes copy-on-read requests serialising): without
+/// it a guest write landing between the stream's read of the old data and
+/// its write into the top would be overwritten with the old data.
+#[derive(Default)]
+struct Serialise {
+    st: Mutex<SerState>,
+}
+
+#[derive(Default)]
+struct SerState {
+    job: Option<(u64, u64)>,
+    guest: Vec<(u64, u64)>,
+}
+
+fn overlaps(a: (u64, u64), off: u64, len: u64) -> bool {
+    a.0 < off + len && off < a.0 + a.1
+}
+
+/// How long a waiter sleeps before it looks again (one chunk of I/O
+/// takes far longer).
+const RETRY_NS: i64 = 20_000;
+
+impl Serialise {
+    async fn claim(&self, off: u64, len: u64) {
+        loop {
+            {
+                let mut st = self.st.lock();
+                if !st.guest.iter().any(|&g| overlaps(g, off, len)) {
+                    st.job = Some((off, len));
+                    return;
+                }
+            }
+            aio::sleep_ns(ClockType::Realtime, RETRY_NS).await;
+        }
+    }
+
+    fn release(&self) {
+        self.st.lock().job = None;
+    }
+}
+
+impl WriteHook for Serialise {
+    fn before_write<'a>(
+        &'a self,
+        _node: &'a BlockNode,
+        offset: u64,
+        len: u64,
+    ) -> NodeFuture<'a, Result<()>> {
+        Box::pin(async move {
+            loop {
+                {
+                    let mut st = self.st.lock();
+                    if !st.job.is_some_and(|j| overlaps(j, offset, len)) {
+                        st.guest.push((offset, len));
+                        return Ok(());
+                    }
+                }
+                aio::sleep_ns(ClockType::Realtime, RETRY_NS).await;
+            }
+        })
+    }
+
+    fn after_write(&self, offset: u64, len: u64) {
+        let mut st = self.st.lock();
+        if let Some(i) = st.guest.iter().position(|&g| g == (offset, len)) {
+            st.guest.swap_remove(i);
+        }
+    }
+}
+
 struct StreamJob {
     top: Arc<BlockNode>,
     base: Option<Arc<BlockNode>>,
@@ -88,9 +160,39 @@ struct StreamJob {
     on_error: OnError,
     graph: GraphRef,
     held: Held,
+    ser: Arc<Serialise>,
 }
 
 impl StreamJob {
+    /// One step at `off`: how many bytes it covered and whether it copied
+    /// them.
+    async fn step(
+        &self,
+        off: u64,
+        want: u64,
+    ) -> std::result::Result<(u64, bool), (IoOperation, Error)> {
+        let read = |e| (IoOperation::Read, e);
+        let (st, n) = self.top.block_status(off, want).await.map_err(read)?;
+        if st.allocated {
+            return Ok((n, false));
+        }
+        let (a, n) = allocated_above(&self.layers, off, n).await.map_err(read)?;
+        if !a {
+            return Ok((n, false));
+        }
+        // Copy-on-read: the top's own view, written into the top.
+        let buf = self
+            .top
+            .read(off, vec![0; n as usize])
+            .await
+            .map_err(read)?;
+        self.top
+            .write_unchanged(off, buf)
+            .await
+            .map_err(|e| (IoOperation::Write, e))?;
+        Ok((n, true))
+    }
+
     async fn run_inner(&self, job: &JobControl) -> Result<()> {
         let len = self.top.len();
         job.set_total(len);
@@ -100,28 +202,16 @@ impl StreamJob {
                 return Err(Error::Cancelled);
             }
             let want = CHUNK.min(len - off);
-            let step = async {
-                let (st, n) = self.top.block_status(off, want).await?;
-                if st.allocated {
-                    return Ok::<_, Error>((n, false));
-                }
-                let (a, n) = allocated_above(&self.layers, off, n).await?;
-                Ok((n, a))
-            };
-            let (n, copy) = match step.await {
+            self.ser.claim(off, want).await;
+            let r = self.step(off, want).await;
+            self.ser.release();
+            let (n, copy) = match r {
                 Ok(x) => x,
-                Err(e) => {
-                    handle_io_error(job, self.on_error, crate::job::IoOperation::Read, e).await?;
-                    continue;
-                }
-            };
-            if copy {
-                // Copy-on-read: the top's own view, written into the top.
-                if let Err((op, e)) = copy_range(&self.top, &self.top, off, n).await {
+                Err((op, e)) => {
                     handle_io_error(job, self.on_error, op, e).await?;
                     continue;
                 }
-            }
+            };
             off += n;
             job.add_progress(n);
             job.rate_limit(if copy { n } else { 0 }).await;
@@ -142,6 +232,7 @@ impl JobDriver for StreamJob {
     fn prepare<'a>(&'a self, _job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.held.drop_perms();
+            self.held.drop_hooks();
             // Everything copied is on disk before the image stops naming
             // the layers it was copied from.
             self.top.flush().await?;
@@ -249,6 +340,7 @@ pub fn start_stream(
         on_error: args.on_error,
         graph: graph.handle(),
         held: Held::default(),
+        ser: Arc::new(Serialise::default()),
     });
     let job = registry.create(
         ctx,
@@ -258,6 +350,7 @@ pub fn start_stream(
     for n in &chain {
         holds.block(n, JobType::Stream);
     }
+    holds.hooks.push(top.add_write_hook(driver.ser.clone()));
     *driver.held.0.lock() = holds;
     job.start();
     Ok(job)

@@ -1,5 +1,5 @@
 //! The job-starting commands: `block-stream`, `block-commit`,
-//! `blockdev-mirror` (and `blockdev-backup` with the backup job). Arguments are checked against a
+//! `blockdev-mirror`, `blockdev-backup`. Arguments are checked against a
 //! schema first (QEMU's texts for missing, mistyped, unknown and bad enum
 //! arguments), then handed to the job constructors in `blockjob::jobs`.
 
@@ -61,8 +61,12 @@ fn mirror_schema() -> Schema {
         .optional("target-is-zero", ArgType::Bool)
 }
 
-#[allow(dead_code)] // blockdev-backup lands with the backup job
 fn backup_schema() -> Schema {
+    let perf = Schema::new()
+        .optional("use-copy-range", ArgType::Bool)
+        .optional("max-workers", ArgType::Int(IntKind::I64))
+        .optional("max-chunk", ArgType::Int(IntKind::I64))
+        .optional("min-cluster-size", ArgType::Int(IntKind::U64));
     common(Schema::new())
         .required("target", ArgType::Str)
         .required(
@@ -70,9 +74,15 @@ fn backup_schema() -> Schema {
             ArgType::enumeration(["top", "full", "none", "incremental", "bitmap"]),
         )
         .optional("bitmap", ArgType::Str)
+        .optional(
+            "bitmap-mode",
+            ArgType::enumeration(["on-success", "never", "always"]),
+        )
         .optional("compress", ArgType::Bool)
         .optional("on-source-error", on_error())
         .optional("on-target-error", on_error())
+        .optional("discard-source", ArgType::Bool)
+        .optional("x-perf", ArgType::object(perf))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
@@ -96,7 +106,7 @@ fn negative_speed(args: &Map<String, Value>) -> Result<(), QmpError> {
     Ok(())
 }
 
-/// Registers the job-starting commands.
+/// Registers the four job-starting commands.
 ///
 /// # Errors
 ///
@@ -120,6 +130,13 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
     server.register_with_schema("blockdev-mirror", mirror_schema(), move |a| {
         negative_speed(&a)?;
         blockjob::jobs::start_mirror(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+            .map(|_| json!({}))
+            .map_err(generic)
+    })?;
+    let s = state;
+    server.register_with_schema("blockdev-backup", backup_schema(), move |a| {
+        negative_speed(&a)?;
+        blockjob::jobs::start_backup(&s.ctx, &s.graph, &s.jobs, parse(a)?)
             .map(|_| json!({}))
             .map_err(generic)
     })?;

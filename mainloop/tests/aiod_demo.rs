@@ -11,7 +11,8 @@ fn demo_runs_the_jobs_and_verifies_them() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("demo finished"), "{stdout}");
-    for job in ["mirror0", "commit0", "stream0"] {
+    assert!(stdout.contains("all four jobs verified"), "{stdout}");
+    for job in ["backup0", "mirror0", "commit0", "stream0"] {
         assert!(
             stdout.contains(&format!("BLOCK_JOB_COMPLETED {{\"device\":\"{job}\"")),
             "{job} did not complete:\n{stdout}"

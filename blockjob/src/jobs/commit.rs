@@ -172,8 +172,6 @@ impl JobDriver for CommitJob {
 
 struct ActiveCommitJob {
     core: MirrorCore,
-    layers: Vec<Arc<BlockNode>>,
-    graph: GraphRef,
     held: Held,
 }
 
@@ -204,7 +202,10 @@ impl JobDriver for ActiveCommitJob {
                 job.id(),
                 self.core.target.name()
             );
-            drop_layers(&self.graph, &self.layers).await
+            // As in QEMU, the committed layers stay nodes of their own (the
+            // monitor still owns the old active layer, which `blockdev-del`
+            // removes later); users address `base` from now on.
+            Ok(())
         })
     }
     fn clean(&self) {
@@ -337,8 +338,6 @@ pub fn start_commit(
                 ready: AtomicBool::new(false),
                 grow_target: true,
             },
-            layers: layers.clone(),
-            graph: graph.handle(),
             held: Held::default(),
         });
         let job = registry.create(ctx, opts, driver.clone())?;

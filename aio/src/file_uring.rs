@@ -58,74 +58,104 @@ fn one(bufs: Vec<OwnedBuf>) -> OwnedBuf {
     }
 }
 
-/// `pread` until `buf` is full or end of file.
-pub(crate) async fn read<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<(usize, B)> {
-    let len = buf.bytes().len();
-    let mut owned = to_owned_buf(buf);
-    let mut done = 0usize;
-    while done < len {
-        let pos = offset + done as u64;
-        let c = UringOp::new(IoOp::Read {
-            fd: fd(inner),
-            buf: owned,
-            skip: done,
-            offset: pos,
-        })
-        .await?;
-        owned = one(c.bufs);
-        match c.result {
-            0 => break,
-            n if n > 0 => {
-                done += n as usize;
-                if inner.misaligned_after(n as usize) {
-                    break;
-                }
-            }
-            r if retryable(r) => {}
-            r => return Err(os_error(inner, "pread", len - done, pos, r)),
-        }
-    }
-    Ok((done, from_owned_buf(owned)))
+/// Which way a transfer goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
 }
 
-/// `pwrite` all of `buf`.
-pub(crate) async fn write<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<B> {
-    let len = buf.bytes().len();
-    let mut owned = to_owned_buf(buf);
+/// The one transfer loop behind `pread`/`pwrite`/`preadv`/`pwritev`: goes
+/// on after short transfers, retries `EINTR`/`EAGAIN`, stops a read at end
+/// of file (or at a short `O_DIRECT` read, which is end of file too).
+/// Returns the bytes done and the buffers.
+async fn transfer(
+    inner: &FileInner,
+    dir: Dir,
+    vectored: bool,
+    mut bufs: Vec<OwnedBuf>,
+    offset: u64,
+) -> Result<(usize, Vec<OwnedBuf>)> {
+    let name = match (dir, vectored) {
+        (Dir::Read, false) => "pread",
+        (Dir::Write, false) => "pwrite",
+        (Dir::Read, true) => "preadv",
+        (Dir::Write, true) => "pwritev",
+    };
+    let total: usize = bufs.iter().map(OwnedBuf::len).sum();
     let mut done = 0usize;
-    while done < len {
-        let pos = offset + done as u64;
-        let c = UringOp::new(IoOp::Write {
-            fd: fd(inner),
-            buf: owned,
-            skip: done,
-            offset: pos,
-        })
-        .await?;
-        owned = one(c.bufs);
+    while done < total {
+        let (fd, skip, pos) = (fd(inner), done, offset + done as u64);
+        let op = match (dir, vectored) {
+            (Dir::Read, false) => IoOp::Read {
+                fd,
+                buf: one(bufs),
+                skip,
+                offset: pos,
+            },
+            (Dir::Write, false) => IoOp::Write {
+                fd,
+                buf: one(bufs),
+                skip,
+                offset: pos,
+            },
+            (Dir::Read, true) => IoOp::Readv {
+                fd,
+                bufs,
+                skip,
+                offset: pos,
+            },
+            (Dir::Write, true) => IoOp::Writev {
+                fd,
+                bufs,
+                skip,
+                offset: pos,
+            },
+        };
+        let c = UringOp::new(op).await?;
+        bufs = c.bufs;
         match c.result {
+            0 if dir == Dir::Read => break,
             0 => {
                 return Err(Error::Io {
-                    context: inner.what("pwrite", len - done, pos),
+                    context: inner.what(name, total - done, pos),
                     source: io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"),
                 })
             }
             n if n > 0 => {
-                done += n as usize;
-                if done < len && inner.misaligned_after(n as usize) {
-                    return Err(Error::Io {
-                        context: inner.what("pwrite", len - done, pos),
-                        source: io::Error::other(format!(
-                            "short O_DIRECT write of {n} bytes left the rest misaligned"
-                        )),
-                    });
+                let n = n as usize;
+                done += n;
+                if inner.misaligned_after(n) {
+                    if dir == Dir::Read {
+                        break;
+                    }
+                    if done < total {
+                        return Err(Error::Io {
+                            context: inner.what(name, total - done, pos),
+                            source: io::Error::other(format!(
+                                "short O_DIRECT write of {n} bytes left the rest misaligned"
+                            )),
+                        });
+                    }
                 }
             }
             r if retryable(r) => {}
-            r => return Err(os_error(inner, "pwrite", len - done, pos, r)),
+            r => return Err(os_error(inner, name, total - done, pos, r)),
         }
     }
-    Ok(from_owned_buf(owned))
+    Ok((done, bufs))
+}
+
+/// `pread` until `buf` is full or end of file.
+pub(crate) async fn read<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<(usize, B)> {
+    let (n, bufs) = transfer(inner, Dir::Read, false, vec![to_owned_buf(buf)], offset).await?;
+    Ok((n, from_owned_buf(one(bufs))))
+}
+
+/// `pwrite` all of `buf`.
+pub(crate) async fn write<B: IoBuf>(inner: &FileInner, buf: B, offset: u64) -> Result<B> {
+    let (_, bufs) = transfer(inner, Dir::Write, false, vec![to_owned_buf(buf)], offset).await?;
+    Ok(from_owned_buf(one(bufs)))
 }
 
 /// `preadv` until the buffers are full or end of file.
@@ -134,32 +164,9 @@ pub(crate) async fn readv<B: IoBuf>(
     bufs: Vec<B>,
     offset: u64,
 ) -> Result<(usize, Vec<B>)> {
-    let total: usize = bufs.iter().map(|b| b.bytes().len()).sum();
-    let mut owned: Vec<OwnedBuf> = bufs.into_iter().map(to_owned_buf).collect();
-    let mut done = 0usize;
-    while done < total {
-        let pos = offset + done as u64;
-        let c = UringOp::new(IoOp::Readv {
-            fd: fd(inner),
-            bufs: owned,
-            skip: done,
-            offset: pos,
-        })
-        .await?;
-        owned = c.bufs;
-        match c.result {
-            0 => break,
-            n if n > 0 => {
-                done += n as usize;
-                if inner.misaligned_after(n as usize) {
-                    break;
-                }
-            }
-            r if retryable(r) => {}
-            r => return Err(os_error(inner, "preadv", total - done, pos, r)),
-        }
-    }
-    Ok((done, owned.into_iter().map(from_owned_buf).collect()))
+    let owned = bufs.into_iter().map(to_owned_buf).collect();
+    let (n, owned) = transfer(inner, Dir::Read, true, owned, offset).await?;
+    Ok((n, owned.into_iter().map(from_owned_buf).collect()))
 }
 
 /// `pwritev` all of the buffers.
@@ -168,41 +175,8 @@ pub(crate) async fn writev<B: IoBuf>(
     bufs: Vec<B>,
     offset: u64,
 ) -> Result<Vec<B>> {
-    let total: usize = bufs.iter().map(|b| b.bytes().len()).sum();
-    let mut owned: Vec<OwnedBuf> = bufs.into_iter().map(to_owned_buf).collect();
-    let mut done = 0usize;
-    while done < total {
-        let pos = offset + done as u64;
-        let c = UringOp::new(IoOp::Writev {
-            fd: fd(inner),
-            bufs: owned,
-            skip: done,
-            offset: pos,
-        })
-        .await?;
-        owned = c.bufs;
-        match c.result {
-            0 => {
-                return Err(Error::Io {
-                    context: inner.what("pwritev", total - done, pos),
-                    source: io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"),
-                })
-            }
-            n if n > 0 => {
-                done += n as usize;
-                if done < total && inner.misaligned_after(n as usize) {
-                    return Err(Error::Io {
-                        context: inner.what("pwritev", total - done, pos),
-                        source: io::Error::other(format!(
-                            "short O_DIRECT write of {n} bytes left the rest misaligned"
-                        )),
-                    });
-                }
-            }
-            r if retryable(r) => {}
-            r => return Err(os_error(inner, "pwritev", total - done, pos, r)),
-        }
-    }
+    let owned = bufs.into_iter().map(to_owned_buf).collect();
+    let (_, owned) = transfer(inner, Dir::Write, true, owned, offset).await?;
     Ok(owned.into_iter().map(from_owned_buf).collect())
 }
 

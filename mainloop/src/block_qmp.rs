@@ -66,12 +66,64 @@ crate::qmp_args! {
 /// What the block commands operate on.
 #[derive(Clone)]
 pub struct BlockState {
-    /// The context nodes and jobs run on.
+    /// The main context: nodes and jobs run here unless a node was added
+    /// with an `iothread`.
     pub ctx: AioContext,
     /// The node graph.
     pub graph: Arc<BlockGraph>,
     /// The jobs.
     pub jobs: JobRegistry,
+    /// The iothreads `blockdev-add` may name, by id.
+    pub iothreads: Arc<std::collections::HashMap<String, AioContext>>,
+    /// Nodes added with an `iothread`: node name → that iothread's context.
+    pub node_contexts: Arc<parking_lot::Mutex<std::collections::HashMap<String, AioContext>>>,
+}
+
+impl BlockState {
+    /// State on `ctx` with no iothreads.
+    pub fn new(ctx: AioContext, graph: Arc<BlockGraph>, jobs: JobRegistry) -> Self {
+        Self {
+            ctx,
+            graph,
+            jobs,
+            iothreads: Arc::default(),
+            node_contexts: Arc::default(),
+        }
+    }
+
+    /// The context a node (and the jobs on it) runs on: its iothread's, or
+    /// the main context.
+    pub fn context_of(&self, node: &str) -> AioContext {
+        self.node_contexts
+            .lock()
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| self.ctx.clone())
+    }
+
+    /// `blockdev-add` arguments with QEMU's `iothread` option taken out:
+    /// returns the iothread's context, if one was named.
+    ///
+    /// # Errors
+    ///
+    /// An unknown iothread or a non-string value.
+    pub fn take_iothread(
+        &self,
+        args: &mut Map<String, Value>,
+    ) -> Result<Option<AioContext>, QmpError> {
+        match args.remove("iothread") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(id)) => self
+                .iothreads
+                .get(&id)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}"))),
+            Some(_) => Err(QmpError::generic(
+                "Invalid parameter type for 'iothread', expected: string",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for BlockState {
@@ -184,16 +236,21 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
         .subscribe(move |ev: &JobEvent| emitter.emit(ev.name(), ev.data()));
 
     let s = state.clone();
-    server.register_async("blockdev-add", move |args: Map<String, Value>| {
+    server.register_async("blockdev-add", move |mut args: Map<String, Value>| {
         let s = s.clone();
         async move {
-            let ctx = s.ctx.clone();
+            let iothread = s.take_iothread(&mut args)?;
+            let ctx = iothread.clone().unwrap_or_else(|| s.ctx.clone());
             on(&ctx, async move {
-                s.graph
+                let node = s
+                    .graph
                     .blockdev_add(&Value::Object(args))
                     .await
-                    .map(|_| json!({}))
-                    .map_err(generic)
+                    .map_err(generic)?;
+                if let Some(io) = iothread {
+                    s.node_contexts.lock().insert(node.name().to_string(), io);
+                }
+                Ok(json!({}))
             })
             .await
         }

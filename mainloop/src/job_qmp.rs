@@ -93,6 +93,13 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())
 }
 
+/// The context of the job's `device` node (its iothread's, or main).
+fn device_context(s: &BlockState, args: &Map<String, Value>) -> aio::AioContext {
+    args.get("device")
+        .and_then(Value::as_str)
+        .map_or_else(|| s.ctx.clone(), |d| s.context_of(d))
+}
+
 fn negative_speed(args: &Map<String, Value>) -> Result<(), QmpError> {
     if args
         .get("speed")
@@ -115,28 +122,32 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
     let s = state.clone();
     server.register_with_schema("block-stream", stream_schema(), move |a| {
         negative_speed(&a)?;
-        blockjob::jobs::start_stream(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+        let ctx = device_context(&s, &a);
+        blockjob::jobs::start_stream(&ctx, &s.graph, &s.jobs, parse(a)?)
             .map(|_| json!({}))
             .map_err(generic)
     })?;
     let s = state.clone();
     server.register_with_schema("block-commit", commit_schema(), move |a| {
         negative_speed(&a)?;
-        blockjob::jobs::start_commit(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+        let ctx = device_context(&s, &a);
+        blockjob::jobs::start_commit(&ctx, &s.graph, &s.jobs, parse(a)?)
             .map(|_| json!({}))
             .map_err(generic)
     })?;
     let s = state.clone();
     server.register_with_schema("blockdev-mirror", mirror_schema(), move |a| {
         negative_speed(&a)?;
-        blockjob::jobs::start_mirror(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+        let ctx = device_context(&s, &a);
+        blockjob::jobs::start_mirror(&ctx, &s.graph, &s.jobs, parse(a)?)
             .map(|_| json!({}))
             .map_err(generic)
     })?;
     let s = state;
     server.register_with_schema("blockdev-backup", backup_schema(), move |a| {
         negative_speed(&a)?;
-        blockjob::jobs::start_backup(&s.ctx, &s.graph, &s.jobs, parse(a)?)
+        let ctx = device_context(&s, &a);
+        blockjob::jobs::start_backup(&ctx, &s.graph, &s.jobs, parse(a)?)
             .map(|_| json!({}))
             .map_err(generic)
     })?;

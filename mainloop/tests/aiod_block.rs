@@ -189,3 +189,79 @@ fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
         serde_json::from_str(&qemu_img(&["info", "--output=json", top.to_str().unwrap()])).unwrap();
     assert_eq!(info["dirty-flag"], false, "closed clean");
 }
+
+#[test]
+fn a_node_on_an_iothread_runs_its_job_there_and_events_reach_the_monitor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    let io = Command::new("qemu-io")
+        .args(["-c", "write -P 0x42 0 3M", base.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(io.status.success());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let want = d.join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+    let sock = d.join("qmp.sock");
+    let mut child = Command::new(AIOD)
+        .args(["--qmp", &format!("unix:{}", sock.display())])
+        .args(["--object", "iothread,id=io0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, &sock);
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+    let chain = json!({"driver": "qcow2", "node-name": "top", "iothread": "io0",
+        "file": {"driver": "file", "filename": top},
+        "backing": {"driver": "qcow2", "node-name": "base",
+            "file": {"driver": "file", "filename": base}}});
+    let mut bad = chain.clone();
+    bad["iothread"] = json!("io9");
+    assert_eq!(
+        c.err("blockdev-add", bad),
+        util::generic("Cannot find iothread io9")
+    );
+    c.ok("blockdev-add", chain);
+    c.ok("block-stream", json!({"job-id": "s0", "device": "top"}));
+    loop {
+        let ev = c.recv_event();
+        if ev["event"] == "BLOCK_JOB_COMPLETED" {
+            assert_eq!(ev["data"]["device"], "s0");
+            assert!(ev["data"].get("error").is_none(), "{ev}");
+            break;
+        }
+    }
+    c.ok("quit", Value::Null);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    qemu_img(&[
+        "compare",
+        "-q",
+        want.to_str().unwrap(),
+        top.to_str().unwrap(),
+    ]);
+    qemu_img(&["check", "-q", top.to_str().unwrap()]);
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", top.to_str().unwrap()])).unwrap();
+    assert!(info.get("backing-filename").is_none(), "streamed: {info}");
+}

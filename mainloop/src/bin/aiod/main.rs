@@ -215,16 +215,22 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let main = ml.main_context().clone();
-    let state = BlockState {
-        ctx: main.clone(),
-        graph: std::sync::Arc::new(BlockGraph::new()),
+    let mut state = BlockState::new(
+        main.clone(),
+        std::sync::Arc::new(BlockGraph::new()),
         // Under qtest, jobs sleep and rate-limit on the virtual clock.
-        jobs: JobRegistry::new(if args.qtest.is_some() {
+        JobRegistry::new(if args.qtest.is_some() {
             ClockType::Virtual
         } else {
             ClockType::Realtime
         }),
-    };
+    );
+    state.iothreads = std::sync::Arc::new(
+        iothreads
+            .iter()
+            .map(|t| (t.id().to_string(), t.context().clone()))
+            .collect(),
+    );
     for bd in &args.blockdevs {
         main.block_on(state.graph.blockdev_add(bd))
             .map_err(|e| format!("--blockdev: {e}"))?;

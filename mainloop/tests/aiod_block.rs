@@ -265,3 +265,83 @@ fn a_node_on_an_iothread_runs_its_job_there_and_events_reach_the_monitor() {
         serde_json::from_str(&qemu_img(&["info", "--output=json", top.to_str().unwrap()])).unwrap();
     assert!(info.get("backing-filename").is_none(), "streamed: {info}");
 }
+
+#[test]
+fn conflicting_jobs_are_refused_and_a_job_outlives_its_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    let io = Command::new("qemu-io")
+        .args(["-c", "write -P 0x42 0 8M", base.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(io.status.success());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let sock = d.join("qmp.sock");
+    let mut child = Command::new(AIOD)
+        .args(["--qmp", &format!("unix:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, &sock);
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top},
+            "backing": {"driver": "qcow2", "node-name": "base",
+                "file": {"driver": "file", "filename": base}}}),
+    );
+    // 64 KiB/s: the 8 MiB stream takes minutes unless sped up.
+    c.ok(
+        "block-stream",
+        json!({"job-id": "s0", "device": "top", "speed": 65536}),
+    );
+    let (class, desc) = c.err("block-stream", json!({"job-id": "s1", "device": "top"}));
+    assert_eq!(class, "GenericError");
+    assert!(desc.starts_with("Node 'top' is busy"), "{desc}");
+    assert_eq!(
+        c.err("block-stream", json!({"job-id": "s0", "device": "base"}))
+            .0,
+        "GenericError"
+    );
+    let (_, desc) = c.err("blockdev-del", json!({"node-name": "top"}));
+    assert!(desc.starts_with("Node 'top' is busy"), "{desc}");
+    assert_eq!(
+        c.err("block-job-complete", json!({"device": "s0"})),
+        util::generic("Job 's0' in state 'running' cannot accept command verb 'complete'")
+    );
+
+    // The client goes away mid-job; the job goes on.
+    drop(c);
+    let mut c2 = QmpClient::connect_unix(&sock);
+    c2.negotiate();
+    let jobs = c2.ok("query-block-jobs", Value::Null);
+    assert_eq!(jobs[0]["device"], "s0", "{jobs}");
+    assert_eq!(jobs[0]["status"], "running", "{jobs}");
+    c2.ok("block-job-set-speed", json!({"device": "s0", "speed": 0}));
+    loop {
+        let ev = c2.recv_event();
+        if ev["event"] == "BLOCK_JOB_COMPLETED" {
+            assert_eq!(ev["data"]["offset"], 8 << 20, "{ev}");
+            break;
+        }
+    }
+    c2.ok("quit", Value::Null);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    qemu_img(&["check", "-q", top.to_str().unwrap()]);
+}

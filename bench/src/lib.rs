@@ -80,16 +80,20 @@ pub enum Flavor {
     Ppoll,
     /// [`Backend::IoUring`].
     IoUring,
+    /// A peer: mio's `Poll` (edge-triggered epoll) with a `SourceFd` per
+    /// eventfd, the active one drained after each wake.
+    Mio,
 }
 
 impl Flavor {
     /// Every flavor, in table order.
-    pub const ALL: [Flavor; 5] = [
+    pub const ALL: [Flavor; 6] = [
         Flavor::RawEpoll,
         Flavor::Epoll,
         Flavor::EpollTimerfd,
         Flavor::IoUring,
         Flavor::Ppoll,
+        Flavor::Mio,
     ];
 
     /// The name used in tables and JSON: `raw-epoll`, `epoll`,
@@ -101,6 +105,7 @@ impl Flavor {
             Flavor::EpollTimerfd => "epoll+timerfd",
             Flavor::Ppoll => "ppoll",
             Flavor::IoUring => "io_uring",
+            Flavor::Mio => "mio",
         }
     }
 
@@ -117,6 +122,7 @@ impl Flavor {
             Flavor::EpollTimerfd => Some(Backend::EpollTimerfd),
             Flavor::Ppoll => Some(Backend::Ppoll),
             Flavor::IoUring => Some(Backend::IoUring),
+            Flavor::Mio => None,
         }
     }
 }
@@ -204,6 +210,80 @@ impl AioPingPong {
     }
 }
 
+/// The ping-pong on mio, a peer loop: N idle eventfds and one active one
+/// registered with a `mio::Poll` (edge-triggered), one `poll` per iteration
+/// with no timeout, and the active eventfd read once (which drains it).
+pub struct MioPingPong {
+    poll: mio::Poll,
+    events: mio::Events,
+    active: std::fs::File,
+    idle: Vec<std::os::fd::OwnedFd>,
+}
+
+impl std::fmt::Debug for MioPingPong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MioPingPong")
+            .field("idle", &self.idle.len())
+            .finish()
+    }
+}
+
+const MIO_ACTIVE: mio::Token = mio::Token(usize::MAX - 1);
+
+impl MioPingPong {
+    /// Builds the fixture with `idle` never-signalled eventfds.
+    ///
+    /// # Errors
+    ///
+    /// When an eventfd or the registration fails (e.g. the fd limit).
+    pub fn new(idle: usize) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let poll = mio::Poll::new()?;
+        let mut idle_fds = Vec::with_capacity(idle);
+        for i in 0..idle {
+            let fd = sys::eventfd()?;
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+                mio::Token(i),
+                mio::Interest::READABLE,
+            )?;
+            idle_fds.push(fd);
+        }
+        let active = std::fs::File::from(sys::eventfd()?);
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&active.as_raw_fd()),
+            MIO_ACTIVE,
+            mio::Interest::READABLE,
+        )?;
+        Ok(Self {
+            poll,
+            events: mio::Events::with_capacity(256),
+            active,
+            idle: idle_fds,
+        })
+    }
+
+    /// One ping-pong: write, poll, read; whether the active fd was reported.
+    #[inline]
+    pub fn iteration(&mut self) -> bool {
+        use std::io::{Read, Write};
+        if (&self.active).write_all(&1u64.to_ne_bytes()).is_err() {
+            return false;
+        }
+        if self.poll.poll(&mut self.events, None).is_err() {
+            return false;
+        }
+        let hit = self.events.iter().any(|e| e.token() == MIO_ACTIVE);
+        let mut buf = [0u8; 8];
+        hit && (&self.active).read_exact(&mut buf).is_ok()
+    }
+
+    /// The number of idle eventfds.
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+}
+
 /// A ping-pong fixture of any [`Flavor`].
 #[derive(Debug)]
 pub enum Fixture {
@@ -211,6 +291,8 @@ pub enum Fixture {
     Raw(RawEpollPingPong),
     /// An `aio` context.
     Aio(AioPingPong),
+    /// The mio peer.
+    Mio(MioPingPong),
 }
 
 impl Fixture {
@@ -220,9 +302,10 @@ impl Fixture {
     ///
     /// When setup fails (see [`AioPingPong::new`]).
     pub fn new(flavor: Flavor, idle: usize) -> Result<Self> {
-        Ok(match flavor.backend() {
-            None => Fixture::Raw(RawEpollPingPong::new(idle)?),
-            Some(b) => Fixture::Aio(AioPingPong::new(b, idle)?),
+        Ok(match (flavor, flavor.backend()) {
+            (Flavor::Mio, _) => Fixture::Mio(MioPingPong::new(idle)?),
+            (_, None) => Fixture::Raw(RawEpollPingPong::new(idle)?),
+            (_, Some(b)) => Fixture::Aio(AioPingPong::new(b, idle)?),
         })
     }
 
@@ -236,6 +319,11 @@ impl Fixture {
                 }
             }
             Fixture::Aio(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+            Fixture::Mio(f) => {
                 for _ in 0..iters {
                     ok += u64::from(f.iteration());
                 }
@@ -265,6 +353,7 @@ impl Fixture {
     pub fn backend_name(&self) -> &'static str {
         match self {
             Fixture::Raw(_) => Flavor::RawEpoll.label(),
+            Fixture::Mio(_) => Flavor::Mio.label(),
             Fixture::Aio(f) => f.ctx.backend_name(),
         }
     }
@@ -272,7 +361,7 @@ impl Fixture {
     /// The context's counters, for `aio` fixtures.
     pub fn aio_stats(&self) -> Option<aio::Stats> {
         match self {
-            Fixture::Raw(_) => None,
+            Fixture::Raw(_) | Fixture::Mio(_) => None,
             Fixture::Aio(f) => Some(f.ctx.stats()),
         }
     }
@@ -282,6 +371,7 @@ impl Fixture {
         match self {
             Fixture::Raw(f) => f.idle_count(),
             Fixture::Aio(f) => f.idle_count(),
+            Fixture::Mio(f) => f.idle_count(),
         }
     }
 }
@@ -484,6 +574,11 @@ mod tests {
                             !f.anything_pending().unwrap(),
                             "raw idle={idle}: left pending"
                         );
+                    }
+                    Fixture::Mio(f) => {
+                        // Drained: a zero-timeout poll reports nothing.
+                        f.poll.poll(&mut f.events, Some(Duration::ZERO)).unwrap();
+                        assert!(f.events.is_empty(), "mio idle={idle}: left pending");
                     }
                 }
             }

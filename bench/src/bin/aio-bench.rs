@@ -1331,6 +1331,70 @@ fn pingpong(flavor: Flavor, idle: usize, iters: u64) -> bench::Result<()> {
     Ok(())
 }
 
+/// `bh`: bottom-half schedule→run throughput, same thread and cross-thread.
+fn bh_cmd(o: Opts) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let n: u64 = if o.quick { 200_000 } else { 2_000_000 };
+
+    // Same thread: schedule, then one non-blocking poll runs it.
+    let ctx = aio::AioContext::new()?;
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let bh = ctx.bh_new(move |_| {
+        r.fetch_add(1, Ordering::Relaxed);
+    });
+    let start = Instant::now();
+    for _ in 0..n {
+        bh.schedule();
+        ctx.poll(false);
+    }
+    let same = n as f64 / start.elapsed().as_secs_f64();
+    if runs.load(Ordering::Relaxed) != n {
+        return Err("a scheduled bottom half did not run".into());
+    }
+
+    // Cross thread: another thread schedules oneshot BHs as fast as it can;
+    // the home thread blocks in poll(true) until all have run.
+    let ctx2 = aio::AioContext::new()?;
+    let done = Arc::new(AtomicU64::new(0));
+    let remote = ctx2.clone();
+    let d = done.clone();
+    let start = Instant::now();
+    let t = std::thread::spawn(move || {
+        for _ in 0..n {
+            let d = d.clone();
+            remote.bh_schedule_oneshot(move |_| {
+                d.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    ctx2.poll_while(|| done.load(Ordering::Relaxed) < n);
+    let cross = n as f64 / start.elapsed().as_secs_f64();
+    t.join().map_err(|_| "scheduler thread panicked")?;
+    let stats = ctx2.stats();
+    let writes_per_run = stats.notify_writes as f64 / n as f64;
+
+    if o.json {
+        println!("{{\"bench\":\"bh\",\"case\":\"same-thread\",\"per_sec\":{same:.0}}}");
+        println!(
+            "{{\"bench\":\"bh\",\"case\":\"cross-thread\",\"per_sec\":{cross:.0},\"notify_writes_per_run\":{writes_per_run:.4}}}"
+        );
+    } else {
+        println!("bh: {n} bottom halves per case");
+        println!(
+            "  same thread (schedule + poll(false)): {:>12.0} runs/s ({:.0} ns each)",
+            same,
+            1e9 / same
+        );
+        println!(
+            "  cross thread (oneshot, loop blocking): {:>11.0} runs/s; eventfd writes per run {:.4} ({} of {} notifies)",
+            cross, writes_per_run, stats.notify_writes, stats.notify_calls
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1430,68 +1494,4 @@ mod tests {
         assert_eq!(human(12_340), "12.3 us");
         assert_eq!(human(1_500_000), "1.50 ms");
     }
-}
-
-/// `bh`: bottom-half schedule→run throughput, same thread and cross-thread.
-fn bh_cmd(o: Opts) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    let n: u64 = if o.quick { 200_000 } else { 2_000_000 };
-
-    // Same thread: schedule, then one non-blocking poll runs it.
-    let ctx = aio::AioContext::new()?;
-    let runs = Arc::new(AtomicU64::new(0));
-    let r = runs.clone();
-    let bh = ctx.bh_new(move |_| {
-        r.fetch_add(1, Ordering::Relaxed);
-    });
-    let start = Instant::now();
-    for _ in 0..n {
-        bh.schedule();
-        ctx.poll(false);
-    }
-    let same = n as f64 / start.elapsed().as_secs_f64();
-    if runs.load(Ordering::Relaxed) != n {
-        return Err("a scheduled bottom half did not run".into());
-    }
-
-    // Cross thread: another thread schedules oneshot BHs as fast as it can;
-    // the home thread blocks in poll(true) until all have run.
-    let ctx2 = aio::AioContext::new()?;
-    let done = Arc::new(AtomicU64::new(0));
-    let remote = ctx2.clone();
-    let d = done.clone();
-    let start = Instant::now();
-    let t = std::thread::spawn(move || {
-        for _ in 0..n {
-            let d = d.clone();
-            remote.bh_schedule_oneshot(move |_| {
-                d.fetch_add(1, Ordering::Relaxed);
-            });
-        }
-    });
-    ctx2.poll_while(|| done.load(Ordering::Relaxed) < n);
-    let cross = n as f64 / start.elapsed().as_secs_f64();
-    t.join().map_err(|_| "scheduler thread panicked")?;
-    let stats = ctx2.stats();
-    let writes_per_run = stats.notify_writes as f64 / n as f64;
-
-    if o.json {
-        println!("{{\"bench\":\"bh\",\"case\":\"same-thread\",\"per_sec\":{same:.0}}}");
-        println!(
-            "{{\"bench\":\"bh\",\"case\":\"cross-thread\",\"per_sec\":{cross:.0},\"notify_writes_per_run\":{writes_per_run:.4}}}"
-        );
-    } else {
-        println!("bh: {n} bottom halves per case");
-        println!(
-            "  same thread (schedule + poll(false)): {:>12.0} runs/s ({:.0} ns each)",
-            same,
-            1e9 / same
-        );
-        println!(
-            "  cross thread (oneshot, loop blocking): {:>11.0} runs/s; eventfd writes per run {:.4} ({} of {} notifies)",
-            cross, writes_per_run, stats.notify_writes, stats.notify_calls
-        );
-    }
-    Ok(())
 }

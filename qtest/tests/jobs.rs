@@ -197,3 +197,60 @@ fn two_runs_give_identical_event_logs() {
     );
     assert_eq!(a, b, "the event logs differ between runs");
 }
+
+#[test]
+fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (dir.path().join("src.qcow2"), dir.path().join("tgt.qcow2"));
+    let (s, t) = (src.to_str().unwrap(), tgt.to_str().unwrap());
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", s, "8M"]);
+    sh("qemu-io", &["-c", "write -P 0x6b 0 8M", s]);
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", t, "8M"]);
+    let args = vec![
+        "--blockdev".to_string(),
+        json!({"driver": "qcow2", "node-name": "src", "file": {"driver": "file", "filename": s}})
+            .to_string(),
+        "--blockdev".to_string(),
+        json!({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": t}})
+            .to_string(),
+    ];
+    let mut d = Daemon::spawn_in(dir, &args).unwrap();
+    let speed = 2 * MIB;
+    d.qmp
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": speed}),
+        )
+        .unwrap();
+    let len = d.qmp.execute("query-block-jobs", Value::Null).unwrap()[0]["len"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(len, 8 * MIB);
+    // len / speed seconds of copying, give or take the burst at each end.
+    let predicted = len / speed;
+    let mut ready_at = None;
+    for second in 1..=predicted + 2 {
+        d.qtest.clock_step(Some(SECOND)).unwrap();
+        d.qmp.execute("query-jobs", Value::Null).unwrap();
+        if d.qmp
+            .events()
+            .iter()
+            .any(|e| e["event"] == "BLOCK_JOB_READY")
+        {
+            ready_at = Some(second);
+            break;
+        }
+    }
+    let at = ready_at.expect("mirror never became READY");
+    assert!(
+        at.abs_diff(predicted) <= 1,
+        "READY after {at} virtual seconds, predicted {predicted}"
+    );
+    d.qmp
+        .execute("block-job-complete", json!({"device": "m0"}))
+        .unwrap();
+    d.qtest.clock_step(Some(1)).unwrap();
+    d.qmp
+        .wait_event("BLOCK_JOB_COMPLETED", |data| data["device"] == "m0")
+        .unwrap();
+}

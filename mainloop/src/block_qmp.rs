@@ -203,26 +203,6 @@ fn node_chain_depth(node: &BlockNode) -> usize {
     depth
 }
 
-/// Why `node` cannot be deleted, in QEMU's words, if it cannot.
-fn busy_reason(graph: &BlockGraph, node: &Arc<BlockNode>) -> Option<String> {
-    for other in graph.nodes() {
-        if let Some(b) = other.backing() {
-            if Arc::ptr_eq(&b, node) {
-                return Some(format!("node is used as backing hd of '{}'", other.name()));
-            }
-        }
-        if let Some(f) = other.file_child() {
-            if Arc::ptr_eq(&f, node) && !Arc::ptr_eq(&other, node) {
-                return Some(format!("node is used as file of '{}'", other.name()));
-            }
-        }
-    }
-    node.users()
-        .into_iter()
-        .find(|(_, role, _, _)| role != "file" && role != "backing")
-        .map(|(user, _, _, _)| format!("block device is in use by {user}"))
-}
-
 /// Registers the block commands on `server`, and forwards job events to its
 /// clients.
 ///
@@ -262,21 +242,11 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
         async move {
             let ctx = s.ctx.clone();
             on(&ctx, async move {
-                let name = a.node_name;
-                let node = s
-                    .graph
-                    .nodes()
-                    .into_iter()
-                    .find(|n| n.name() == name)
-                    .ok_or_else(|| {
-                        QmpError::generic(format!("Failed to find node with node-name='{name}'"))
-                    })?;
-                if let Some(why) = busy_reason(&s.graph, &node) {
-                    return Err(QmpError::generic(format!("Node '{name}' is busy: {why}")));
-                }
-                remove_with_unused_children(&s.graph, &node);
-                node.close().await.map_err(generic)?;
-                Ok(json!({}))
+                s.graph
+                    .blockdev_del(&a.node_name)
+                    .await
+                    .map(|()| json!({}))
+                    .map_err(generic)
             })
             .await
         }
@@ -364,22 +334,4 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
         })?;
     }
     Ok(())
-}
-
-/// Removes `node` from the graph, and each child of it that no remaining
-/// node uses.
-fn remove_with_unused_children(graph: &BlockGraph, node: &Arc<BlockNode>) {
-    graph.remove(node.name());
-    let mut children: Vec<Arc<BlockNode>> = Vec::new();
-    children.extend(node.file_child());
-    children.extend(node.backing());
-    for c in children {
-        let used = graph.nodes().iter().any(|o| {
-            o.backing().is_some_and(|b| Arc::ptr_eq(&b, &c))
-                || o.file_child().is_some_and(|f| Arc::ptr_eq(&f, &c))
-        });
-        if !used && graph.nodes().iter().any(|n| Arc::ptr_eq(n, &c)) {
-            remove_with_unused_children(graph, &c);
-        }
-    }
 }

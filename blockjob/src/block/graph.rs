@@ -178,21 +178,39 @@ impl BlockGraph {
         let children = |n: &Arc<BlockNode>| -> Vec<Arc<BlockNode>> {
             n.file_child().into_iter().chain(n.backing()).collect()
         };
-        if self
-            .nodes()
-            .iter()
-            .any(|p| children(p).iter().any(|c| Arc::ptr_eq(c, &node)))
-        {
-            return Err(Error::InvalidArgument(format!("Node '{name}' is in use")));
+        for p in self.nodes() {
+            if Arc::ptr_eq(&p, &node) {
+                continue;
+            }
+            let role = if p.backing().is_some_and(|b| Arc::ptr_eq(&b, &node)) {
+                "backing hd"
+            } else if p.file_child().is_some_and(|f| Arc::ptr_eq(&f, &node)) {
+                "file"
+            } else {
+                continue;
+            };
+            return Err(Error::InvalidArgument(format!(
+                "Node '{name}' is busy: node is used as {role} of '{}'",
+                p.name()
+            )));
         }
+        node.close().await?;
+        // The node goes, and with it each descendant that no remaining node
+        // uses (a shared backing image stays).
         let mut gone = vec![node.clone()];
         let mut i = 0;
         while i < gone.len() {
-            let c = children(&gone[i]);
-            gone.extend(c);
+            for c in children(&gone[i]) {
+                let used_elsewhere = self.nodes().iter().any(|p| {
+                    !gone.iter().any(|g| Arc::ptr_eq(g, p))
+                        && children(p).iter().any(|pc| Arc::ptr_eq(pc, &c))
+                });
+                if !used_elsewhere && !gone.iter().any(|g| Arc::ptr_eq(g, &c)) {
+                    gone.push(c);
+                }
+            }
             i += 1;
         }
-        node.close().await?;
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes.retain(|n| !gone.iter().any(|g| Arc::ptr_eq(g, n)));
         Ok(())

@@ -5,7 +5,7 @@
 
 mod util;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,49 @@ fn wait_for(child: &mut Child, path: &Path) {
         assert!(Instant::now() < deadline, "aiod did not create {path:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Starts aiod serving QMP on `sock` with `extra` arguments; returns once
+/// the socket exists.
+fn start_aiod(sock: &Path, extra: &[&str]) -> Child {
+    let mut child = Command::new(AIOD)
+        .args(["--qmp", &format!("unix:{}", sock.display())])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, sock);
+    child
+}
+
+/// `base.qcow2` (`size`, its first `data` filled with 0x42) and `top.qcow2`
+/// over it, in `d`.
+fn base_and_top(d: &Path, size: &str, data: &str) -> (PathBuf, PathBuf) {
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), size]);
+    let io = Command::new("qemu-io")
+        .args([
+            "-c",
+            &format!("write -P 0x42 0 {data}"),
+            base.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(io.status.success());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    (base, top)
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -77,17 +120,17 @@ fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
     let blockdev = json!({"driver": "qcow2", "node-name": "top",
         "file": {"driver": "file", "filename": top}})
     .to_string();
-    let mut child = Command::new(AIOD)
-        .args(["--qmp", &format!("unix:{}", sock.display())])
-        .args(["--blockdev", &blockdev])
-        .args(["--pidfile", pid.to_str().unwrap()])
-        .args(["--object", "iothread,id=io0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mut child, &sock);
+    let mut child = start_aiod(
+        &sock,
+        &[
+            "--blockdev",
+            &blockdev,
+            "--pidfile",
+            pid.to_str().unwrap(),
+            "--object",
+            "iothread,id=io0",
+        ],
+    );
     assert_eq!(
         std::fs::read_to_string(&pid).unwrap().trim(),
         child.id().to_string()
@@ -194,24 +237,7 @@ fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
 fn a_node_on_an_iothread_runs_its_job_there_and_events_reach_the_monitor() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
-    let io = Command::new("qemu-io")
-        .args(["-c", "write -P 0x42 0 3M", base.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(io.status.success());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    let (base, top) = base_and_top(d, "4M", "3M");
     let want = d.join("want.raw");
     qemu_img(&[
         "convert",
@@ -221,15 +247,7 @@ fn a_node_on_an_iothread_runs_its_job_there_and_events_reach_the_monitor() {
         want.to_str().unwrap(),
     ]);
     let sock = d.join("qmp.sock");
-    let mut child = Command::new(AIOD)
-        .args(["--qmp", &format!("unix:{}", sock.display())])
-        .args(["--object", "iothread,id=io0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mut child, &sock);
+    let mut child = start_aiod(&sock, &["--object", "iothread,id=io0"]);
     let mut c = QmpClient::connect_unix(&sock);
     c.negotiate();
     let chain = json!({"driver": "qcow2", "node-name": "top", "iothread": "io0",
@@ -270,33 +288,9 @@ fn a_node_on_an_iothread_runs_its_job_there_and_events_reach_the_monitor() {
 fn conflicting_jobs_are_refused_and_a_job_outlives_its_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    let io = Command::new("qemu-io")
-        .args(["-c", "write -P 0x42 0 8M", base.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(io.status.success());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    let (base, top) = base_and_top(d, "8M", "8M");
     let sock = d.join("qmp.sock");
-    let mut child = Command::new(AIOD)
-        .args(["--qmp", &format!("unix:{}", sock.display())])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mut child, &sock);
+    let mut child = start_aiod(&sock, &[]);
     let mut c = QmpClient::connect_unix(&sock);
     c.negotiate();
     c.ok(

@@ -34,6 +34,7 @@ mod fdmon;
 pub mod file;
 mod file_uring;
 mod handler;
+pub mod net;
 mod notifier;
 mod notify;
 mod signals;

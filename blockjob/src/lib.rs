@@ -25,5 +25,6 @@ pub mod block;
 mod error;
 pub mod job;
 pub mod jobs;
+pub mod nbd;
 
 pub use error::{Error, Result};

@@ -1,0 +1,5 @@
+//! NBD (Network Block Device): the protocol QEMU uses to move disks between
+//! processes and hosts. [`proto`] is the wire format shared by the export
+//! server and the client driver.
+
+pub mod proto;

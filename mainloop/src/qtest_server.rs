@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aio::{AioContext, ClientType, FdHandler};
@@ -33,6 +34,9 @@ pub type BusyFn = Arc<dyn Fn() -> bool + Send + Sync>;
 pub struct QtestOptions {
     /// Keep running the target context after a step while this is true.
     pub busy: Option<BusyFn>,
+    /// Other contexts on the same virtual clock (iothreads), stepped with
+    /// the target.
+    pub peers: Vec<AioContext>,
 }
 
 impl QtestOptions {
@@ -45,12 +49,27 @@ impl QtestOptions {
         self.busy = Some(Arc::new(f));
         self
     }
+    /// Adds a context stepped with the target (an iothread's): its virtual
+    /// timers count when looking for the next deadline, and at every step
+    /// its virtual clock is moved to the target's and it is run until idle
+    /// on its own thread, after the target, in the order peers were added.
+    ///
+    /// Give each peer its *own* [`VirtualClock`](aio::VirtualClock): then a
+    /// peer sees time move only when the stepper moves it, and timers due
+    /// at the same instant on different threads run in that fixed order.
+    /// With a shared clock a peer's loop can see the new time as soon as
+    /// the target sets it, and that order depends on thread scheduling.
+    pub fn peer(mut self, ctx: AioContext) -> Self {
+        self.peers.push(ctx);
+        self
+    }
 }
 
 impl std::fmt::Debug for QtestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QtestOptions")
             .field("busy", &self.busy.is_some())
+            .field("peers", &self.peers.len())
             .finish()
     }
 }
@@ -101,12 +120,12 @@ impl QtestServer {
             })?;
         let listener = Arc::new(listener);
         let conn: Arc<Mutex<Option<Conn>>> = Arc::default();
-        let (l, c, t, busy) = (
-            listener.clone(),
-            conn.clone(),
-            target.downgrade(),
-            opts.busy,
-        );
+        let (l, c) = (listener.clone(), conn.clone());
+        let stepper = Arc::new(Stepper {
+            target: target.downgrade(),
+            peers: opts.peers.iter().map(AioContext::downgrade).collect(),
+            busy: opts.busy,
+        });
         io.set_fd_handler(
             listener.as_raw_fd(),
             Some(
@@ -127,10 +146,10 @@ impl QtestServer {
                             pending: Vec::new(),
                         });
                     }
-                    let (c2, t2, busy2) = (c.clone(), t.clone(), busy.clone());
+                    let (c2, st2) = (c.clone(), stepper.clone());
                     let handler =
                         FdHandler::new(ClientType::INTERNAL).on_read(move |io: &AioContext| {
-                            serve(io, &c2, &t2, busy2.as_ref(), fd);
+                            serve(io, &c2, &st2, fd);
                         });
                     if let Err(e) = io.set_fd_handler(fd, Some(handler)) {
                         log::error!("qtest: {e}");
@@ -149,13 +168,7 @@ impl QtestServer {
 }
 
 /// Reads what is available and answers each complete line.
-fn serve(
-    io: &AioContext,
-    conn: &Mutex<Option<Conn>>,
-    target: &aio::WeakAioContext,
-    busy: Option<&BusyFn>,
-    fd: i32,
-) {
+fn serve(io: &AioContext, conn: &Mutex<Option<Conn>>, stepper: &Stepper, fd: i32) {
     let (lines, mut writer) = {
         let Ok(mut guard) = conn.lock() else { return };
         let Some(c) = guard.as_mut() else { return };
@@ -182,8 +195,8 @@ fn serve(
     };
     // No lock is held while stepping: the step runs the target loop.
     for line in lines.into_iter().filter(|l| !l.is_empty()) {
-        let reply = match target.upgrade() {
-            Some(t) => handle(&t, busy, &line),
+        let reply = match stepper.target.upgrade() {
+            Some(t) => stepper.handle(&t, &line),
             None => "FAIL the target context is gone".to_string(),
         };
         log::debug!("qtest: {line} -> {reply}");
@@ -193,72 +206,142 @@ fn serve(
     }
 }
 
-fn settle(target: &AioContext, busy: Option<&BusyFn>) {
-    target.run_until_idle();
-    if let Some(b) = busy {
-        // Real I/O completes in real time: wait in the loop (it sleeps in
-        // the kernel) until the work the step started has parked again.
-        let fallback = target.timer_new(aio::ClockType::Realtime, |_| {});
-        while b() {
-            fallback.mod_in_ns(1_000_000);
-            target.poll(true);
+/// The contexts one virtual clock drives: the target (the main loop's
+/// context, whose thread serves the protocol) and its peers (iothreads).
+struct Stepper {
+    target: aio::WeakAioContext,
+    peers: Vec<aio::WeakAioContext>,
+    busy: Option<BusyFn>,
+}
+
+impl Stepper {
+    fn peers(&self) -> impl Iterator<Item = AioContext> + '_ {
+        self.peers.iter().filter_map(aio::WeakAioContext::upgrade)
+    }
+
+    /// Runs every context until idle (the target, each peer in order, the
+    /// target again for what the peers handed it), then waits in the
+    /// target's loop while the busy predicate holds.
+    fn settle(&self, target: &AioContext) {
+        target.run_until_idle();
+        let mut any_peer = false;
+        for p in self.peers() {
+            settle_remote(target, &p, None);
+            any_peer = true;
+        }
+        if any_peer {
             target.run_until_idle();
         }
+        if let Some(b) = &self.busy {
+            // Real I/O completes in real time: wait in the loop (it sleeps
+            // in the kernel) until the work the step started has parked.
+            let fallback = target.timer_new(aio::ClockType::Realtime, |_| {});
+            while b() {
+                fallback.mod_in_ns(1_000_000);
+                target.poll(true);
+                target.run_until_idle();
+            }
+            if any_peer {
+                for p in self.peers() {
+                    settle_remote(target, &p, None);
+                }
+                target.run_until_idle();
+            }
+        }
     }
-}
 
-/// Moves the virtual clock to `until` deadline by deadline, settling after
-/// each one: work a timer starts (a job's next chunk of real I/O) finishes
-/// before time moves on, as it would on a real clock that is never faster
-/// than the work.
-fn advance_to(target: &AioContext, busy: Option<&BusyFn>, until: i64) -> i64 {
-    loop {
-        settle(target, busy);
+    /// Moves every context's virtual clock to `t`, one context at a time
+    /// (target, then peers in order), each running what became due.
+    fn set_all(&self, target: &AioContext, t: i64) {
+        target.virtual_set(t);
+        for p in self.peers() {
+            settle_remote(target, &p, Some(t));
+        }
+        target.run_until_idle();
+    }
+
+    /// The earliest virtual deadline over every context, absolute.
+    fn next_deadline(&self, target: &AioContext) -> Option<i64> {
         let now = target.clock_now(aio::ClockType::Virtual);
-        match target.timer_deadline_ns(aio::ClockType::Virtual) {
-            Some(rel) if now + rel <= until && rel > 0 => {
-                target.virtual_set(now + rel);
+        std::iter::once(target.clone())
+            .chain(self.peers())
+            .filter_map(|c| c.timer_deadline_ns(aio::ClockType::Virtual))
+            .map(|rel| now.saturating_add(rel))
+            .min()
+    }
+
+    /// Moves the virtual clock to `until` deadline by deadline (over every
+    /// context), settling after each: work a timer starts (a job's next
+    /// chunk of real I/O) finishes before time moves on, as it would on a
+    /// real clock that is never faster than the work. Timers due at the
+    /// same instant on different contexts run target first, then peers in
+    /// order.
+    fn advance_to(&self, target: &AioContext, until: i64) -> i64 {
+        loop {
+            self.settle(target);
+            let now = target.clock_now(aio::ClockType::Virtual);
+            match self.next_deadline(target) {
+                Some(d) if d <= until && d > now => self.set_all(target, d),
+                _ => break,
             }
-            _ => break,
+        }
+        self.set_all(target, until);
+        self.settle(target);
+        target.clock_now(aio::ClockType::Virtual)
+    }
+
+    fn handle(&self, target: &AioContext, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |w: &str| -> Result<i64, String> {
+            w.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("invalid number '{w}'"))
+        };
+        let now = |t: &AioContext| t.clock_now(aio::ClockType::Virtual);
+        let result: Result<i64, String> = match words.as_slice() {
+            ["clock_get"] => Ok(now(target)),
+            ["clock_step"] => {
+                self.settle(target);
+                match self.next_deadline(target) {
+                    Some(d) => Ok(self.advance_to(target, d.max(now(target)))),
+                    None => Err("no virtual-clock timer is pending".to_string()),
+                }
+            }
+            ["clock_step", ns] => {
+                num(ns).map(|ns| self.advance_to(target, now(target).saturating_add(ns)))
+            }
+            ["clock_set", ns] => num(ns).map(|ns| self.advance_to(target, ns)),
+            [cmd, ..] => Err(format!("unknown or malformed command '{cmd}'")),
+            [] => Err("empty command".to_string()),
+        };
+        match result {
+            Ok(_) => {
+                self.settle(target);
+                format!("OK {}", now(target))
+            }
+            Err(e) => format!("FAIL {e}"),
         }
     }
-    target.virtual_set(until);
-    settle(target, busy);
-    target.clock_now(aio::ClockType::Virtual)
 }
 
-fn handle(target: &AioContext, busy: Option<&BusyFn>, line: &str) -> String {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let num = |w: &str| -> Result<i64, String> {
-        w.parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| format!("invalid number '{w}'"))
-    };
-    let now = |t: &AioContext| t.clock_now(aio::ClockType::Virtual);
-    let result: Result<i64, String> = match words.as_slice() {
-        ["clock_get"] => Ok(now(target)),
-        ["clock_step"] => {
-            settle(target, busy);
-            match target.timer_deadline_ns(aio::ClockType::Virtual) {
-                Some(rel) => Ok(advance_to(target, busy, now(target) + rel)),
-                None => Err("no virtual-clock timer is pending".to_string()),
-            }
+/// On `peer`'s own thread, moves its virtual clock to `until` (if given)
+/// and runs it until idle, while `home` waits in its loop (so whatever the
+/// peer hands to `home` meanwhile still runs).
+fn settle_remote(home: &AioContext, peer: &AioContext, until: Option<i64>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let (d, wake) = (done.clone(), home.downgrade());
+    peer.bh_schedule_oneshot(move |p| {
+        if let Some(t) = until {
+            p.virtual_set(t);
         }
-        ["clock_step", ns] => {
-            num(ns).map(|ns| advance_to(target, busy, now(target).saturating_add(ns)))
+        p.run_until_idle();
+        d.store(true, Ordering::SeqCst);
+        if let Some(h) = wake.upgrade() {
+            h.notify();
         }
-        ["clock_set", ns] => num(ns).map(|ns| advance_to(target, busy, ns)),
-        [cmd, ..] => Err(format!("unknown or malformed command '{cmd}'")),
-        [] => Err("empty command".to_string()),
-    };
-    match result {
-        Ok(_) => {
-            settle(target, busy);
-            format!("OK {}", now(target))
-        }
-        Err(e) => format!("FAIL {e}"),
-    }
+    });
+    home.poll_while(|| !done.load(Ordering::SeqCst));
 }
 
 impl Drop for QtestServer {

@@ -254,3 +254,100 @@ fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
         .wait_event("BLOCK_JOB_COMPLETED", |data| data["device"] == "m0")
         .unwrap();
 }
+
+/// base <- top chains named `p`-base / `p`-top, added over QMP, the top
+/// optionally on an iothread.
+fn add_chain(d: &mut Daemon, p: &str, mib: u64, iothread: Option<&str>) {
+    let dir = d.dir().to_path_buf();
+    let (base, top) = (
+        dir.join(format!("{p}-base.qcow2")),
+        dir.join(format!("{p}-top.qcow2")),
+    );
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", b, &format!("{mib}M")],
+    );
+    sh("qemu-io", &["-c", &format!("write -P 0x3c 0 {mib}M"), b]);
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
+    );
+    d.qmp
+        .execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": format!("{p}-base"),
+                "file": {"driver": "file", "filename": b}}),
+        )
+        .unwrap();
+    let mut top = json!({"driver": "qcow2", "node-name": format!("{p}-top"),
+        "backing": format!("{p}-base"), "file": {"driver": "file", "filename": t}});
+    if let Some(io) = iothread {
+        top["iothread"] = json!(io);
+    }
+    d.qmp.execute("blockdev-add", top).unwrap();
+}
+
+/// One scripted run with a stream on an iothread and one on the main loop
+/// at different speeds: (virtual time, event, data) for every event, and
+/// the iothread job's offset after each virtual second.
+fn iothread_run() -> (Vec<(i64, String, Value)>, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::spawn_in(dir, &["--object".into(), "iothread,id=io0".into()]).unwrap();
+    add_chain(&mut d, "io", 8, Some("io0"));
+    add_chain(&mut d, "main", 8, None);
+    let speed = 2 * MIB;
+    for (job, dev, speed) in [("s-io", "io-top", speed), ("s-main", "main-top", 2 * speed)] {
+        d.qmp
+            .execute(
+                "block-stream",
+                json!({"job-id": job, "device": dev, "speed": speed}),
+            )
+            .unwrap();
+    }
+    let (mut log, mut offsets, mut seen) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..6 {
+        d.qtest.clock_step(Some(SECOND)).unwrap();
+        let now = d.qtest.clock_get().unwrap();
+        offsets.push(offset(&mut d, "s-io").unwrap_or(8 * MIB));
+        d.qmp.execute("query-jobs", Value::Null).unwrap();
+        for e in &d.qmp.events()[seen..] {
+            log.push((
+                now,
+                e["event"].as_str().unwrap().to_string(),
+                e["data"].clone(),
+            ));
+        }
+        seen = d.qmp.events().len();
+    }
+    (log, offsets)
+}
+
+#[test]
+fn jobs_on_an_iothread_follow_the_virtual_clock_and_replay_identically() {
+    let (log, offsets) = iothread_run();
+    let speed = 2 * MIB;
+    // The iothread job copies `speed` per virtual second, like a main-loop job.
+    for (i, off) in offsets.iter().take(3).enumerate() {
+        let want = (i as u64 + 1) * speed;
+        assert!(
+            off.abs_diff(want) <= burst(speed),
+            "after {} s: offset {off}, expected {want} ± {}",
+            i + 1,
+            burst(speed)
+        );
+    }
+    let done_at = |dev: &str| {
+        log.iter()
+            .find(|(_, e, d)| e == "BLOCK_JOB_COMPLETED" && d["device"] == dev)
+            .map(|(t, _, _)| *t)
+    };
+    // 8 MiB at 4 MiB/s finishes in about 2 s; at 2 MiB/s in about 4 s.
+    let (m, io) = (done_at("s-main").unwrap(), done_at("s-io").unwrap());
+    assert!(m < io, "main job done at {m}, iothread job at {io}");
+    assert_eq!(
+        (log, offsets),
+        iothread_run(),
+        "the runs differ between attempts"
+    );
+}

@@ -208,9 +208,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut iothreads = Vec::new();
     for id in &args.iothreads {
+        // Each iothread has its own virtual clock, moved by the qtest
+        // stepper in a fixed order (see `QtestOptions::peer`).
         iothreads.push(IOThread::spawn(
             id,
-            IOThreadOptions::new().virtual_clock(clock.clone()),
+            IOThreadOptions::new().virtual_clock(aio::VirtualClock::new()),
         )?);
     }
 
@@ -251,11 +253,15 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let _qtest = match &args.qtest {
         Some(path) => {
             let jobs = state.jobs.clone();
+            let mut opts = QtestOptions::new().busy(move || jobs.list().iter().any(|j| j.busy));
+            for t in &iothreads {
+                opts = opts.peer(t.context().clone());
+            }
             Some(QtestServer::listen(
                 ml.iohandler_context(),
                 &main,
                 path,
-                QtestOptions::new().busy(move || jobs.list().iter().any(|j| j.busy)),
+                opts,
             )?)
         }
         None => None,

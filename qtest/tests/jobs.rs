@@ -145,6 +145,22 @@ fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() 
     assert!(at_cancel - resumed <= CHUNK, "{at_cancel} vs {resumed}");
 }
 
+/// Appends the events received since `seen` to `log`, stamped with the
+/// current virtual time.
+fn collect_events(d: &mut Daemon, seen: &mut usize, log: &mut Vec<(i64, String, Value)>) {
+    let now = d.qtest.clock_get().unwrap();
+    // Events reach the client asynchronously; query to flush them.
+    d.qmp.execute("query-jobs", Value::Null).unwrap();
+    for e in &d.qmp.events()[*seen..] {
+        log.push((
+            now,
+            e["event"].as_str().unwrap().to_string(),
+            e["data"].clone(),
+        ));
+    }
+    *seen = d.qmp.events().len();
+}
+
 /// One scripted run; returns (virtual time, event, data) for every event.
 fn scripted_run() -> Vec<(i64, String, Value)> {
     let mut d = daemon();
@@ -157,17 +173,7 @@ fn scripted_run() -> Vec<(i64, String, Value)> {
     let mut log = Vec::new();
     let mut seen = 0;
     let mut collect = |d: &mut Daemon, log: &mut Vec<(i64, String, Value)>| {
-        let now = d.qtest.clock_get().unwrap();
-        // Events reach the client asynchronously; query to flush them.
-        d.qmp.execute("query-jobs", Value::Null).unwrap();
-        for e in &d.qmp.events()[seen..] {
-            log.push((
-                now,
-                e["event"].as_str().unwrap().to_string(),
-                e["data"].clone(),
-            ));
-        }
-        seen = d.qmp.events().len();
+        collect_events(d, &mut seen, log);
     };
     collect(&mut d, &mut log);
     for step in 1..=8 {
@@ -308,17 +314,8 @@ fn iothread_run() -> (Vec<(i64, String, Value)>, Vec<u64>) {
     let (mut log, mut offsets, mut seen) = (Vec::new(), Vec::new(), 0);
     for _ in 0..6 {
         d.qtest.clock_step(Some(SECOND)).unwrap();
-        let now = d.qtest.clock_get().unwrap();
         offsets.push(offset(&mut d, "s-io").unwrap_or(8 * MIB));
-        d.qmp.execute("query-jobs", Value::Null).unwrap();
-        for e in &d.qmp.events()[seen..] {
-            log.push((
-                now,
-                e["event"].as_str().unwrap().to_string(),
-                e["data"].clone(),
-            ));
-        }
-        seen = d.qmp.events().len();
+        collect_events(&mut d, &mut seen, &mut log);
     }
     (log, offsets)
 }

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
 pub mod io;
+pub mod peers;
+pub mod report;
 mod sys;
 pub mod tasks;
 
@@ -83,18 +85,34 @@ pub enum Flavor {
     /// A peer: mio's `Poll` (edge-triggered epoll) with a `SourceFd` per
     /// eventfd, the active one drained after each wake.
     Mio,
+    /// A peer: calloop's `EventLoop` with a level-triggered `Generic`
+    /// source per eventfd.
+    Calloop,
+    /// A peer: rust-vmm's event-manager (epoll) with one subscriber.
+    EventManager,
+    /// A peer: glib's `MainContext` with unix fd sources (cargo feature
+    /// `glib`; skipped without it).
+    Glib,
 }
 
 impl Flavor {
     /// Every flavor, in table order.
-    pub const ALL: [Flavor; 6] = [
+    pub const ALL: [Flavor; 9] = [
         Flavor::RawEpoll,
         Flavor::Epoll,
         Flavor::EpollTimerfd,
         Flavor::IoUring,
         Flavor::Ppoll,
         Flavor::Mio,
+        Flavor::Calloop,
+        Flavor::EventManager,
+        Flavor::Glib,
     ];
+
+    /// Whether this build can run the flavor (glib needs its feature).
+    pub fn available(self) -> bool {
+        self != Flavor::Glib || peers::GlibPingPong::AVAILABLE
+    }
 
     /// The name used in tables and JSON: `raw-epoll`, `epoll`,
     /// `epoll+timerfd`, `ppoll`.
@@ -106,6 +124,9 @@ impl Flavor {
             Flavor::Ppoll => "ppoll",
             Flavor::IoUring => "io_uring",
             Flavor::Mio => "mio",
+            Flavor::Calloop => "calloop",
+            Flavor::EventManager => "event-manager",
+            Flavor::Glib => "glib",
         }
     }
 
@@ -122,7 +143,7 @@ impl Flavor {
             Flavor::EpollTimerfd => Some(Backend::EpollTimerfd),
             Flavor::Ppoll => Some(Backend::Ppoll),
             Flavor::IoUring => Some(Backend::IoUring),
-            Flavor::Mio => None,
+            Flavor::Mio | Flavor::Calloop | Flavor::EventManager | Flavor::Glib => None,
         }
     }
 }
@@ -293,6 +314,12 @@ pub enum Fixture {
     Aio(AioPingPong),
     /// The mio peer.
     Mio(MioPingPong),
+    /// The calloop peer.
+    Calloop(peers::CalloopPingPong),
+    /// The event-manager peer.
+    EventManager(peers::EventManagerPingPong),
+    /// The glib peer.
+    Glib(peers::GlibPingPong),
 }
 
 impl Fixture {
@@ -304,6 +331,11 @@ impl Fixture {
     pub fn new(flavor: Flavor, idle: usize) -> Result<Self> {
         Ok(match (flavor, flavor.backend()) {
             (Flavor::Mio, _) => Fixture::Mio(MioPingPong::new(idle)?),
+            (Flavor::Calloop, _) => Fixture::Calloop(peers::CalloopPingPong::new(idle)?),
+            (Flavor::EventManager, _) => {
+                Fixture::EventManager(peers::EventManagerPingPong::new(idle)?)
+            }
+            (Flavor::Glib, _) => Fixture::Glib(peers::GlibPingPong::new(idle)?),
             (_, None) => Fixture::Raw(RawEpollPingPong::new(idle)?),
             (_, Some(b)) => Fixture::Aio(AioPingPong::new(b, idle)?),
         })
@@ -324,6 +356,21 @@ impl Fixture {
                 }
             }
             Fixture::Mio(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+            Fixture::Calloop(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+            Fixture::EventManager(f) => {
+                for _ in 0..iters {
+                    ok += u64::from(f.iteration());
+                }
+            }
+            Fixture::Glib(f) => {
                 for _ in 0..iters {
                     ok += u64::from(f.iteration());
                 }
@@ -354,6 +401,9 @@ impl Fixture {
         match self {
             Fixture::Raw(_) => Flavor::RawEpoll.label(),
             Fixture::Mio(_) => Flavor::Mio.label(),
+            Fixture::Calloop(_) => Flavor::Calloop.label(),
+            Fixture::EventManager(_) => Flavor::EventManager.label(),
+            Fixture::Glib(_) => Flavor::Glib.label(),
             Fixture::Aio(f) => f.ctx.backend_name(),
         }
     }
@@ -361,8 +411,8 @@ impl Fixture {
     /// The context's counters, for `aio` fixtures.
     pub fn aio_stats(&self) -> Option<aio::Stats> {
         match self {
-            Fixture::Raw(_) | Fixture::Mio(_) => None,
             Fixture::Aio(f) => Some(f.ctx.stats()),
+            _ => None,
         }
     }
 
@@ -372,6 +422,9 @@ impl Fixture {
             Fixture::Raw(f) => f.idle_count(),
             Fixture::Aio(f) => f.idle_count(),
             Fixture::Mio(f) => f.idle_count(),
+            Fixture::Calloop(f) => f.idle_count(),
+            Fixture::EventManager(f) => f.idle_count(),
+            Fixture::Glib(f) => f.idle_count(),
         }
     }
 }
@@ -385,17 +438,28 @@ pub enum TimerSource {
     Aio(Backend),
     /// Plain `epoll_wait` with the timeout rounded up to whole milliseconds.
     MsEpoll,
+    /// A peer: tokio's `sleep_until` on a current-thread runtime.
+    Tokio,
+    /// A peer: calloop's `Timer` source.
+    Calloop,
 }
 
 impl TimerSource {
     /// Every source, in table order.
-    pub const ALL: [TimerSource; 5] = [
+    pub const ALL: [TimerSource; 7] = [
         TimerSource::Aio(Backend::Epoll),
         TimerSource::Aio(Backend::EpollTimerfd),
         TimerSource::Aio(Backend::IoUring),
         TimerSource::Aio(Backend::Ppoll),
         TimerSource::MsEpoll,
+        TimerSource::Tokio,
+        TimerSource::Calloop,
     ];
+
+    /// Whether this source is one of ours (an `aio` context).
+    pub fn is_aio(self) -> bool {
+        matches!(self, TimerSource::Aio(_))
+    }
 
     /// The name used in tables and JSON.
     pub fn label(self) -> &'static str {
@@ -406,6 +470,8 @@ impl TimerSource {
             TimerSource::Aio(Backend::IoUring) => "io_uring",
             TimerSource::Aio(_) => "aio",
             TimerSource::MsEpoll => "ms-epoll",
+            TimerSource::Tokio => "tokio",
+            TimerSource::Calloop => "calloop",
         }
     }
 
@@ -419,6 +485,8 @@ impl TimerSource {
         match self {
             TimerSource::Aio(b) => aio_lateness(b, period_ns, warmup, samples),
             TimerSource::MsEpoll => ms_epoll_lateness(period_ns, warmup, samples),
+            TimerSource::Tokio => peers::tokio_lateness(period_ns, warmup, samples),
+            TimerSource::Calloop => peers::calloop_lateness(period_ns, warmup, samples),
         }
     }
 }
@@ -544,7 +612,7 @@ mod tests {
     #[test]
     fn every_flavor_dispatches_every_iteration() {
         raise_fd_limit_for(300).unwrap();
-        for flavor in Flavor::ALL {
+        for flavor in Flavor::ALL.into_iter().filter(|f| f.available()) {
             for idle in [0, 1, 16, 256] {
                 let mut fx = Fixture::new(flavor, idle).unwrap();
                 assert_eq!(fx.idle_count(), idle);
@@ -580,6 +648,8 @@ mod tests {
                         f.poll.poll(&mut f.events, Some(Duration::ZERO)).unwrap();
                         assert!(f.events.is_empty(), "mio idle={idle}: left pending");
                     }
+                    // The peers' iteration checks its own dispatch count.
+                    Fixture::Calloop(_) | Fixture::EventManager(_) | Fixture::Glib(_) => {}
                 }
             }
         }

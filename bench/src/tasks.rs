@@ -119,11 +119,23 @@ pub enum WakeLoop {
     /// the other thread `write`s. The sample ends when `epoll_wait`
     /// returns (before the eventfd is read).
     RawEventfd,
+    /// A peer: the home thread sits in `mio::Poll::poll`; the other thread
+    /// calls `mio::Waker::wake` (an eventfd underneath).
+    Mio,
+    /// A peer: a task on a tokio current-thread runtime awaits
+    /// `Notify::notified`; the other thread calls `notify_one`.
+    TokioNotify,
 }
 
 impl WakeLoop {
     /// Every loop, in table order.
-    pub const ALL: [WakeLoop; 3] = [WakeLoop::RawEventfd, WakeLoop::AioNotify, WakeLoop::AioTask];
+    pub const ALL: [WakeLoop; 5] = [
+        WakeLoop::RawEventfd,
+        WakeLoop::AioNotify,
+        WakeLoop::AioTask,
+        WakeLoop::Mio,
+        WakeLoop::TokioNotify,
+    ];
 
     /// The name used in tables and JSON.
     pub fn label(self) -> &'static str {
@@ -131,6 +143,8 @@ impl WakeLoop {
             WakeLoop::AioTask => "aio-task",
             WakeLoop::AioNotify => "aio-notify",
             WakeLoop::RawEventfd => "raw-eventfd",
+            WakeLoop::Mio => "mio-waker",
+            WakeLoop::TokioNotify => "tokio-notify",
         }
     }
 }
@@ -213,6 +227,8 @@ enum Target {
     Queue(Arc<CoQueue>),
     Ctx(AioContext),
     Raw(Arc<CrossThreadEventfd>),
+    Mio(Arc<mio::Waker>),
+    Tokio(Arc<tokio::sync::Notify>),
 }
 
 /// A waker that waits this long for the home thread gives up.
@@ -243,9 +259,36 @@ fn waker_thread(hs: &Handshake, total: u64, gap: Duration, target: Target) -> Re
             }
             Target::Ctx(ctx) => ctx.notify(),
             Target::Raw(raw) => raw.signal()?,
+            Target::Mio(w) => w.wake()?,
+            Target::Tokio(n) => n.notify_one(),
         }
     }
     Ok(())
+}
+
+/// The samples of a home thread that blocks in `wait` (one loop
+/// iteration) until the waker has fired each sample.
+fn blocking_samples(
+    hs: &Handshake,
+    total: u64,
+    mut wait: impl FnMut() -> Result<()>,
+) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(total as usize);
+    for i in 1..=total {
+        hs.ready.store(i, Ordering::Release);
+        loop {
+            wait()?;
+            if hs.fired.load(Ordering::Acquire) >= i {
+                break;
+            }
+            if hs.abort.load(Ordering::Acquire) {
+                return Err("the waker gave up".into());
+            }
+        }
+        let t1 = aio::monotonic_ns();
+        out.push(t1 - hs.t0.load(Ordering::SeqCst));
+    }
+    Ok(out)
 }
 
 fn home_thread(
@@ -278,20 +321,36 @@ fn home_thread(
             let ctx = AioContext::new()?;
             tx.send(Target::Ctx(ctx.clone()))
                 .map_err(|_| "waker thread gone")?;
-            for i in 1..=total {
-                hs.ready.store(i, Ordering::Release);
-                loop {
-                    ctx.poll(true);
-                    if hs.fired.load(Ordering::Acquire) >= i {
-                        break;
-                    }
-                    if hs.abort.load(Ordering::Acquire) {
-                        return Err("the waker gave up".into());
-                    }
+            out = blocking_samples(&hs, total, || {
+                ctx.poll(true);
+                Ok(())
+            })?;
+        }
+        WakeLoop::Mio => {
+            const WAKER: mio::Token = mio::Token(0);
+            let mut poll = mio::Poll::new()?;
+            let mut events = mio::Events::with_capacity(8);
+            let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+            tx.send(Target::Mio(waker))
+                .map_err(|_| "waker thread gone")?;
+            out = blocking_samples(&hs, total, || Ok(poll.poll(&mut events, None)?))?;
+        }
+        WakeLoop::TokioNotify => {
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            let n = Arc::new(tokio::sync::Notify::new());
+            tx.send(Target::Tokio(n.clone()))
+                .map_err(|_| "waker thread gone")?;
+            out = rt.block_on(async move {
+                let mut out = Vec::with_capacity(total as usize);
+                for i in 1..=total {
+                    let notified = n.notified();
+                    hs.ready.store(i, Ordering::Release);
+                    notified.await;
+                    let t1 = aio::monotonic_ns();
+                    out.push(t1 - hs.t0.load(Ordering::SeqCst));
                 }
-                let t1 = aio::monotonic_ns();
-                out.push(t1 - hs.t0.load(Ordering::SeqCst));
-            }
+                out
+            });
         }
         WakeLoop::RawEventfd => {
             let raw = Arc::new(CrossThreadEventfd::new()?);

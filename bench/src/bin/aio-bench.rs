@@ -28,15 +28,23 @@ usage: aio-bench <command> [options]
 commands:
   fdscale [--quick] [--json]   ns per ping-pong iteration against the number of
                                idle fds (1, 16, 256, 4096, 10000) for raw-epoll,
-                               epoll, epoll+timerfd, io_uring, ppoll and mio
+                               epoll, epoll+timerfd, io_uring, ppoll, and the
+                               peers mio, calloop, event-manager (and glib,
+                               built with --features glib)
   timers  [--quick] [--json]   lateness of one-shot Realtime timers (100 us,
-                               1 ms, 10 ms) for epoll, epoll+timerfd, ppoll and
-                               a millisecond-timeout epoll_wait reference
-  tasks   [--quick] [--json]   executor: spawn+complete throughput (tasks/s),
-                               a same-thread ping-pong of two tasks through
-                               CoQueues (wakes/s), and cross-thread wake ->
-                               resume latency of a blocked home thread (aio
-                               task, AioContext::notify, raw eventfd+epoll_wait)
+                               1 ms, 10 ms) for epoll, epoll+timerfd, io_uring,
+                               ppoll, a millisecond-timeout epoll_wait
+                               reference, tokio's sleep and calloop's Timer
+  tasks   [--quick] [--json]   executor: spawn+complete throughput (tasks/s)
+                               and a same-thread ping-pong of two tasks through
+                               CoQueues (wakes/s)
+  wakeup  [--quick] [--json]   cross-thread wake -> resume latency of a blocked
+                               home thread: aio task, AioContext::notify, mio's
+                               Waker, tokio's Notify, raw eventfd+epoll_wait
+  report  --out DIR [--quick]  runs fdscale, timers, wakeup, bh, tasks and io
+                               (--quick: io on /dev/shm only), writes
+                               DIR/results.json and SVG plots (fdscale.svg,
+                               timers-*.svg); --quick takes about two minutes
   bh      [--quick] [--json]   bottom halves: schedule -> run throughput on the
                                home thread, and from another thread while the
                                loop blocks (runs/s, notify writes per run)
@@ -67,6 +75,12 @@ io options:
                  on PATH)
 
 Progress messages go to stderr.";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReportOpts {
+    quick: bool,
+    out: PathBuf,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Opts {
@@ -141,6 +155,8 @@ enum Command {
     Timers(Opts),
     Tasks(Opts),
     Bh(Opts),
+    Wakeup(Opts),
+    Report(ReportOpts),
     Io(IoOpts),
     /// Hidden: a plain ping-pong run, for strace / callgrind.
     PingPong {
@@ -317,7 +333,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "io" => parse_io(rest),
         "iorun" => parse_iorun(rest),
-        "fdscale" | "timers" | "tasks" | "bh" => {
+        "fdscale" | "timers" | "tasks" | "bh" | "wakeup" => {
             let mut opts = Opts {
                 quick: false,
                 json: false,
@@ -334,8 +350,27 @@ fn parse(args: &[String]) -> Result<Command, String> {
                 "fdscale" => Command::FdScale(opts),
                 "timers" => Command::Timers(opts),
                 "bh" => Command::Bh(opts),
+                "wakeup" => Command::Wakeup(opts),
                 _ => Command::Tasks(opts),
             })
+        }
+        "report" => {
+            let (mut quick, mut out) = (false, None);
+            let mut it = rest.iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--quick" => quick = true,
+                    "--out" => {
+                        out = Some(PathBuf::from(it.next().ok_or("--out needs a directory")?))
+                    }
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("unknown option for report: {other}")),
+                }
+            }
+            Ok(Command::Report(ReportOpts {
+                quick,
+                out: out.ok_or("report needs --out DIR")?,
+            }))
         }
         "pingpong" => {
             let (mut flavor, mut idle, mut iters) = (Flavor::Epoll, 1usize, 100_000u64);
@@ -396,6 +431,8 @@ fn main() -> ExitCode {
         Command::Timers(o) => timers(o),
         Command::Tasks(o) => tasks_cmd(o),
         Command::Bh(o) => bh_cmd(o),
+        Command::Wakeup(o) => wakeup_cmd(o),
+        Command::Report(o) => report_cmd(&o),
         Command::Io(o) => io_cmd(&o),
         Command::IoRun(o) => iorun(&o),
         Command::PingPong {
@@ -567,7 +604,7 @@ fn fdscale(o: Opts) -> bench::Result<()> {
     let cfg = MeasureCfg::new(o.quick);
     let mut results: HashMap<(Flavor, usize), f64> = HashMap::new();
     for &n in &IDLE_COUNTS {
-        for flavor in Flavor::ALL {
+        for flavor in Flavor::ALL.into_iter().filter(|f| f.available()) {
             let mut fx = Fixture::new(flavor, n)
                 .map_err(|e| format!("setting up {flavor} with {n} idle fds: {e}"))?;
             if fx.backend_name() != flavor.label() {
@@ -610,14 +647,15 @@ fn fdscale(o: Opts) -> bench::Result<()> {
 fn print_fdscale_table(r: &HashMap<(Flavor, usize), f64>, batches: usize, p: &PairedTargets) {
     let get = |f: Flavor, n: usize| r.get(&(f, n)).copied().unwrap_or(f64::NAN);
     println!("fdscale: ns per ping-pong iteration (median of {batches} batches)");
+    let flavors: Vec<Flavor> = Flavor::ALL.into_iter().filter(|f| f.available()).collect();
     print!("{:>8}", "idle_fds");
-    for f in Flavor::ALL {
+    for f in &flavors {
         print!(" {:>14}", f.label());
     }
     println!(" {:>12} {:>16}", "ppoll/epoll", "epoll/raw-epoll");
     for &n in &IDLE_COUNTS {
         print!("{n:>8}");
-        for f in Flavor::ALL {
+        for &f in &flavors {
             print!(" {:>14.1}", get(f, n));
         }
         let epoll = get(Flavor::Epoll, n);
@@ -703,16 +741,25 @@ fn timers(o: Opts) -> bench::Result<()> {
                 s.early
             );
             if o.json {
+                let mut sorted = lat.clone();
+                sorted.sort_unstable();
+                let cdf: Vec<[serde_json::Value; 2]> = bench::report::cdf(&sorted)
+                    .into_iter()
+                    .map(|(q, v)| [q.into(), v.into()])
+                    .collect();
                 println!(
-                    "{{\"bench\":\"timers\",\"backend\":\"{}\",\"period_ns\":{},\"samples\":{},\
-                     \"median_late_ns\":{},\"p99_late_ns\":{},\"max_late_ns\":{},\"early\":{}}}",
-                    src.label(),
-                    period,
-                    s.samples,
-                    s.median,
-                    s.p99,
-                    s.max,
-                    s.early
+                    "{}",
+                    serde_json::json!({
+                        "bench": "timers",
+                        "backend": src.label(),
+                        "period_ns": period,
+                        "samples": s.samples,
+                        "median_late_ns": s.median,
+                        "p99_late_ns": s.p99,
+                        "max_late_ns": s.max,
+                        "early": s.early,
+                        "cdf_ns": cdf,
+                    })
                 );
             }
             rows.push((src, period, s));
@@ -742,7 +789,7 @@ fn timers(o: Opts) -> bench::Result<()> {
         }
         let early: usize = rows
             .iter()
-            .filter(|(src, _, _)| *src != TimerSource::MsEpoll)
+            .filter(|(src, _, _)| src.is_aio())
             .map(|(_, _, s)| s.early)
             .sum();
         println!();
@@ -786,19 +833,6 @@ fn tasks_cmd(o: Opts) -> bench::Result<()> {
         (20_000, 1, 3)
     } else {
         (50_000, 2, 11)
-    };
-    let wake = if o.quick {
-        WakeCfg {
-            warmup: 10,
-            samples: 300,
-            gap: Duration::from_micros(200),
-        }
-    } else {
-        WakeCfg {
-            warmup: 50,
-            samples: 3_000,
-            gap: Duration::from_micros(200),
-        }
     };
     eprintln!("tasks: {} mode", mode(o.quick));
     let ctx = AioContext::new()?;
@@ -848,6 +882,42 @@ fn tasks_cmd(o: Opts) -> bench::Result<()> {
     }
     drop(ctx);
 
+    if !o.json {
+        println!("tasks: executor throughput on one context (median of batches)");
+        println!("{:<10} {:>14} {:>10}", "case", "per second", "ns each");
+        println!(
+            "{:<10} {:>14.0} {:>10.1}   tasks spawned and joined, {spawn_n} per batch",
+            "spawn",
+            spawn,
+            1e9 / spawn
+        );
+        println!(
+            "{:<10} {:>14.0} {:>10.1}   task wakes, two tasks through two CoQueues",
+            "pingpong",
+            pp,
+            1e9 / pp
+        );
+    }
+    Ok(())
+}
+
+// ----- wakeup --------------------------------------------------------------
+
+fn wakeup_cmd(o: Opts) -> bench::Result<()> {
+    let wake = if o.quick {
+        WakeCfg {
+            warmup: 10,
+            samples: 300,
+            gap: Duration::from_micros(200),
+        }
+    } else {
+        WakeCfg {
+            warmup: 50,
+            samples: 3_000,
+            gap: Duration::from_micros(200),
+        }
+    };
+    eprintln!("wakeup: {} mode", mode(o.quick));
     // (c) cross-thread wake latency.
     let mut rows = Vec::new();
     for placement in Placement::ALL {
@@ -887,21 +957,6 @@ fn tasks_cmd(o: Opts) -> bench::Result<()> {
         }
     }
     if !o.json {
-        println!("tasks: executor throughput on one context (median of batches)");
-        println!("{:<10} {:>14} {:>10}", "case", "per second", "ns each");
-        println!(
-            "{:<10} {:>14.0} {:>10.1}   tasks spawned and joined, {spawn_n} per batch",
-            "spawn",
-            spawn,
-            1e9 / spawn
-        );
-        println!(
-            "{:<10} {:>14.0} {:>10.1}   task wakes, two tasks through two CoQueues",
-            "pingpong",
-            pp,
-            1e9 / pp
-        );
-        println!();
         println!(
             "wakeup: another thread wakes the blocked home thread; t(resume) - t(before wake), {} samples, {} us apart",
             wake.samples,
@@ -927,8 +982,124 @@ fn tasks_cmd(o: Opts) -> bench::Result<()> {
                 med as f64 / raw
             );
         }
+        let raw = |pl: Placement| {
+            rows.iter()
+                .find(|r| r.0 == WakeLoop::RawEventfd && r.1 == pl)
+                .map_or(f64::NAN, |r| r.2 as f64)
+        };
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.0 == WakeLoop::AioNotify && r.1 == Placement::Unpinned)
+        {
+            let ratio = r.2 as f64 / raw(Placement::Unpinned);
+            println!();
+            target(
+                "aio-notify median within 1.3x of raw-eventfd",
+                ratio <= 1.3,
+                &format!("{ratio:.2}x (unpinned)"),
+            );
+        }
     }
     Ok(())
+}
+
+// ----- report --------------------------------------------------------------
+
+/// The subcommands a report runs, with their extra arguments in quick mode.
+const REPORT_PLAN: &[(&str, &[&str])] = &[
+    ("fdscale", &[]),
+    ("timers", &[]),
+    ("wakeup", &[]),
+    ("bh", &[]),
+    ("tasks", &[]),
+    ("io", &["--target", "shm"]),
+];
+
+/// Runs `aio-bench SUB --json [--quick] [extra]` as a child (its progress
+/// goes to our stderr) and returns its JSON lines.
+fn run_child(sub: &str, quick: bool, extra: &[&str]) -> bench::Result<Vec<serde_json::Value>> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(sub).arg("--json");
+    if quick {
+        cmd.arg("--quick").args(extra);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running aio-bench {sub}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("aio-bench {sub} failed ({})", out.status).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// What the results were measured on.
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu_model": model,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+    })
+}
+
+fn report_cmd(o: &ReportOpts) -> bench::Result<()> {
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
+    let start = Instant::now();
+    let mut records = Vec::new();
+    let mut failures = Vec::new();
+    for (sub, extra) in REPORT_PLAN {
+        eprintln!("report: {sub} ({})", mode(o.quick));
+        match run_child(sub, o.quick, extra) {
+            Ok(r) => records.extend(r),
+            Err(e) => {
+                eprintln!("report: {e}; going on");
+                failures.push(serde_json::json!({"bench": sub, "error": e.to_string()}));
+            }
+        }
+    }
+    let mut plots = bench::report::plot_fdscale(&records, &o.out)?;
+    plots.extend(bench::report::plot_timers(&records, &o.out)?);
+    let secs = start.elapsed().as_secs_f64();
+    let results = serde_json::json!({
+        "command": format!("aio-bench report{} --out {}", if o.quick { " --quick" } else { "" }, o.out.display()),
+        "mode": mode(o.quick),
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        "duration_s": (secs * 10.0).round() / 10.0,
+        "machine": machine(),
+        "records": records,
+        "failures": failures,
+        "plots": plots,
+    });
+    let path = o.out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!(
+        "report: {} records, {} failures, plots {:?}, {secs:.0} s -> {}",
+        results["records"].as_array().map_or(0, Vec::len),
+        failures.len(),
+        plots,
+        path.display()
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} benchmark(s) failed", failures.len()).into())
+    }
 }
 
 // ----- io ----------------------------------------------------------------

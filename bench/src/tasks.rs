@@ -235,6 +235,16 @@ enum Target {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn waker_thread(hs: &Handshake, total: u64, gap: Duration, target: Target) -> Result<()> {
+    let res = wake_samples(hs, total, gap, target);
+    if res.is_err() {
+        // The home thread may be blocked waiting for a wake that will not
+        // come; it checks this between waits.
+        hs.abort.store(true, Ordering::Release);
+    }
+    res
+}
+
+fn wake_samples(hs: &Handshake, total: u64, gap: Duration, target: Target) -> Result<()> {
     for i in 1..=total {
         let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
         while hs.ready.load(Ordering::Acquire) < i {
@@ -330,10 +340,16 @@ fn home_thread(
             const WAKER: mio::Token = mio::Token(0);
             let mut poll = mio::Poll::new()?;
             let mut events = mio::Events::with_capacity(8);
+            // The home thread keeps a handle too: the waker thread drops
+            // its own right after the last wake, and closing the eventfd
+            // before epoll_wait collects the event would lose that wake.
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
-            tx.send(Target::Mio(waker))
+            tx.send(Target::Mio(waker.clone()))
                 .map_err(|_| "waker thread gone")?;
-            out = blocking_samples(&hs, total, || Ok(poll.poll(&mut events, None)?))?;
+            // Bounded waits, so that a waker that gave up (abort) is noticed.
+            out = blocking_samples(&hs, total, || {
+                Ok(poll.poll(&mut events, Some(Duration::from_secs(1)))?)
+            })?;
         }
         WakeLoop::TokioNotify => {
             let rt = tokio::runtime::Builder::new_current_thread().build()?;

@@ -527,7 +527,7 @@ async fn snapshot(args: &[String]) -> Outcome {
             (Ok(()), "list")
         }
         "-c" => (
-            node.snapshot_create(&SnapshotCreateOptions::new(name.clone()))
+            node.snapshot_create(&SnapshotCreateOptions::new(name.clone()).icount(0))
                 .await
                 .map(drop),
             "create",

@@ -84,6 +84,10 @@ pub struct SnapshotCreateOptions {
     pub date: Option<(u32, u32)>,
     /// The guest's virtual clock in ns (0 for `qemu-img`-style snapshots).
     pub vm_clock_nsec: u64,
+    /// The instruction count to record; `None` records "none" (QEMU's -1,
+    /// what a QMP snapshot without record/replay stores; `qemu-img`
+    /// records 0).
+    pub icount: Option<u64>,
 }
 
 impl SnapshotCreateOptions {
@@ -98,6 +102,12 @@ impl SnapshotCreateOptions {
     /// Sets the virtual clock value recorded in the snapshot.
     pub fn vm_clock_nsec(mut self, ns: u64) -> Self {
         self.vm_clock_nsec = ns;
+        self
+    }
+
+    /// Sets the instruction count recorded in the snapshot.
+    pub fn icount(mut self, icount: u64) -> Self {
+        self.icount = Some(icount);
         self
     }
 

@@ -439,6 +439,7 @@ impl Qcow2 {
         let (date_sec, date_nsec) = opts.date.unwrap_or_else(now);
         let mut extra = vec![0u8; OUR_EXTRA];
         extra[8..16].copy_from_slice(&self.len().to_be_bytes());
+        extra[16..24].copy_from_slice(&opts.icount.unwrap_or(u64::MAX).to_be_bytes());
         let sn = Snapshot {
             l1_offset,
             l1_size: l1.len() as u32,

@@ -17,6 +17,9 @@
 //! * **file I/O** ([`io`]). 4 KiB random reads/writes at a fixed queue
 //!   depth through `aio::file::File` on either engine, and the same job
 //!   run by `fio`.
+//! * **qcow2 snapshot copy-on-write** ([`snapshot_cow`]). Write
+//!   throughput of the active layer before a snapshot, on the first pass
+//!   after it (copy-on-write) and on the second, against `qemu-img bench`.
 //!
 //! All `unsafe` lives in the private `sys` module.
 
@@ -33,6 +36,7 @@ use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotif
 pub mod io;
 pub mod peers;
 pub mod report;
+pub mod snapshot_cow;
 mod sys;
 pub mod tasks;
 

@@ -5,21 +5,8 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::Command;
 
 use blockjob::block::{BlockGraph, OpenOptions};
-
-fn aio_img(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_aio-img"))
-        .args(args)
-        .output()
-        .expect("run aio-img");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A chain of `depth` images with cluster size `cs`, written by qemu-io.
 fn chain(dir: &Path, depth: usize, cs: u64) -> std::path::PathBuf {

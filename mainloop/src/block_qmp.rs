@@ -210,6 +210,7 @@ fn node_chain_depth(node: &BlockNode) -> usize {
 ///
 /// A name clash with a command already registered.
 pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<(), ServerError> {
+    crate::internal_snapshot_qmp::register_internal_snapshot_commands(server, state.clone())?;
     let emitter: EventEmitter = server.emitter();
     state
         .jobs

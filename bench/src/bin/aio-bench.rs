@@ -56,6 +56,12 @@ commands:
                                (O_DIRECT; default DIR: target/aio-bench-io),
                                engines threads and io_uring, and fio's io_uring
                                with the same parameters in the same run
+  snapcow [--json] [--size BYTES] [--rounds N] [--dir DIR] [--no-qemu]
+                               qcow2 write MiB/s at depth 1 (64 KiB and 4 KiB
+                               per cluster) before an internal snapshot, on
+                               the first pass after it (copy-on-write) and the
+                               second, against qemu-img bench in the same run
+                               (default 128 MiB in /dev/shm, 3 rounds)
 
 options:
   --quick   fewer iterations / samples / shorter runs (fdscale < 30 s; timers
@@ -166,6 +172,8 @@ enum Command {
     },
     /// Hidden: one I/O job, for strace (`--ops N` for a differential count).
     IoRun(IoRunOpts),
+    /// qcow2 copy-on-write after a snapshot (options parsed by `snapcow`).
+    SnapCow(Vec<String>),
 }
 
 /// Parses `1073741824`, `1G`, `256M`, `64K` (powers of two).
@@ -332,6 +340,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
     match cmd.as_str() {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "io" => parse_io(rest),
+        "snapcow" => Ok(Command::SnapCow(rest.to_vec())),
         "iorun" => parse_iorun(rest),
         "fdscale" | "timers" | "tasks" | "bh" | "wakeup" => {
             let mut opts = Opts {
@@ -435,6 +444,7 @@ fn main() -> ExitCode {
         Command::Report(o) => report_cmd(&o),
         Command::Io(o) => io_cmd(&o),
         Command::IoRun(o) => iorun(&o),
+        Command::SnapCow(args) => snapcow(&args),
         Command::PingPong {
             flavor,
             idle,
@@ -1563,6 +1573,38 @@ fn bh_cmd(o: Opts) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             cross, writes_per_run, stats.notify_writes, stats.notify_calls
         );
     }
+    Ok(())
+}
+
+/// `snapcow`: see `bench::snapshot_cow`.
+fn snapcow(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut o = bench::snapshot_cow::CowOptions::default();
+    let mut json = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--json" => json = true,
+            "--no-qemu" => o.qemu = false,
+            "--size" => {
+                let v = value()?;
+                o.size = parse_size(v)
+                    .filter(|s| *s > 0 && s % (64 << 10) == 0)
+                    .ok_or(format!("bad --size {v} (a multiple of 64K)"))?;
+            }
+            "--rounds" => {
+                let v = value()?;
+                o.rounds = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("bad --rounds {v}"))?;
+            }
+            "--dir" => o.dir = PathBuf::from(value()?),
+            other => return Err(format!("unknown option for snapcow: {other}").into()),
+        }
+    }
+    print!("{}", bench::snapshot_cow::report(&o, json)?);
     Ok(())
 }
 

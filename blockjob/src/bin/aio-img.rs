@@ -6,6 +6,7 @@
 //! aio-img map [--output=json] FILE
 //! aio-img check FILE
 //! aio-img compare FILE1 FILE2
+//! aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
 //! ```
 //!
 //! Errors are one line on stderr, `aio-img: ...` naming the file, exit
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use blockjob::block::{
     create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CreateOptions, OpenOptions,
+    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -26,7 +28,8 @@ type Outcome = Result<u8>;
 
 fn usage() -> Error {
     Error::InvalidArgument(
-        "usage: aio-img create|info|map|check|compare [options] FILE... (see --help)".into(),
+        "usage: aio-img create|info|map|check|compare|snapshot [options] FILE... (see --help)"
+            .into(),
     )
 }
 
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         "info" => ctx.block_on(info(rest)),
         "map" => ctx.block_on(map(rest)),
         "check" => ctx.block_on(check(rest)),
+        "snapshot" => ctx.block_on(snapshot(rest)),
         "compare" => match ctx.block_on(compare(rest)) {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -73,7 +77,8 @@ const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o clus
 aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
 aio-img check FILE
-aio-img compare FILE1 FILE2";
+aio-img compare FILE1 FILE2
+aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE";
 
 fn one_line(e: &Error) -> String {
     e.to_string().replace('\n', " ")
@@ -487,4 +492,123 @@ async fn compare(args: &[String]) -> Outcome {
     }
     println!("Images are identical.");
     Ok(0)
+}
+
+/// `qemu-img snapshot`: `-l` lists (nothing for formats without
+/// snapshots), `-c` creates, `-a` applies (reverts to), `-d` deletes;
+/// errors read `Could not create snapshot 'NAME': REASON`.
+async fn snapshot(args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-c", "-a", "-d"])?;
+    check_flags(&flags, &["-f", "-l", "-c", "-a", "-d", "-q", "-U"])?;
+    let file = pos.first().ok_or_else(usage)?;
+    let actions: Vec<&(String, String)> = flags
+        .iter()
+        .filter(|(f, _)| ["-l", "-c", "-a", "-d"].contains(&f.as_str()))
+        .collect();
+    let [(action, name)] = actions[..] else {
+        return Err(Error::InvalidArgument(
+            "Cannot mix '-l', '-a', '-c', '-d'".into(),
+        ));
+    };
+    let g = BlockGraph::new();
+    let mut o = OpenOptions::new()
+        .read_only(action == "-l")
+        .no_backing(true);
+    if let Some(f) = flag(&flags, "-f") {
+        o = o.format(f);
+    }
+    let node = g.open_image(file, &o).await?;
+    let which = SnapshotRef::IdOrName(name.clone());
+    let (r, verb) = match action.as_str() {
+        "-l" => {
+            if let Ok(list) = node.snapshot_list().await {
+                print!("{}", snapshot_table(&list));
+            }
+            (Ok(()), "list")
+        }
+        "-c" => (
+            node.snapshot_create(&SnapshotCreateOptions::new(name.clone()).icount(0))
+                .await
+                .map(drop),
+            "create",
+        ),
+        "-a" => (node.snapshot_goto(&which).await.map(drop), "apply"),
+        _ => (node.snapshot_delete(&which).await.map(drop), "delete"),
+    };
+    let closed = g.close_all().await;
+    r.map_err(|e| {
+        Error::InvalidArgument(format!(
+            "Could not {verb} snapshot '{name}': {}",
+            one_line(&e)
+        ))
+    })?;
+    closed?;
+    Ok(0)
+}
+
+/// `qemu-img snapshot -l`'s table (QEMU's `bdrv_snapshot_dump`); empty
+/// when there are no snapshots.
+fn snapshot_table(list: &[SnapshotInfo]) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "Snapshot list:\n{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    let tz = jiff::tz::TimeZone::system();
+    for sn in list {
+        let date = jiff::Timestamp::from_second(i64::from(sn.date_sec))
+            .map(|t| {
+                t.to_zoned_datetime(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (sn.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        s += &format!(
+            "{:<7} {:<16} {:>8}{:>20}{:>16}{:>11}\n",
+            sn.id,
+            sn.name,
+            qemu_size_to_str(sn.vm_state_size),
+            date,
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+/// QEMU's `size_to_str`: three significant digits and a binary unit.
+fn qemu_size_to_str(n: u64) -> String {
+    const U: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 * 0.95 && u < U.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    // `%0.3g`: three significant digits, no trailing zeroes.
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let t = format!("{v:.digits$}");
+    let t = if t.contains('.') {
+        t.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        t
+    };
+    format!("{t} {}", U[u])
 }

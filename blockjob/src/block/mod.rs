@@ -17,6 +17,7 @@ mod null;
 mod perm;
 pub mod qcow2;
 mod raw;
+mod snapshot;
 mod status;
 
 pub(crate) use graph::GraphRef;
@@ -24,6 +25,7 @@ pub use graph::{BlockGraph, OpenOptions};
 pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::CreateOptions;
+pub use snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};
@@ -157,6 +159,45 @@ pub trait BlockDriver: Send + Sync {
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async { Ok(None) })
     }
+    /// Whether the format stores internal snapshots (qcow2).
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+    /// The internal snapshots, in table order.
+    fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
+        no_snapshots(self.filename(), self.driver_name())
+    }
+    /// Takes an internal snapshot of the current contents.
+    fn snapshot_create<'a>(
+        &'a self,
+        opts: &'a SnapshotCreateOptions,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        let _ = opts;
+        no_snapshots(self.filename(), self.driver_name())
+    }
+    /// Makes the snapshot's contents the current contents
+    /// (`qemu-img snapshot -a`).
+    fn snapshot_goto<'a>(&'a self, which: &'a SnapshotRef) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        let _ = which;
+        no_snapshots(self.filename(), self.driver_name())
+    }
+    /// Deletes a snapshot and frees what only it used.
+    fn snapshot_delete<'a>(
+        &'a self,
+        which: &'a SnapshotRef,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        let _ = which;
+        no_snapshots(self.filename(), self.driver_name())
+    }
+}
+
+/// The answer of the snapshot operations of formats without them.
+fn no_snapshots<'a, T: Send + 'a>(file: &str, driver: &str) -> BoxFuture<'a, Result<T>> {
+    let e = Error::unsupported(
+        file,
+        format!("Block format '{driver}' does not support internal snapshots"),
+    );
+    Box::pin(async { Err(e) })
 }
 
 /// The result of a consistency check (`qemu-img check`).

@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::perm::PermUser;
-use super::{BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard};
+use super::{
+    BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard,
+    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+};
 use crate::{Error, Result};
 
 /// A node of the block graph: a driver instance with a name, a read-only
@@ -387,6 +390,41 @@ impl BlockNode {
     /// Checks the image's metadata (`None`: the format has no checks).
     pub async fn check(&self) -> Result<Option<CheckReport>> {
         self.driver.check().await
+    }
+
+    /// Whether the node's format stores internal snapshots (qcow2).
+    pub fn supports_snapshots(&self) -> bool {
+        self.driver.supports_snapshots()
+    }
+
+    /// The node's internal snapshots, in table order.
+    pub async fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        self.driver.snapshot_list().await
+    }
+
+    /// Takes an internal snapshot of what the node reads now. Refused on
+    /// a read-only node, while an op blocker (a job) is set, and for a
+    /// name already used; the image is then unchanged.
+    pub async fn snapshot_create(&self, opts: &SnapshotCreateOptions) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        self.check_op_blockers()?;
+        self.driver.snapshot_create(opts).await
+    }
+
+    /// Reverts the node to a snapshot (`qemu-img snapshot -a`): what it
+    /// reads afterwards is what it read when the snapshot was taken.
+    pub async fn snapshot_goto(&self, which: &SnapshotRef) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        self.check_op_blockers()?;
+        self.driver.snapshot_goto(which).await
+    }
+
+    /// Deletes a snapshot, freeing the clusters only it used; returns
+    /// what it was.
+    pub async fn snapshot_delete(&self, which: &SnapshotRef) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        self.check_op_blockers()?;
+        self.driver.snapshot_delete(which).await
     }
 
     /// Closes the node and its children, top down: flushes, and for qcow2

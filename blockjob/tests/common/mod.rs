@@ -36,6 +36,19 @@ pub(crate) fn qemu_img_status(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Runs our `aio-img ARGS`: (exit code, stdout, stderr).
+pub(crate) fn aio_img(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_aio-img"))
+        .args(args)
+        .output()
+        .expect("run aio-img");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `qemu-io -c CMD ... FILE`.
 pub(crate) fn qemu_io(file: &Path, cmds: &[String]) {
     let mut c = Command::new("qemu-io");

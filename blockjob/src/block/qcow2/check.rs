@@ -1,6 +1,7 @@
 //! `check`: rebuild the reference counts from the tables and compare.
 
-use super::entry::{COMPRESSED, COPIED, OFFSET_MASK};
+use super::entry::{host_range, COMPRESSED, COPIED, OFFSET_MASK};
+use super::meta::words;
 use super::Qcow2;
 use crate::block::{BlockDriver as _, CheckReport};
 use crate::Result;
@@ -49,52 +50,62 @@ impl Qcow2 {
             }
             inc("refcount block", off, cs, &mut corrupt);
         }
-        let l2e = g.l2_entries();
-        let words = if g.extended_l2 { 2 } else { 1 };
-        let mut data_entries = Vec::new();
-        for (l1i, &e) in m.l1.clone().iter().enumerate() {
-            let off = e & OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            if off % cs != 0 || off + cs > flen {
-                corrupt.push(format!("ERROR l2_offset={off:x}: L2 table is not cluster aligned or past the end of the file"));
-                continue;
-            }
-            inc("L2 table", off, cs, &mut corrupt);
-            let t = m.l2_table(g, l1i as u64, off).await?.clone();
-            for i in 0..l2e as usize {
-                let w = t[i * words];
-                if w & COMPRESSED != 0 {
-                    let x = 62 - (g.cluster_bits - 8);
-                    let host = w & ((1u64 << x) - 1);
-                    let sectors = ((w & !(COMPRESSED | COPIED)) >> x) + 1;
-                    inc(
-                        "compressed cluster",
-                        host & !511,
-                        sectors * 512,
-                        &mut corrupt,
-                    );
-                    r.allocated_clusters += 1;
-                    continue;
-                }
-                let host = w & OFFSET_MASK;
-                if host == 0 {
-                    continue;
-                }
-                if host % cs != 0 {
-                    corrupt.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."));
-                    continue;
-                }
-                inc("data cluster", host, cs, &mut corrupt);
-                r.allocated_clusters += 1;
-                data_entries.push(w);
-            }
-            let rc = m.refcount(g, off / cs).await?;
-            if (e & COPIED != 0) != (rc == 1) {
+        let (st_off, st_len) = m.snapshots_at;
+        inc("snapshot table", st_off, st_len, &mut corrupt);
+        let mut l1s = vec![(m.l1.clone(), true)];
+        for sn in m.snapshots.clone() {
+            let len = u64::from(sn.l1_size) * 8;
+            if sn.l1_offset.checked_add(len).is_none_or(|e| e > flen) {
                 corrupt.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
+                    "ERROR snapshot {} ({}) L1 table at {:#x} is past the end of the file",
+                    String::from_utf8_lossy(&sn.id),
+                    String::from_utf8_lossy(&sn.name),
+                    sn.l1_offset
                 ));
+                continue;
+            }
+            inc("snapshot L1 table", sn.l1_offset, len, &mut corrupt);
+            l1s.push((words(&g.read_file(sn.l1_offset, len).await?), false));
+        }
+        let step = if g.extended_l2 { 2 } else { 1 };
+        let mut data_entries = Vec::new();
+        for (l1, active) in l1s {
+            for (l1i, &e) in l1.iter().enumerate() {
+                let off = e & OFFSET_MASK;
+                if off == 0 {
+                    continue;
+                }
+                if off % cs != 0 || off + cs > flen {
+                    corrupt.push(format!("ERROR l2_offset={off:x}: L2 table is not cluster aligned or past the end of the file"));
+                    continue;
+                }
+                inc("L2 table", off, cs, &mut corrupt);
+                let t = m.l2_table(g, l1i as u64, off).await?.clone();
+                for &w in t.iter().step_by(step) {
+                    let Some((host, len)) = host_range(w, g.cluster_bits) else {
+                        continue;
+                    };
+                    if w & COMPRESSED == 0 && host % cs != 0 {
+                        corrupt.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                        continue;
+                    }
+                    inc("data cluster", host, len, &mut corrupt);
+                    if active {
+                        r.allocated_clusters += 1;
+                        if w & COMPRESSED == 0 {
+                            data_entries.push(w);
+                        }
+                    }
+                }
+                if !active {
+                    continue;
+                }
+                let rc = m.refcount(g, off / cs).await?;
+                if (e & COPIED != 0) != (rc == 1) {
+                    corrupt.push(format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
+                    ));
+                }
             }
         }
         for w in data_entries {

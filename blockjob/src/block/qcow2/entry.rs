@@ -107,6 +107,29 @@ impl L2Entry {
     }
 }
 
+/// The host bytes a standard or compressed L2 entry word owns, as
+/// (offset, length): a whole cluster, or the 512-byte sectors of a
+/// compressed cluster (which may straddle clusters). `None` when the entry
+/// owns nothing (unallocated, or zero without a preallocated cluster).
+pub(crate) fn host_range(word: u64, cluster_bits: u32) -> Option<(u64, u64)> {
+    if word & COMPRESSED != 0 {
+        let x = 62 - (cluster_bits - 8);
+        let host = word & ((1u64 << x) - 1);
+        let sectors = ((word & !(COMPRESSED | COPIED)) >> x) + 1;
+        return Some((host & !511, sectors * 512));
+    }
+    let host = word & OFFSET_MASK;
+    (host != 0).then_some((host, 1 << cluster_bits))
+}
+
+/// The host clusters a [`host_range`] covers.
+pub(crate) fn host_clusters(word: u64, cluster_bits: u32) -> std::ops::Range<u64> {
+    match host_range(word, cluster_bits) {
+        Some((off, len)) => (off >> cluster_bits)..((off + len - 1) >> cluster_bits) + 1,
+        None => 0..0,
+    }
+}
+
 /// Reads refcount `index` from a refcount block of width `1 << order` bits.
 pub(crate) fn get_refcount(block: &[u8], order: u32, index: u64) -> u64 {
     let bits = 1u64 << order;
@@ -215,6 +238,16 @@ mod tests {
                 len: 3 * 512 - 0x145
             }
         );
+    }
+
+    #[test]
+    fn host_range_when_compressed_then_sectors_across_clusters() {
+        let w = COMPRESSED | (2u64 << 54) | 0x1fe45;
+        assert_eq!(host_range(w, 16), Some((0x1fe00, 3 * 512)));
+        assert_eq!(host_clusters(w, 16), 1..3);
+        assert_eq!(host_clusters(COPIED | 0x50000, 16), 5..6);
+        assert_eq!(host_clusters(ZERO, 16), 0..0);
+        assert_eq!(host_range(0, 16), None);
     }
 
     #[test]

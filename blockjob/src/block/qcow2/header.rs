@@ -18,7 +18,7 @@ pub(crate) const MIN_CLUSTER_BITS: u32 = 9;
 /// QEMU's limit on the refcount table (8 MiB).
 const MAX_REFTABLE_SIZE: u64 = 8 << 20;
 /// QEMU's limit on the L1 table (32 MiB).
-const MAX_L1_SIZE: u64 = 32 << 20;
+pub(crate) const MAX_L1_SIZE: u64 = 32 << 20;
 /// QEMU's limit on a backing file name.
 const MAX_BACKING_NAME: u32 = 1023;
 
@@ -55,6 +55,8 @@ pub(crate) mod field {
     pub(crate) const L1: u64 = 36;
     /// `refcount_table_offset` (u64) followed by `refcount_table_clusters` (u32).
     pub(crate) const REFCOUNT_TABLE: u64 = 48;
+    /// `nb_snapshots` (u32) followed by `snapshots_offset` (u64).
+    pub(crate) const SNAPSHOTS: u64 = 60;
     /// `incompatible_features` (u64).
     pub(crate) const INCOMPATIBLE: u64 = 72;
     /// `autoclear_features` (u64).

@@ -67,7 +67,7 @@ impl Geom {
     }
 }
 
-fn words(buf: &[u8]) -> Vec<u64> {
+pub(crate) fn words(buf: &[u8]) -> Vec<u64> {
     buf.chunks_exact(8)
         .map(|c| {
             let mut a = [0u8; 8];
@@ -126,7 +126,14 @@ pub(crate) struct Meta {
     free_hint: u64,
     /// One past the highest cluster that may be in use.
     pub(crate) end_cluster: u64,
+    /// The internal snapshots, in table order.
+    pub(crate) snapshots: Vec<super::snapshot::Snapshot>,
+    /// Where the snapshot table is (0: none) and its length in bytes.
+    pub(crate) snapshots_at: (u64, u64),
 }
+
+/// Reference count changes by host cluster index, applied in order.
+pub(crate) type Deltas = std::collections::BTreeMap<u64, i64>;
 
 /// A mapping lookup's answer for a run of bytes.
 #[derive(Clone, Copy, Debug)]
@@ -163,6 +170,8 @@ impl Meta {
             rb_cache: Lru::new(l2_cap),
             free_hint: 0,
             end_cluster: g.file.len().div_ceil(g.cs()),
+            snapshots: Vec::new(),
+            snapshots_at: (0, 0),
         })
     }
 
@@ -375,6 +384,65 @@ impl Meta {
             )));
         }
         self.put_refcount(g, c, new as u64).await
+    }
+
+    /// Checks that every change of `d` keeps its refcount within 0 and the
+    /// width's maximum; changes nothing.
+    pub(crate) async fn check_deltas(&mut self, g: &Geom, d: &Deltas) -> Result<()> {
+        let max = entry::max_refcount(g.refcount_order);
+        for (&c, &v) in d {
+            let old = self.refcount(g, c).await?;
+            let new = i128::from(old) + i128::from(v);
+            if new < 0 {
+                return Err(g.corrupt(format!(
+                    "refcount of cluster {c} is {old}, lower than its {} references",
+                    -v
+                )));
+            }
+            if new > i128::from(max) {
+                return Err(Error::unsupported(
+                    &g.name,
+                    format!(
+                        "refcount of cluster {c} would exceed {max}, the most {}-bit refcounts hold",
+                        1u32 << g.refcount_order
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `d` (already checked with [`check_deltas`](Self::check_deltas)),
+    /// writing each changed refcount block once.
+    pub(crate) async fn apply_deltas(&mut self, g: &Geom, d: &Deltas) -> Result<()> {
+        let rpb = g.rpb();
+        let order = g.refcount_order;
+        let changes: Vec<(u64, i64)> = d
+            .iter()
+            .map(|(&c, &v)| (c, v))
+            .filter(|c| c.1 != 0)
+            .collect();
+        for block in changes.chunk_by(|a, b| a.0 / rpb == b.0 / rpb) {
+            let t = block[0].0 / rpb;
+            self.ensure_refblock(g, t).await?;
+            let off = self.reftable[t as usize] & OFFSET_MASK;
+            let b = self.refblock(g, off).await?;
+            let mut lowest_free = None;
+            for &(c, v) in block {
+                let old = entry::get_refcount(b, order, c % rpb);
+                let new = (i128::from(old) + i128::from(v)).max(0) as u64;
+                entry::set_refcount(b, order, c % rpb, new);
+                if new == 0 && lowest_free.is_none() {
+                    lowest_free = Some(c);
+                }
+            }
+            let bytes = b.clone();
+            g.write_file(off, bytes).await?;
+            if let Some(c) = lowest_free {
+                self.free_hint = self.free_hint.min(c);
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure refcount block `t` exists.

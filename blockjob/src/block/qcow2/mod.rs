@@ -11,16 +11,17 @@
 //! clusters already allocated (refcount 1) run concurrently.
 
 use std::io::Read as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aio::CoMutex;
+use aio::{CoMutex, CoQueue};
 
 mod check;
 mod create;
 pub(crate) mod entry;
 pub(crate) mod header;
 pub(crate) mod meta;
+mod snapshot;
 mod write;
 
 pub(crate) use create::create;
@@ -29,7 +30,10 @@ pub use create::CreateOptions;
 use self::entry::Mapping;
 use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 use self::meta::{Geom, Meta};
-use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard};
+use super::{
+    BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard,
+    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+};
 use crate::{Error, Result};
 
 /// An open qcow2 image.
@@ -42,6 +46,51 @@ pub(crate) struct Qcow2 {
     size: AtomicU64,
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
+    in_flight: InFlight,
+}
+
+/// Requests doing data I/O after releasing the metadata lock (reads, and
+/// writes in place to clusters with refcount 1). Operations that change
+/// what those clusters mean (snapshot create and revert) take the lock,
+/// so no new one starts, and wait for these to finish: QEMU's drain,
+/// for this driver only.
+#[derive(Default)]
+struct InFlight {
+    n: AtomicUsize,
+    idle: CoQueue,
+}
+
+/// One request counted in [`InFlight`]; dropping it ends the request.
+struct InFlightGuard<'a>(&'a InFlight);
+
+impl InFlight {
+    /// Counts a request; call with the metadata lock held.
+    fn enter(&self) -> InFlightGuard<'_> {
+        self.n.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self)
+    }
+
+    /// Waits until no request is counted; call with the metadata lock held.
+    async fn drain(&self) {
+        loop {
+            // Queue first, then look: a guard dropped in between still
+            // wakes us (the waiter is registered when `wait` is called).
+            let w = self.idle.wait();
+            if self.n.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            w.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        // Pairs with the load in `drain`.
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 impl Qcow2 {
@@ -77,12 +126,6 @@ impl Qcow2 {
                     "writing images with extended L2 entries (subclusters) is not supported; open read-only",
                 ));
             }
-            if header.nb_snapshots != 0 {
-                return Err(Error::open(
-                    &name,
-                    "writing images with internal snapshots is not supported; open read-only",
-                ));
-            }
             if header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 return Err(Error::open(
                     &name,
@@ -98,7 +141,7 @@ impl Qcow2 {
             refcount_order: header.refcount_order,
             version: header.version,
         };
-        let meta = Meta::load(
+        let mut meta = Meta::load(
             &g,
             header.l1_table_offset,
             header.l1_size,
@@ -106,6 +149,10 @@ impl Qcow2 {
             header.refcount_table_clusters,
         )
         .await?;
+        let (snapshots, table_len) =
+            snapshot::load(&g, header.nb_snapshots, header.snapshots_offset).await?;
+        meta.snapshots = snapshots;
+        meta.snapshots_at = (header.snapshots_offset, table_len);
         let q = Qcow2 {
             g,
             _file_perm: file,
@@ -115,6 +162,7 @@ impl Qcow2 {
             read_only: !writable,
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
+            in_flight: InFlight::default(),
         };
         if writable {
             q.mark_dirty().await?;
@@ -146,6 +194,17 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// `Could not WHAT of 'FILE': read-only image` on a read-only image.
+    fn refuse_read_only(&self, what: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Permission {
+                node: self.g.name.clone(),
+                reason: format!("Could not {what} of '{}': read-only image", self.g.name),
+            });
+        }
+        Ok(())
+    }
+
     fn header(&self) -> std::sync::MutexGuard<'_, Header> {
         self.header.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -168,15 +227,7 @@ impl Qcow2 {
         record: Option<(Option<String>, Option<String>)>,
     ) -> Result<()> {
         if let Some((name, format)) = record {
-            if self.read_only {
-                return Err(Error::Permission {
-                    node: self.g.name.clone(),
-                    reason: format!(
-                        "Could not update backing file link of '{}': read-only image",
-                        self.g.name
-                    ),
-                });
-            }
+            self.refuse_read_only("update backing file link")?;
             let _m = self.meta.lock().await;
             self.g.flush().await?;
             let cs = self.g.cs();
@@ -262,9 +313,10 @@ impl Qcow2 {
         let total = buf.len() as u64;
         let mut pos = 0u64;
         while pos < total {
-            let run = {
+            let (run, _io) = {
                 let mut m = self.meta.lock().await;
-                m.lookup(&self.g, offset + pos, total - pos).await?
+                let run = m.lookup(&self.g, offset + pos, total - pos).await?;
+                (run, self.in_flight.enter())
             };
             let data = self.read_run(offset + pos, run.len, run.map).await?;
             buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
@@ -406,6 +458,27 @@ impl BlockDriver for Qcow2 {
     }
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async move { self.do_check().await.map(Some) })
+    }
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+    fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
+        Box::pin(self.do_snapshot_list())
+    }
+    fn snapshot_create<'a>(
+        &'a self,
+        opts: &'a SnapshotCreateOptions,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        Box::pin(self.do_snapshot_create(opts))
+    }
+    fn snapshot_goto<'a>(&'a self, which: &'a SnapshotRef) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        Box::pin(self.do_snapshot_goto(which))
+    }
+    fn snapshot_delete<'a>(
+        &'a self,
+        which: &'a SnapshotRef,
+    ) -> BoxFuture<'a, Result<SnapshotInfo>> {
+        Box::pin(self.do_snapshot_delete(which))
     }
     fn set_backing<'a>(
         &'a self,

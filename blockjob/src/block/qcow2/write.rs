@@ -42,15 +42,26 @@ impl Qcow2 {
         }
         let off = cur & OFFSET_MASK;
         if off != 0 {
-            if !m.l1_copied(l1i) {
-                return Err(Error::unsupported(
-                    &g.name,
-                    "L2 table shared with a snapshot: writing is not supported",
-                ));
+            if m.l1_copied(l1i) {
+                // Make sure it is loaded (and valid).
+                m.l2_table(g, l1i, off).await?;
+                return Ok((off, l2i));
             }
-            // Make sure it is loaded (and valid).
-            m.l2_table(g, l1i, off).await?;
-            return Ok((off, l2i));
+            // Shared with a snapshot (refcount > 1): copy the table. The
+            // data clusters it names stay shared (both tables reach them),
+            // so none of the copied entries is COPIED. The old table loses
+            // the active L1's reference once the L1 points at the copy.
+            let t: Vec<u64> = m
+                .l2_table(g, l1i, off)
+                .await?
+                .iter()
+                .map(|e| e & !COPIED)
+                .collect();
+            let new = m.alloc(g, 1).await?;
+            m.cache_l2(new, t);
+            b.new_l2.push((l1i, new));
+            b.freed.push((off, g.cs()));
+            return Ok((new, l2i));
         }
         let off = m.alloc(g, 1).await?;
         m.cache_l2(off, vec![0; (g.cs() / 8) as usize]);
@@ -77,15 +88,7 @@ impl Qcow2 {
 
     /// What the old entry held that must be freed once it is replaced.
     fn old_host(&self, word: u64) -> Option<Freed> {
-        let g = &self.g;
-        if word & super::entry::COMPRESSED != 0 {
-            let x = 62 - (g.cluster_bits - 8);
-            let host = word & ((1u64 << x) - 1);
-            let sectors = ((word & !(super::entry::COMPRESSED | COPIED)) >> x) + 1;
-            return Some((host & !511, sectors * 512));
-        }
-        let host = word & OFFSET_MASK;
-        (host != 0).then_some((host, g.cs()))
+        super::entry::host_range(word, self.g.cluster_bits)
     }
 
     /// Applies a batch: flush (refcounts and data), L2 writes, flush, L1
@@ -146,6 +149,7 @@ impl Qcow2 {
             let chunk = buf[pos as usize..(pos + run.len) as usize].to_vec();
             if let Mapping::Data { host } = run.map {
                 if run.entry.word & COPIED != 0 {
+                    let _io = self.in_flight.enter();
                     drop(m);
                     g.write_file(host, chunk).await?;
                     pos += run.len;
@@ -250,9 +254,16 @@ impl Qcow2 {
             }
         }
         self.commit(&mut m, b).await?;
+        // Only clusters nobody uses any more (a snapshot may still).
+        let mut unused = Vec::new();
+        for (off, len) in freed_data {
+            if m.refcount(g, off >> g.cluster_bits).await? == 0 {
+                unused.push((off, len));
+            }
+        }
         drop(m);
         if discard {
-            for (off, len) in freed_data {
+            for (off, len) in unused {
                 g.file
                     .discard(off, len.min(g.file.len().saturating_sub(off)))
                     .await?;

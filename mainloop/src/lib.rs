@@ -9,12 +9,16 @@
 #![warn(missing_docs)]
 
 pub mod block_qmp;
+pub mod create_qmp;
+pub mod drive_qmp;
 mod error;
 mod iothread;
 pub mod job_qmp;
 mod main_loop;
 pub mod qmp;
 pub mod qtest_server;
+pub mod snapshot_qmp;
+pub mod transaction_qmp;
 
 pub use error::{Error, Result};
 pub use iothread::{IOThread, IOThreadOptions};

@@ -17,6 +17,7 @@ mod null;
 mod perm;
 pub mod qcow2;
 mod raw;
+mod snapshot;
 mod status;
 
 pub(crate) use graph::GraphRef;
@@ -24,6 +25,7 @@ pub use graph::{BlockGraph, OpenOptions};
 pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::CreateOptions;
+pub use snapshot::{remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions};
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};

@@ -21,11 +21,13 @@ use crate::{Error, Result};
 
 pub mod backup;
 pub mod commit;
+pub mod create;
 pub mod mirror;
 pub mod stream;
 
 pub use backup::{start_backup, BackupArgs};
 pub use commit::{start_commit, CommitArgs};
+pub use create::{start_create, CreateSpec, Preallocation};
 pub use mirror::{start_mirror, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};
 

@@ -479,3 +479,232 @@ fn bad_snapshot_requests_are_refused_with_qemus_texts_and_change_nothing() {
     x.quit();
     qemu_img(&["check", "-q", p(&base)]);
 }
+
+const CREATE_OK: [&str; 5] = [
+    "status:created",
+    "status:running",
+    "status:waiting",
+    "status:pending",
+    "status:concluded",
+];
+
+#[test]
+fn blockdev_create_jobs_give_qemus_events_and_images_qemu_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (raw, img) = (d.join("new.raw"), d.join("new.qcow2"));
+    let mut x = Daemon::start(d);
+    x.c.ok(
+        "blockdev-create",
+        json!({"job-id": "c1", "options": {"driver": "file", "filename": p(&raw),
+            "size": 4 << 20, "preallocation": "full"}}),
+    );
+    assert_eq!(x.job_events("c1", "concluded"), CREATE_OK);
+    let jobs = x.c.ok("query-jobs", Value::Null);
+    assert_eq!(
+        jobs,
+        json!([{"id": "c1", "type": "create", "status": "concluded",
+            "current-progress": 1, "total-progress": 1}])
+    );
+    assert_eq!(x.c.ok("query-block-jobs", Value::Null), json!([]));
+    assert_eq!(
+        x.c.err("block-job-dismiss", json!({"id": "c1"})),
+        ("DeviceNotActive".into(), "Block job 'c1' not found".into())
+    );
+    x.c.ok("job-dismiss", json!({"id": "c1"}));
+    assert_eq!(x.job_events("c1", "null"), ["status:null"]);
+    assert_eq!(std::fs::read(&raw).unwrap(), vec![0u8; 4 << 20]);
+
+    // qcow2 into an opened file node, with a backing file.
+    x.c.ok(
+        "blockdev-create",
+        json!({"job-id": "c2", "options": {"driver": "file", "filename": p(&img), "size": 0}}),
+    );
+    assert_eq!(x.job_events("c2", "concluded"), CREATE_OK);
+    x.c.ok("job-dismiss", json!({"id": "c2"}));
+    x.c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": p(&img)}),
+    );
+    x.c.ok(
+        "blockdev-create",
+        json!({"job-id": "c3", "options": {"driver": "qcow2", "file": "f", "size": 4 << 20,
+            "cluster-size": 4096, "backing-file": p(&raw), "backing-fmt": "raw"}}),
+    );
+    assert_eq!(x.job_events("c3", "concluded"), CREATE_OK);
+    x.c.ok("job-dismiss", json!({"id": "c3"}));
+    // The new image opens on the same file node.
+    x.c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": "f", "backing": null}),
+    );
+    let nodes = x.all_nodes();
+    let q = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "q")
+        .unwrap();
+    assert_eq!(q["image"]["cluster-size"], 4096);
+
+    // Failures inside the job: aborting, the error in query-jobs.
+    let missing = d.join("no/x.raw");
+    x.c.ok(
+        "blockdev-create",
+        json!({"job-id": "c4", "options": {"driver": "file", "filename": p(&missing), "size": 1024}}),
+    );
+    assert_eq!(
+        x.job_events("c4", "concluded"),
+        [
+            "status:created",
+            "status:running",
+            "status:aborting",
+            "status:concluded"
+        ]
+    );
+    let jobs = x.c.ok("query-jobs", Value::Null);
+    assert_eq!(
+        jobs[0]["error"],
+        format!(
+            "Could not create '{}': No such file or directory",
+            p(&missing)
+        )
+    );
+    x.c.ok("job-dismiss", json!({"id": "c4"}));
+    // The file node is in use by q: the job cannot write it.
+    x.c.ok(
+        "blockdev-create",
+        json!({"job-id": "c5", "options": {"driver": "qcow2", "file": "f", "size": 1 << 20}}),
+    );
+    assert_eq!(x.job_events("c5", "concluded")[2], "status:aborting");
+    x.c.ok("job-dismiss", json!({"id": "c5"}));
+    // What our creator cannot do is refused before any job exists.
+    for (opt, val, what) in [
+        ("lazy-refcounts", json!(true), "lazy-refcounts=on"),
+        ("extended-l2", json!(true), "extended-l2=on"),
+        ("refcount-bits", json!(8), "refcount-bits=8 (only 16)"),
+        ("preallocation", json!("full"), "preallocation=full"),
+        ("compression-type", json!("zstd"), "compression-type=zstd"),
+    ] {
+        let mut o = json!({"driver": "qcow2", "file": "f", "size": 1 << 20});
+        o[opt] = val;
+        let desc = x.fails("blockdev-create", json!({"job-id": "c6", "options": o}));
+        assert_eq!(desc, format!("qcow2 creation: {what} is not supported"));
+    }
+    let desc = x.fails(
+        "blockdev-create",
+        json!({"job-id": "c6", "options": {"driver": "vdi", "file": "f", "size": 1}}),
+    );
+    assert_eq!(desc, "Parameter 'driver' does not accept value 'vdi'");
+    assert_eq!(x.c.ok("query-jobs", Value::Null), json!([]));
+    x.c.ok("blockdev-del", json!({"node-name": "q"}));
+    x.quit();
+
+    let i = info(&img);
+    assert_eq!(i["cluster-size"], 4096);
+    assert_eq!(i["virtual-size"], 4 << 20);
+    assert_eq!(i["backing-filename"], p(&raw));
+    assert_eq!(i["backing-filename-format"], "raw");
+    qemu_img(&["check", "-q", p(&img)]);
+}
+
+const MIRROR_OK: [&str; 9] = [
+    "status:created",
+    "status:running",
+    "status:ready",
+    "BLOCK_JOB_READY",
+    "status:waiting",
+    "status:pending",
+    "BLOCK_JOB_COMPLETED",
+    "status:concluded",
+    "status:null",
+];
+
+#[test]
+fn drive_mirror_and_drive_backup_create_targets_that_read_as_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, src) = (d.join("base.qcow2"), d.join("src.qcow2"));
+    create(&base, "4M");
+    qemu_io("write -P 0x42 0 2M", &base);
+    create_qcow2(&src, "", Some(&base));
+    qemu_io("write -P 0x55 1M 2M", &src);
+    let (full, bk, top) = (d.join("m.qcow2"), d.join("b.qcow2"), d.join("t.qcow2"));
+    let mut x = Daemon::start(d);
+    x.add("src", &src, None);
+    let files_before = files(d);
+    // Bad input first: nothing is created or opened.
+    let nodes_before = x.all_nodes();
+    let desc = x.fails(
+        "drive-mirror",
+        json!({"device": "src", "target": p(&d.join("gone.qcow2")), "sync": "full",
+            "mode": "existing"}),
+    );
+    assert_eq!(
+        desc,
+        format!(
+            "Could not open '{}': No such file or directory",
+            p(&d.join("gone.qcow2"))
+        )
+    );
+    let desc = x.fails(
+        "drive-backup",
+        json!({"device": "src", "target": p(&src), "sync": "full"}),
+    );
+    assert_eq!(
+        desc,
+        format!(
+            "Could not create '{}': the file is in use by node 'src'",
+            p(&src)
+        )
+    );
+    let desc = x.fails(
+        "drive-backup",
+        json!({"device": "src", "target": p(&bk), "sync": "incremental"}),
+    );
+    assert_eq!(
+        desc,
+        "must provide a valid bitmap name for 'incremental' sync mode"
+    );
+    let desc = x.fails(
+        "drive-mirror",
+        json!({"device": "nosuch", "target": p(&full), "sync": "full"}),
+    );
+    assert_eq!(desc, "Cannot find device='nosuch' nor node-name='nosuch'");
+    assert_eq!(x.all_nodes(), nodes_before);
+    assert_eq!(files(d), files_before);
+
+    x.c.ok(
+        "drive-mirror",
+        json!({"job-id": "m", "device": "src", "target": p(&full), "sync": "full",
+            "node-name": "m"}),
+    );
+    assert_eq!(x.job_events("m", "null"), MIRROR_OK);
+    x.c.ok(
+        "drive-backup",
+        json!({"job-id": "b", "device": "src", "target": p(&bk), "sync": "full"}),
+    );
+    assert_eq!(x.job_events("b", "null"), JOB_OK);
+    x.c.ok(
+        "drive-backup",
+        json!({"job-id": "t", "device": "src", "target": p(&top), "sync": "top"}),
+    );
+    assert_eq!(x.job_events("t", "null"), JOB_OK);
+    // drive-backup targets are closed when their job ends.
+    util::wait_until("backup targets closed", || {
+        let n = x.all_nodes();
+        !n.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["file"] == p(&bk) || n["file"] == p(&top))
+    });
+    x.c.ok("blockdev-del", json!({"node-name": "m"}));
+    x.quit();
+
+    for img in [&full, &bk, &top] {
+        qemu_img(&["check", "-q", p(img)]);
+        assert!(same_content(img, &src), "{img:?}");
+    }
+    assert_eq!(chain_of(&full), [p(&full)]);
+    assert_eq!(chain_of(&top), [p(&top), p(&base)]);
+}

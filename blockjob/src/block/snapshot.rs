@@ -221,6 +221,20 @@ impl BlockGraph {
         // Again: a `-sync` prepare has waited (creating the image) since
         // its first check.
         self.check_snapshot_blockers(node)?;
+        // Parents are refused above; any other user (a job, an export)
+        // would go on using the node under its overlay: nothing here can
+        // move it to the overlay, so refuse.
+        if let Some((user, role, _, _)) = node
+            .users()
+            .into_iter()
+            .find(|(_, role, _, _)| role != "backing" && role != "file")
+        {
+            return Err(Error::InvalidArgument(format!(
+                "Node '{}' is busy: it is used by {user} as '{role}', which cannot be moved to \
+                 the overlay",
+                node.name()
+            )));
+        }
         let foreign_user = overlay
             .users()
             .into_iter()

@@ -8,7 +8,7 @@
 //! What is not modelled: filter nodes (`filter-node-name` is accepted and
 //! ignored; op blockers and permissions do their job instead), bitmap and
 //! incremental sync, `replaces`, `copy-mode: write-blocking`, and
-//! transactions. See `docs/architecture.md`.
+//! job transactions (grouped completion). See `docs/architecture.md`.
 
 use std::sync::Arc;
 

@@ -147,6 +147,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failed test does not leave its daemon running.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 const JOB_OK: [&str; 7] = [
     "status:created",
     "status:running",

@@ -77,6 +77,8 @@ pub struct BlockState {
     pub iothreads: Arc<std::collections::HashMap<String, AioContext>>,
     /// Nodes added with an `iothread`: node name → that iothread's context.
     pub node_contexts: Arc<parking_lot::Mutex<std::collections::HashMap<String, AioContext>>>,
+    /// The action types `transaction` accepts.
+    pub actions: crate::transaction_qmp::TransactionActions,
 }
 
 impl BlockState {
@@ -88,6 +90,7 @@ impl BlockState {
             jobs,
             iothreads: Arc::default(),
             node_contexts: Arc::default(),
+            actions: Default::default(),
         }
     }
 
@@ -133,7 +136,7 @@ impl std::fmt::Debug for BlockState {
 }
 
 /// Runs `f` as a task on `ctx` and awaits it (from any context).
-async fn on<T: Send + 'static>(
+pub(crate) async fn on<T: Send + 'static>(
     ctx: &AioContext,
     f: impl Future<Output = Result<T, QmpError>> + Send + 'static,
 ) -> Result<T, QmpError> {
@@ -150,6 +153,7 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
 /// A `block-job-*` lookup: QEMU answers `DeviceNotActive` for a missing job.
 fn block_job(jobs: &JobRegistry, id: &str) -> Result<Job, QmpError> {
     jobs.get(id)
+        .filter(|j| j.info().job_type.is_block_job())
         .ok_or_else(|| QmpError::device_not_active(format!("Block job '{id}' not found")))
 }
 
@@ -267,7 +271,12 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
     let s = state.clone();
     server.register("query-block-jobs", move |_: crate::qmp::NoArgs| {
         Ok(Value::Array(
-            s.jobs.list().iter().map(|j| j.block_job_info()).collect(),
+            s.jobs
+                .list()
+                .iter()
+                .filter(|j| j.job_type.is_block_job())
+                .map(|j| j.block_job_info())
+                .collect(),
         ))
     })?;
 
@@ -334,5 +343,9 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
             verb(&job).map(|()| json!({})).map_err(generic)
         })?;
     }
+    crate::snapshot_qmp::register_snapshot_commands(server, &state)?;
+    crate::transaction_qmp::register_transaction(server, &state)?;
+    crate::create_qmp::register_create_commands(server, &state)?;
+    crate::drive_qmp::register_drive_commands(server, &state)?;
     Ok(())
 }

@@ -42,7 +42,7 @@ fn commit_schema() -> Schema {
         .optional("on-error", on_error())
 }
 
-fn mirror_schema() -> Schema {
+pub(crate) fn mirror_schema() -> Schema {
     common(Schema::new())
         .required("target", ArgType::Str)
         .optional("replaces", ArgType::Str)
@@ -61,7 +61,7 @@ fn mirror_schema() -> Schema {
         .optional("target-is-zero", ArgType::Bool)
 }
 
-fn backup_schema() -> Schema {
+pub(crate) fn backup_schema() -> Schema {
     let perf = Schema::new()
         .optional("use-copy-range", ArgType::Bool)
         .optional("max-workers", ArgType::Int(IntKind::I64))
@@ -85,7 +85,9 @@ fn backup_schema() -> Schema {
         .optional("x-perf", ArgType::object(perf))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    args: Map<String, Value>,
+) -> Result<T, QmpError> {
     serde_json::from_value(Value::Object(args)).map_err(|e| QmpError::generic(e.to_string()))
 }
 
@@ -100,7 +102,7 @@ fn device_context(s: &BlockState, args: &Map<String, Value>) -> aio::AioContext 
         .map_or_else(|| s.ctx.clone(), |d| s.context_of(d))
 }
 
-fn negative_speed(args: &Map<String, Value>) -> Result<(), QmpError> {
+pub(crate) fn negative_speed(args: &Map<String, Value>) -> Result<(), QmpError> {
     if args
         .get("speed")
         .and_then(Value::as_i64)

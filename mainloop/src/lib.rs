@@ -9,6 +9,8 @@
 #![warn(missing_docs)]
 
 pub mod block_qmp;
+pub mod create_qmp;
+pub mod drive_qmp;
 mod error;
 pub mod internal_snapshot_qmp;
 mod iothread;
@@ -16,6 +18,8 @@ pub mod job_qmp;
 mod main_loop;
 pub mod qmp;
 pub mod qtest_server;
+pub mod snapshot_qmp;
+pub mod transaction_qmp;
 
 pub use error::{Error, Result};
 pub use iothread::{IOThread, IOThreadOptions};

@@ -5,93 +5,11 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::{json, Value};
+use util::aiod::{base_and_top, create_qcow2, qemu_img, start_aiod, wait_exit};
 use util::QmpClient;
-
-const AIOD: &str = env!("CARGO_BIN_EXE_aiod");
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for(child: &mut Child, path: &Path) {
-    let deadline = Instant::now() + util::TIMEOUT;
-    while !path.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "aiod exited early");
-        assert!(Instant::now() < deadline, "aiod did not create {path:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Starts aiod serving QMP on `sock` with `extra` arguments; returns once
-/// the socket exists.
-fn start_aiod(sock: &Path, extra: &[&str]) -> Child {
-    let mut child = Command::new(AIOD)
-        .args(["--qmp", &format!("unix:{}", sock.display())])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mut child, sock);
-    child
-}
-
-/// `base.qcow2` (`size`, its first `data` filled with 0x42) and `top.qcow2`
-/// over it, in `d`.
-fn base_and_top(d: &Path, size: &str, data: &str) -> (PathBuf, PathBuf) {
-    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), size]);
-    let io = Command::new("qemu-io")
-        .args([
-            "-c",
-            &format!("write -P 0x42 0 {data}"),
-            base.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(io.status.success());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
-    (base, top)
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + util::TIMEOUT;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("aiod did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
@@ -103,17 +21,7 @@ fn block_nodes_over_qmp_and_clean_shutdown_on_sigterm() {
         d.join("extra.qcow2"),
     );
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    create_qcow2(&top, "", Some(&base));
     qemu_img(&["create", "-q", "-f", "qcow2", extra.to_str().unwrap(), "1M"]);
     let sock = d.join("qmp.sock");
     let pid = d.join("aiod.pid");

@@ -41,6 +41,8 @@ def make_chain(d):
     sh("qemu-io", "-c", "write -z 6M 512k", top)
     tgt = os.path.join(d, "tgt.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, "8M")
+    # An overlay without a backing file, for blockdev-snapshot.
+    sh("qemu-img", "create", "-q", "-f", "qcow2", os.path.join(d, "ov.qcow2"), "8M")
 
 
 def chain_arg(d):
@@ -64,7 +66,36 @@ SCENARIOS = {
                       ["base"]),
     "mirror-full": ([("blockdev-mirror", {"job-id": "j", "device": "top", "target": "tgt",
                                           "sync": "full"})], ["tgt"]),
+    # ov (added with "backing": null) goes on top of the chain, then the
+    # layers above mid are streamed into it.
+    "snapshot-stream": ([("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": None,
+                                           "file": {"driver": "file", "filename": "{d}/ov.qcow2"}}),
+                         ("blockdev-snapshot", {"node": "top", "overlay": "ov"}),
+                         ("block-stream", {"job-id": "j", "device": "ov", "base-node": "mid"})],
+                        ["ov"]),
+    # Two create jobs (not auto-dismissed: the client dismisses them).
+    "create": ([("blockdev-create", {"job-id": "j", "options": {
+                    "driver": "file", "filename": "{d}/new.qcow2", "size": 0}}),
+                ("blockdev-add", {"driver": "file", "node-name": "nf",
+                                  "filename": "{d}/new.qcow2"}),
+                ("blockdev-create", {"job-id": "j2", "options": {
+                    "driver": "qcow2", "file": "nf", "size": 8 * MIB, "cluster-size": 4096}})],
+               ["new"]),
 }
+
+# What each scenario deletes before quitting (default: the chain's top).
+TEARDOWN = {"mirror-full": ["top", "tgt"], "snapshot-stream": ["ov"], "create": ["nf", "top"]}
+
+JOB_COMMANDS = ("block-stream", "block-commit", "blockdev-mirror", "blockdev-create")
+
+
+def expand(v, d):
+    """Substitutes the scratch directory for {d} in string values."""
+    if isinstance(v, str):
+        return v.replace("{d}", d)
+    if isinstance(v, dict):
+        return {k: expand(x, d) for k, x in v.items()}
+    return v
 
 
 def daemon_cmd(kind, aiod, sock):
@@ -103,16 +134,21 @@ async def scenario(kind, aiod, name, d):
                                                         "filename": os.path.join(d, "tgt.qcow2")}})
         with qmp.listener() as listener:
             for cmd, args in commands:
-                await qmp.execute(cmd, args)
-            async for ev in listener:
-                events.append(ev)
-                if ev["event"] == "BLOCK_JOB_READY":
-                    await qmp.execute("block-job-complete", {"device": "j"})
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "null":
-                    break
-        await qmp.execute("blockdev-del", {"node-name": "top"})
-        if name.startswith("mirror"):
-            await qmp.execute("blockdev-del", {"node-name": "tgt"})
+                await qmp.execute(cmd, expand(args, d))
+                if cmd not in JOB_COMMANDS:
+                    continue
+                async for ev in listener:
+                    events.append(ev)
+                    data = ev.get("data", {})
+                    if ev["event"] == "BLOCK_JOB_READY":
+                        await qmp.execute("block-job-complete", {"device": data["device"]})
+                    if ev["event"] == "JOB_STATUS_CHANGE" and data["status"] == "concluded" \
+                            and cmd == "blockdev-create":
+                        await qmp.execute("job-dismiss", {"id": data["id"]})
+                    if ev["event"] == "JOB_STATUS_CHANGE" and data["status"] == "null":
+                        break
+        for node in TEARDOWN.get(name, ["top"]):
+            await qmp.execute("blockdev-del", {"node-name": node})
         await qmp.execute("quit")
         try:
             await qmp.disconnect()

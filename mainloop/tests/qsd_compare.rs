@@ -46,4 +46,6 @@ const KNOWN_TO_MATCH: &[&str] = &[
     "commit-intermediate",
     "commit-active",
     "mirror-full",
+    "snapshot-stream",
+    "create",
 ];

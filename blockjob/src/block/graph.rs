@@ -178,17 +178,7 @@ impl BlockGraph {
         let children = |n: &Arc<BlockNode>| -> Vec<Arc<BlockNode>> {
             n.file_child().into_iter().chain(n.backing()).collect()
         };
-        for p in self.nodes() {
-            if Arc::ptr_eq(&p, &node) {
-                continue;
-            }
-            let role = if p.backing().is_some_and(|b| Arc::ptr_eq(&b, &node)) {
-                "backing hd"
-            } else if p.file_child().is_some_and(|f| Arc::ptr_eq(&f, &node)) {
-                "file"
-            } else {
-                continue;
-            };
+        if let Some((p, role)) = self.parent_of(&node) {
             return Err(Error::InvalidArgument(format!(
                 "Node '{name}' is busy: node is used as {role} of '{}'",
                 p.name()
@@ -517,17 +507,25 @@ impl BlockGraph {
                     if let Ok(c) = std::fs::canonicalize(&path) {
                         seen.push(c);
                     }
-                    self.open_format_inner(
-                        file,
-                        fmt,
-                        node_name,
-                        !read_only,
-                        backing,
-                        &path,
-                        Engine::Threads,
-                        &mut seen,
-                    )
-                    .await
+                    let inline_file = matches!(obj.get("file"), Some(Value::Object(_)));
+                    let r = self
+                        .open_format_inner(
+                            file.clone(),
+                            fmt,
+                            node_name,
+                            !read_only,
+                            backing,
+                            &path,
+                            Engine::Threads,
+                            &mut seen,
+                        )
+                        .await;
+                    if r.is_err() && inline_file {
+                        // A failed blockdev-add leaves nothing behind, not
+                        // even the protocol node it added for `file`.
+                        self.remove(file.name());
+                    }
+                    r
                 }
             }
         })

@@ -17,7 +17,8 @@ mod null;
 mod perm;
 pub mod qcow2;
 mod raw;
-mod snapshot;
+mod external_snapshot;
+mod internal_snapshot;
 mod status;
 
 pub(crate) use graph::GraphRef;
@@ -25,7 +26,10 @@ pub use graph::{BlockGraph, OpenOptions};
 pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::CreateOptions;
-pub use snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
+pub use external_snapshot::{
+    remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
+};
+pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};

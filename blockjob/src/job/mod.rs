@@ -49,6 +49,9 @@ pub enum JobType {
     Mirror,
     /// `blockdev-backup`.
     Backup,
+    /// `blockdev-create`: not a block job (no `BLOCK_JOB_*` events, not in
+    /// `query-block-jobs`).
+    Create,
 }
 
 impl JobType {
@@ -59,7 +62,14 @@ impl JobType {
             JobType::Stream => "stream",
             JobType::Mirror => "mirror",
             JobType::Backup => "backup",
+            JobType::Create => "create",
         }
+    }
+
+    /// Whether jobs of this type are block jobs (QEMU's `is_block_job`):
+    /// they emit the `BLOCK_JOB_*` events and `query-block-jobs` lists them.
+    pub fn is_block_job(self) -> bool {
+        !matches!(self, JobType::Create)
     }
 }
 
@@ -530,6 +540,9 @@ struct Shared {
 
 impl Shared {
     fn emit(&self, ev: JobEvent) {
+        if !self.job_type.is_block_job() && !matches!(ev, JobEvent::StatusChange { .. }) {
+            return;
+        }
         let Some(reg) = self.registry.upgrade() else {
             return;
         };

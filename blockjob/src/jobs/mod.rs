@@ -8,7 +8,7 @@
 //! What is not modelled: filter nodes (`filter-node-name` is accepted and
 //! ignored; op blockers and permissions do their job instead), bitmap and
 //! incremental sync, `replaces`, `copy-mode: write-blocking`, and
-//! transactions. See `docs/architecture.md`.
+//! job transactions (grouped completion). See `docs/architecture.md`.
 
 use std::sync::Arc;
 
@@ -21,11 +21,13 @@ use crate::{Error, Result};
 
 pub mod backup;
 pub mod commit;
+pub mod create;
 pub mod mirror;
 pub mod stream;
 
 pub use backup::{start_backup, BackupArgs};
 pub use commit::{start_commit, CommitArgs};
+pub use create::{start_create, CreateSpec, Preallocation};
 pub use mirror::{start_mirror, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};
 

@@ -16,6 +16,8 @@ use aio::AioContext;
 use mainloop::qmp::{ListenAddress, QmpAddress, QmpServer, QmpServerOptions};
 use serde_json::{json, Value};
 
+pub mod aiod;
+
 /// How long a client waits for a line before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,143 @@
+//! Internal snapshots over QMP in `aiod`: `blockdev-snapshot-internal-sync`
+//! and `blockdev-snapshot-delete-internal-sync` with qemu-storage-daemon's
+//! answers to the same requests and mistakes; the image QEMU sees after.
+
+mod util;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use util::{generic, wait_until, QmpClient};
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success(), text)
+}
+
+fn blockdev(name: &str, driver: &str, file: &Path, read_only: bool) -> String {
+    json!({"driver": driver, "node-name": name, "read-only": read_only,
+        "file": {"driver": "file", "filename": file}})
+    .to_string()
+}
+
+#[test]
+fn internal_snapshots_over_qmp_answer_like_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (q, ro, raw) = (d.join("q.qcow2"), d.join("ro.qcow2"), d.join("r.raw"));
+    for (img, fmt) in [(&q, "qcow2"), (&ro, "qcow2"), (&raw, "raw")] {
+        assert!(qemu_img(&["create", "-q", "-f", fmt, img.to_str().unwrap(), "1M"]).0);
+    }
+    assert!(qemu_img(&["snapshot", "-c", "old", ro.to_str().unwrap()]).0);
+    let ro_before = std::fs::read(&ro).unwrap();
+    let sock = d.join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aiod"))
+        .arg("--qmp")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--blockdev", &blockdev("q", "qcow2", &q, false)])
+        .args(["--blockdev", &blockdev("qro", "qcow2", &ro, true)])
+        .args(["--blockdev", &blockdev("r", "raw", &raw, false)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("aiod listens", || sock.exists());
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+    let create = "blockdev-snapshot-internal-sync";
+    let delete = "blockdev-snapshot-delete-internal-sync";
+
+    assert_eq!(
+        c.ok(create, json!({"device": "q", "name": "s1"})),
+        json!({})
+    );
+    assert_eq!(
+        c.ok(create, json!({"device": "q", "name": "s2"})),
+        json!({})
+    );
+    let create_errors = [
+        (
+            json!({"device": "q", "name": "s1"}),
+            "Snapshot with name 's1' already exists on device 'q'",
+        ),
+        (json!({"device": "q", "name": ""}), "Name is empty"),
+        (
+            json!({"device": "nope", "name": "x"}),
+            "Cannot find device='nope' nor node-name='nope'",
+        ),
+        (
+            json!({"device": "r", "name": "x"}),
+            "Block format 'raw' used by device 'r' does not support internal snapshots",
+        ),
+        (
+            json!({"device": "qro", "name": "x"}),
+            "Device 'qro' is read only",
+        ),
+        (json!({"device": "q"}), "Parameter 'name' is missing"),
+    ];
+    for (args, want) in create_errors {
+        assert_eq!(c.err(create, args.clone()), generic(want), "{args}");
+    }
+    let delete_errors = [
+        (json!({"device": "q"}), "Name or id must be provided"),
+        (
+            json!({"device": "q", "name": "nope"}),
+            "Snapshot with id 'null' and name 'nope' does not exist on device 'q'",
+        ),
+        (
+            json!({"device": "q", "id": "9"}),
+            "Snapshot with id '9' and name 'null' does not exist on device 'q'",
+        ),
+        (
+            json!({"device": "q", "id": "1", "name": "s2"}),
+            "Snapshot with id '1' and name 's2' does not exist on device 'q'",
+        ),
+        (
+            json!({"device": "nope", "name": "s1"}),
+            "Cannot find device='nope' nor node-name='nope'",
+        ),
+        (
+            json!({"device": "r", "name": "s1"}),
+            "Failed to get a snapshot list: Operation not supported",
+        ),
+        (
+            json!({"device": "qro", "name": "old"}),
+            "Failed to remove snapshot from snapshot list: Operation not permitted",
+        ),
+    ];
+    for (args, want) in delete_errors {
+        assert_eq!(c.err(delete, args.clone()), generic(want), "{args}");
+    }
+
+    let info = c.ok(delete, json!({"device": "q", "id": "1"}));
+    assert_eq!(info["id"], "1");
+    assert_eq!(info["name"], "s1");
+    assert_eq!(info["vm-state-size"], 0);
+    let keys: Vec<&str> = info
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    for k in ["date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec"] {
+        assert!(keys.contains(&k), "{info}");
+    }
+    assert!(info["date-sec"].as_u64().unwrap() > 1_600_000_000, "{info}");
+    assert_eq!(c.execute("quit", Value::Null)["return"], json!({}));
+    assert!(child.wait().unwrap().success());
+
+    let (ok, list) = qemu_img(&["snapshot", "-l", q.to_str().unwrap()]);
+    assert!(
+        ok && list.contains(" s2 ") && !list.contains(" s1 "),
+        "{list}"
+    );
+    let (clean, out) = qemu_img(&["check", q.to_str().unwrap()]);
+    assert!(clean, "{out}");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        ro_before,
+        "read-only image untouched"
+    );
+}

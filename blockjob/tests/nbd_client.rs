@@ -1,0 +1,400 @@
+//! The `nbd` driver against QEMU's servers (`qemu-nbd`,
+//! `qemu-storage-daemon`) and against broken fake servers: reads equal the
+//! image, writes/zeroes/discards land (`qemu-img compare` after the server
+//! stops), block status equals `qemu-img map`, read-only exports, open
+//! errors that are clear and never hang, reconnect, and mirror/backup jobs
+//! with an NBD target.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aio::AioContext;
+use blockjob::block::{BlockGraph, BlockNode};
+use common::*;
+use serde_json::json;
+
+/// A server process, killed (SIGTERM, so qcow2 images are closed cleanly)
+/// and reaped on drop.
+struct Server {
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl Server {
+    /// `qemu-nbd -k SOCK -x NAME --persistent --shared=8 EXTRA... IMG`.
+    fn qemu_nbd(sock: &Path, name: &str, img: &Path, extra: &[&str]) -> Server {
+        let mut c = Command::new("qemu-nbd");
+        c.arg("-k")
+            .arg(sock)
+            .args(["-f", "qcow2", "-x", name, "--persistent", "--shared=8"])
+            .args(extra)
+            .arg(img);
+        Server::spawn(c, sock)
+    }
+
+    /// `qemu-storage-daemon` exporting `img` (qcow2) as `name`, writable.
+    fn qsd(sock: &Path, name: &str, img: &Path) -> Server {
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,discard=unmap,filename={}",
+                p(img)
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=q,discard=unmap,file=f")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", p(sock)))
+            .arg("--export")
+            .arg(format!("type=nbd,id=e,node-name=q,name={name},writable=on"));
+        Server::spawn(c, sock)
+    }
+
+    fn spawn(mut c: Command, sock: &Path) -> Server {
+        let _ = std::fs::remove_file(sock);
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn server");
+        let mut s = Server {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+        };
+        s.wait_listening();
+        s
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("server exited: {st}");
+                }
+            }
+            if UnixStream::connect(&self.sock).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server and waits for it to exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn unix(sock: &Path, export: &str) -> serde_json::Value {
+    json!({"driver": "nbd", "node-name": "n",
+        "server": {"type": "unix", "path": p(sock)}, "export": export})
+}
+
+fn add(ctx: &AioContext, g: &BlockGraph, args: serde_json::Value) -> Arc<BlockNode> {
+    ctx.block_on(g.blockdev_add(&args))
+        .expect("blockdev-add nbd")
+}
+
+fn add_err(ctx: &AioContext, g: &BlockGraph, args: serde_json::Value) -> String {
+    ctx.block_on(g.blockdev_add(&args))
+        .expect_err("blockdev-add should fail")
+        .to_string()
+}
+
+/// A 4 MiB qcow2 with data, a zero cluster and unallocated parts.
+fn patterned(img: &Path) {
+    create(img, "4M", None);
+    qemu_io(
+        img,
+        &[
+            "write -P 0x11 0 1M".into(),
+            "write -P 0x22 1536k 64k".into(),
+            "write -z 2M 128k".into(),
+            "write -P 0x33 3M 100k".into(),
+        ],
+    );
+}
+
+/// A patterned image served by `qemu-nbd EXTRA...` as `disk`, and a
+/// context and graph to open it in. Fields drop in order: the graph, the
+/// server, then the directory.
+struct Fixture {
+    g: BlockGraph,
+    ctx: AioContext,
+    srv: Server,
+    sock: PathBuf,
+    img: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn fixture(extra: &[&str]) -> Fixture {
+    let dir = tmp();
+    let img = path(&dir, "a.qcow2");
+    patterned(&img);
+    let sock = path(&dir, "s.sock");
+    let srv = Server::qemu_nbd(&sock, "disk", &img, extra);
+    Fixture {
+        g: BlockGraph::new(),
+        ctx: AioContext::new().unwrap(),
+        srv,
+        sock,
+        img,
+        dir,
+    }
+}
+
+#[test]
+fn reads_equal_the_image_from_qemu_nbd() {
+    let Fixture {
+        g,
+        ctx,
+        srv: _srv,
+        sock,
+        img,
+        dir,
+    } = fixture(&["-r"]);
+    let want = to_raw(&img, dir.path());
+    let n = add(&ctx, &g, unix(&sock, "disk"));
+    assert_eq!(n.len(), 4 << 20);
+    assert_eq!(n.driver_name(), "nbd");
+    assert_eq!(
+        n.filename(),
+        format!("nbd+unix:///disk?socket={}", p(&sock))
+    );
+    // Unaligned chunk sizes so requests straddle data, zero and holes.
+    assert!(read_all(&ctx, &n, 300_000) == want);
+    // Many requests in flight on the one connection at once.
+    let tasks: Vec<_> = (0..64u64)
+        .map(|i| {
+            let n = n.clone();
+            ctx.spawn(async move { n.read(i * 65536, vec![0xff; 65536]).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = ctx.block_on(t).unwrap().unwrap();
+        assert!(got[..] == want[i * 65536..(i + 1) * 65536], "chunk {i}");
+    }
+    ctx.block_on(g.close_all()).unwrap();
+}
+
+#[test]
+fn read_only_export_gives_a_read_only_node() {
+    let Fixture { g, ctx, sock, .. } = &fixture(&["-r"]);
+    let (g, ctx, sock) = (g, ctx, sock.as_path());
+    let n = add(ctx, g, unix(sock, "disk"));
+    assert!(n.read_only());
+    let e = ctx
+        .block_on(n.write(0, vec![1; 512]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only"), "{e}");
+}
+
+/// Applies the same writes through the node and with qemu-io to a copy.
+fn write_mix_and_compare(dir: &tempfile::TempDir, srv: impl FnOnce(&Path, &Path) -> Server) {
+    let img = path(dir, "a.qcow2");
+    patterned(&img);
+    let want = snapshot(&img, dir.path(), "want.qcow2");
+    let sock = path(dir, "s.sock");
+    let mut srv = srv(&sock, &img);
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let n = add(&ctx, &g, unix(&sock, "disk"));
+    assert!(!n.read_only());
+    ctx.block_on(n.write(4096, vec![0xa5; 70_000])).unwrap();
+    ctx.block_on(n.write((4 << 20) - 512, vec![0x5a; 512]))
+        .unwrap();
+    ctx.block_on(n.write_zeroes(512 << 10, 128 << 10)).unwrap();
+    ctx.block_on(n.discard(3 << 20, 1 << 20)).unwrap();
+    ctx.block_on(n.flush()).unwrap();
+    // Our own reads see the writes.
+    let got = ctx.block_on(n.read(4096, vec![0; 70_000])).unwrap();
+    assert!(got.iter().all(|&b| b == 0xa5));
+    ctx.block_on(g.blockdev_del("n")).unwrap();
+    srv.stop();
+    qemu_io(
+        &want,
+        &[
+            "write -P 0xa5 4096 70000".into(),
+            "write -P 0x5a 4193792 512".into(),
+            "write -z 512k 128k".into(),
+            "discard 3M 1M".into(),
+        ],
+    );
+    assert_same(&img, &want);
+    assert_check(&img);
+}
+
+#[test]
+fn writes_zeroes_and_discards_through_qemu_nbd_land_in_the_image() {
+    let dir = tmp();
+    write_mix_and_compare(&dir, |sock, img| {
+        Server::qemu_nbd(sock, "disk", img, &["--discard=unmap"])
+    });
+}
+
+#[test]
+fn writes_zeroes_and_discards_through_qemu_storage_daemon_land_in_the_image() {
+    let dir = tmp();
+    write_mix_and_compare(&dir, |sock, img| Server::qsd(sock, "disk", img));
+}
+
+#[test]
+fn unknown_export_and_missing_socket_are_clear_open_errors() {
+    let f = fixture(&["-r"]);
+    let (g, ctx, sock, dir) = (&f.g, &f.ctx, f.sock.as_path(), &f.dir);
+    let e = add_err(ctx, g, unix(sock, "nope"));
+    assert!(
+        e.starts_with(&format!(
+            "Could not open 'nbd+unix:///nope?socket={}': Requested export 'nope' not available",
+            p(sock)
+        )),
+        "{e}"
+    );
+    let gone = path(dir, "gone.sock");
+    let e = add_err(ctx, g, unix(&gone, "disk"));
+    assert!(
+        e.ends_with(&format!(
+            "Failed to connect to '{}': No such file or directory",
+            p(&gone)
+        )),
+        "{e}"
+    );
+    // Bad options.
+    let e = add_err(
+        ctx,
+        g,
+        json!({"driver": "nbd", "server": {"type": "vsock", "cid": "3"}}),
+    );
+    assert_eq!(e, "Parameter 'server.type' does not accept value 'vsock'");
+    let e = add_err(
+        ctx,
+        g,
+        json!({"driver": "nbd", "server": {"type": "unix", "path": "/x", "host": "h"}}),
+    );
+    assert_eq!(e, "Parameter 'server.host' is unexpected");
+    let e = add_err(ctx, g, json!({"driver": "nbd"}));
+    assert_eq!(e, "Parameter 'server' is missing");
+    assert!(g.nodes().is_empty());
+}
+
+/// A fake server on a unix socket: runs `script` on the first connection
+/// in a thread.
+fn fake_server(
+    sock: &Path,
+    script: impl FnOnce(UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = l.accept() {
+            script(s);
+        }
+    })
+}
+
+/// The server's greeting: NBDMAGIC, IHAVEOPT, fixed newstyle | no zeroes.
+fn greeting() -> Vec<u8> {
+    let mut g = b"NBDMAGIC".to_vec();
+    g.extend_from_slice(b"IHAVEOPT");
+    g.extend_from_slice(&3u16.to_be_bytes());
+    g
+}
+
+#[test]
+fn garbage_or_a_dying_server_during_negotiation_is_a_clear_open_error() {
+    type Script = Box<dyn FnOnce(UnixStream) + Send>;
+    let cases: Vec<(&str, Script)> = vec![
+        (
+            "not an NBD server (bad magic",
+            Box::new(|mut s| {
+                let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n");
+            }),
+        ),
+        (
+            "the server closed the connection during the handshake",
+            Box::new(drop),
+        ),
+        (
+            // Reading or writing, depending on who is faster.
+            "the server closed the connection",
+            Box::new(|mut s| {
+                let _ = s.write_all(&greeting());
+                let mut f = [0u8; 4];
+                let _ = s.read_exact(&mut f);
+            }),
+        ),
+        (
+            "bad option reply magic",
+            Box::new(|mut s| {
+                let _ = s.write_all(&greeting());
+                let mut f = [0u8; 4 + 16];
+                let _ = s.read_exact(&mut f);
+                let _ = s.write_all(&[0xee; 20]);
+                std::thread::sleep(Duration::from_millis(100));
+            }),
+        ),
+        (
+            "the server uses oldstyle negotiation",
+            Box::new(|mut s| {
+                let mut g = b"NBDMAGIC".to_vec();
+                g.extend_from_slice(&0x0000_4202_8186_1253u64.to_be_bytes());
+                g.extend_from_slice(&[0; 8 + 4 + 124]);
+                let _ = s.write_all(&g);
+            }),
+        ),
+        (
+            "option reply of 4294967295 bytes is too long",
+            Box::new(|mut s| {
+                let _ = s.write_all(&greeting());
+                let mut f = [0u8; 4 + 16];
+                let _ = s.read_exact(&mut f);
+                let mut r = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+                r.extend_from_slice(&8u32.to_be_bytes());
+                r.extend_from_slice(&1u32.to_be_bytes());
+                r.extend_from_slice(&u32::MAX.to_be_bytes());
+                let _ = s.write_all(&r);
+                std::thread::sleep(Duration::from_millis(100));
+            }),
+        ),
+    ];
+    for (i, (want, script)) in cases.into_iter().enumerate() {
+        let dir = tmp();
+        let sock = path(&dir, "fake.sock");
+        let t = fake_server(&sock, script);
+        let ctx = AioContext::new().unwrap();
+        let g = BlockGraph::new();
+        let e = add_err(&ctx, &g, unix(&sock, "x"));
+        assert!(
+            e.starts_with(&format!(
+                "Could not open 'nbd+unix:///x?socket={}': ",
+                p(&sock)
+            )) && e.contains(want),
+            "case {i}: {e}"
+        );
+        t.join().unwrap();
+    }
+}

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aio::AioContext;
+use aio::{AioContext, ClockType};
 use blockjob::block::{BlockGraph, BlockNode};
 use common::*;
 use serde_json::json;
@@ -149,6 +149,22 @@ struct Fixture {
     sock: PathBuf,
     img: PathBuf,
     dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Starts a writable server again on the same socket and image.
+    fn restart(&mut self) {
+        self.srv = Server::qemu_nbd(&self.sock, "disk", &self.img, &[]);
+    }
+}
+
+/// A small read fails with an error containing `needle`.
+fn read_fails(ctx: &AioContext, n: &BlockNode, needle: &str) {
+    let e = ctx
+        .block_on(n.read(0, vec![0; 512]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(needle), "{e}");
 }
 
 fn fixture(extra: &[&str]) -> Fixture {
@@ -397,4 +413,250 @@ fn garbage_or_a_dying_server_during_negotiation_is_a_clear_open_error() {
         );
         t.join().unwrap();
     }
+}
+
+/// (start, length, zero, data) runs, neighbours with equal flags merged.
+fn runs(entries: impl IntoIterator<Item = (u64, u64, bool, bool)>) -> Vec<(u64, u64, bool, bool)> {
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for (start, len, zero, data) in entries {
+        match out.last_mut() {
+            Some(l) if l.0 + l.1 == start && l.2 == zero && l.3 == data => l.1 += len,
+            _ => out.push((start, len, zero, data)),
+        }
+    }
+    out
+}
+
+/// `qemu-img map --output=json ARGS` as runs.
+fn qemu_map(args: &[&str]) -> Vec<(u64, u64, bool, bool)> {
+    let mut a = vec!["map", "--output=json"];
+    a.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&qemu_img(&a)).expect("map json");
+    let list = v.as_array().expect("map array").clone();
+    runs(list.iter().map(|e| {
+        (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["zero"].as_bool().unwrap(),
+            e["data"].as_bool().unwrap(),
+        )
+    }))
+}
+
+#[test]
+fn block_status_over_nbd_equals_qemu_img_map() {
+    let f = fixture(&["-r"]);
+    let n = add(&f.ctx, &f.g, unix(&f.sock, "disk"));
+    let ours = runs(
+        f.ctx
+            .block_on(n.map())
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.start, e.length, e.zero, e.data)),
+    );
+    let local = qemu_map(&["-U", p(&f.img)]);
+    assert_eq!(ours, local);
+    // QEMU's own NBD client sees the same.
+    let uri = format!("nbd+unix:///disk?socket={}", p(&f.sock));
+    assert_eq!(ours, qemu_map(&["-f", "raw", &uri]));
+    // The image has data, zeroes and holes, so the comparison means something.
+    assert!(ours.iter().any(|r| r.3) && ours.iter().any(|r| r.2 && !r.3));
+    assert!(ours.len() >= 4, "{ours:?}");
+}
+
+/// Moves the virtual clock forward by `ns` in 250 ms steps, letting real
+/// I/O (connection attempts, negotiation) run at each step.
+fn advance(ctx: &AioContext, ns: i64) {
+    let end = ctx.clock_now(ClockType::Virtual) + ns;
+    loop {
+        let now = ctx.clock_now(ClockType::Virtual);
+        if now >= end {
+            return;
+        }
+        ctx.virtual_set((now + 250_000_000).min(end));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(20) {
+            ctx.poll(false);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+#[test]
+fn reconnect_delay_zero_fails_at_once_and_a_later_request_reconnects() {
+    let mut f = fixture(&[]);
+    let n = add(&f.ctx, &f.g, unix(&f.sock, "disk"));
+    let want = f.ctx.block_on(n.read(0, vec![0; 65536])).unwrap();
+    f.srv.stop();
+    let t0 = Instant::now();
+    let e = f
+        .ctx
+        .block_on(n.read(0, vec![0; 65536]))
+        .unwrap_err()
+        .to_string();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(
+        e.starts_with(&format!(
+            "nbd+unix:///disk?socket={}: NBD READ of 65536 bytes at offset 0: ",
+            p(&f.sock)
+        )) && e.contains("the server closed the connection"),
+        "{e}"
+    );
+    // With no server, each request makes one attempt and fails.
+    read_fails(&f.ctx, &n, "reconnecting failed: Failed to connect to");
+    f.restart();
+    let got = f.ctx.block_on(n.read(0, vec![0; 65536])).unwrap();
+    assert!(got == want);
+    f.ctx.block_on(f.g.close_all()).unwrap();
+}
+
+#[test]
+fn reconnect_delay_waits_on_the_graph_clock_then_fails() {
+    let mut f = fixture(&[]);
+    f.g.set_clock(ClockType::Virtual);
+    let mut args = unix(&f.sock, "disk");
+    args["reconnect-delay"] = json!(5);
+    let n = add(&f.ctx, &f.g, args);
+    let want = f.ctx.block_on(n.read(0, vec![0; 65536])).unwrap();
+
+    // The server comes back within the delay: the request completes.
+    f.srv.stop();
+    let n2 = n.clone();
+    let t = f.ctx.spawn(async move { n2.read(0, vec![0; 65536]).await });
+    advance(&f.ctx, 4_750_000_000);
+    assert!(!t.is_finished());
+    f.restart();
+    advance(&f.ctx, 250_000_000);
+    let got = f.ctx.block_on(t).unwrap().unwrap();
+    assert!(got == want);
+
+    // It does not: the request fails when the delay has passed.
+    f.srv.stop();
+    let n2 = n.clone();
+    let t = f.ctx.spawn(async move { n2.write(0, vec![7; 4096]).await });
+    advance(&f.ctx, 4_750_000_000);
+    assert!(!t.is_finished());
+    advance(&f.ctx, 250_000_000);
+    let e = f.ctx.block_on(t).unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains("NBD WRITE of 4096 bytes at offset 0")
+            && e.contains("reconnecting failed: Failed to connect to"),
+        "{e}"
+    );
+    // After a failed wait, requests fail at once until the server is back.
+    read_fails(&f.ctx, &n, "reconnecting failed");
+    f.restart();
+    assert!(f.ctx.block_on(n.read(0, vec![0; 65536])).unwrap() == want);
+}
+
+/// What the fake transmission-phase server saw: (command, offset, length).
+type Seen = Arc<std::sync::Mutex<Vec<(u16, u64, u32)>>>;
+
+/// A minimal old-fashioned server: no structured replies, no meta
+/// contexts, no WRITE_ZEROES or TRIM, a 64 KiB maximum block size; serves
+/// a 1 MiB in-memory disk with simple replies.
+fn simple_server(sock: &Path, seen: Seen) -> std::thread::JoinHandle<()> {
+    fake_server(sock, move |mut s| {
+        let mut disk = vec![0u8; 1 << 20];
+        for (i, b) in disk.iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        let _ = s.write_all(&greeting());
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).unwrap();
+            let reply = |s: &mut UnixStream, rep: u32, payload: &[u8]| {
+                let mut r = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+                r.extend_from_slice(&opt.to_be_bytes());
+                r.extend_from_slice(&rep.to_be_bytes());
+                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                r.extend_from_slice(payload);
+                s.write_all(&r).unwrap();
+            };
+            if opt != 7 {
+                reply(&mut s, (1 << 31) | 1, b"not here");
+                continue;
+            }
+            let mut export = 0u16.to_be_bytes().to_vec();
+            export.extend_from_slice(&(disk.len() as u64).to_be_bytes());
+            // HAS_FLAGS | SEND_FLUSH
+            export.extend_from_slice(&(1u16 | 4).to_be_bytes());
+            reply(&mut s, 3, &export);
+            let mut sizes = 3u16.to_be_bytes().to_vec();
+            for v in [1u32, 4096, 65536] {
+                sizes.extend_from_slice(&v.to_be_bytes());
+            }
+            reply(&mut s, 3, &sizes);
+            reply(&mut s, 1, &[]);
+            break;
+        }
+        loop {
+            let mut r = [0u8; 28];
+            if s.read_exact(&mut r).is_err() {
+                return;
+            }
+            let kind = u16::from_be_bytes([r[6], r[7]]);
+            let cookie = &r[8..16];
+            let off = u64::from_be_bytes(r[16..24].try_into().unwrap());
+            let len = u32::from_be_bytes(r[24..28].try_into().unwrap());
+            seen.lock().unwrap().push((kind, off, len));
+            let range = off as usize..off as usize + len as usize;
+            let mut out = 0x6744_6698u32.to_be_bytes().to_vec();
+            out.extend_from_slice(&0u32.to_be_bytes());
+            out.extend_from_slice(cookie);
+            match kind {
+                0 => out.extend_from_slice(&disk[range]),
+                1 => s.read_exact(&mut disk[range]).unwrap(),
+                2 => return,
+                _ => {}
+            }
+            s.write_all(&out).unwrap();
+        }
+    })
+}
+
+#[test]
+fn simple_replies_split_requests_zero_fallback_and_disc_on_blockdev_del() {
+    let dir = tmp();
+    let sock = path(&dir, "simple.sock");
+    let seen: Seen = Arc::default();
+    let t = simple_server(&sock, seen.clone());
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let n = add(&ctx, &g, unix(&sock, "x"));
+    assert_eq!(n.len(), 1 << 20);
+    assert!(!n.read_only());
+    // Larger than the server's 64 KiB maximum: split.
+    let got = ctx.block_on(n.read(1000, vec![0; 200_000])).unwrap();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((i + 1000) / 512) as u8));
+    ctx.block_on(n.write(0, vec![0xee; 100_000])).unwrap();
+    // No WRITE_ZEROES: zero buffers are written instead.
+    ctx.block_on(n.write_zeroes(200_000, 70_000)).unwrap();
+    // No TRIM: discard is a no-op.
+    ctx.block_on(n.discard(0, 4096)).unwrap();
+    ctx.block_on(n.flush()).unwrap();
+    // No meta context: everything is data.
+    let (st, len) = ctx.block_on(n.block_status(0, 1 << 20)).unwrap();
+    assert!(st.allocated && st.data && !st.zero && len == 1 << 20);
+    let got = ctx.block_on(n.read(0, vec![1; 300_000])).unwrap();
+    assert!(got[..100_000].iter().all(|&b| b == 0xee));
+    assert!(got[200_000..270_000].iter().all(|&b| b == 0));
+    assert_eq!(got[270_000], (270_000 / 512) as u8);
+    ctx.block_on(g.blockdev_del("n")).unwrap();
+    t.join().unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.iter().all(|&(_, _, len)| len <= 65536), "{seen:?}");
+    let kinds: Vec<u16> = seen.iter().map(|s| s.0).collect();
+    assert!(!kinds.contains(&6) && !kinds.contains(&4), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&2), "DISC last: {kinds:?}");
+    assert_eq!(kinds.iter().filter(|&&k| k == 3).count(), 1);
 }

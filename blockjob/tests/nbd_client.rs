@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use aio::{AioContext, ClockType};
 use blockjob::block::{BlockGraph, BlockNode};
+use blockjob::job::{Job, JobRegistry, JobStatus};
+use blockjob::jobs::{start_backup, start_mirror, BackupArgs, MirrorArgs, OnError, SyncMode};
 use common::*;
 use serde_json::json;
 
@@ -659,4 +661,156 @@ fn simple_replies_split_requests_zero_fallback_and_disc_on_blockdev_del() {
     assert!(!kinds.contains(&6) && !kinds.contains(&4), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&2), "DISC last: {kinds:?}");
     assert_eq!(kinds.iter().filter(|&&k| k == 3).count(), 1);
+}
+
+/// The source chain (top → mid → base, 4 MiB) and an empty target image
+/// exported by qemu-nbd as `tgt`, added to `g` as nodes `top` and `n`.
+struct JobSetup {
+    g: BlockGraph,
+    ctx: AioContext,
+    srv: Server,
+    sock: PathBuf,
+    tgt: PathBuf,
+    top: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn job_setup(reconnect_delay: u64) -> JobSetup {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let tgt = path(&dir, "tgt.qcow2");
+    create(&tgt, "4M", None);
+    let sock = path(&dir, "t.sock");
+    let srv = Server::qemu_nbd(&sock, "tgt", &tgt, &[]);
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    g.set_clock(ClockType::Virtual);
+    add_chain(&ctx, &g, &base, &mid, &top);
+    let mut args = unix(&sock, "tgt");
+    args["reconnect-delay"] = json!(reconnect_delay);
+    add(&ctx, &g, args);
+    JobSetup {
+        g,
+        ctx,
+        srv,
+        sock,
+        tgt,
+        top,
+        dir,
+    }
+}
+
+impl JobSetup {
+    /// A mirror of `top` to the NBD node at 1 MiB/s (virtual) that stops
+    /// on target errors.
+    /// The registry must outlive the job for its events to be logged.
+    fn throttled_mirror(&self) -> (Job, JobLog, JobRegistry) {
+        let (reg, log) = registry(ClockType::Virtual);
+        let mut a = MirrorArgs::new("m", "top", "n", SyncMode::Full);
+        a.speed = 1 << 20;
+        a.on_target_error = OnError::Stop;
+        (start_mirror(&self.ctx, &self.g, &reg, a).unwrap(), log, reg)
+    }
+
+    /// Starts the server again on the same socket and image.
+    fn restart(&mut self) {
+        self.srv = Server::qemu_nbd(&self.sock, "tgt", &self.tgt, &[]);
+    }
+
+    /// Lifts the speed limit, waits for READY, completes, and checks the
+    /// job succeeded.
+    fn unthrottle_and_complete(&self, job: &Job) {
+        job.set_speed(0).unwrap();
+        wait_status(&self.ctx, job, JobStatus::Ready);
+        job.complete().unwrap();
+        let info = self.ctx.block_on(job.wait_finished());
+        assert_eq!(info.error, None);
+    }
+
+    /// Closes the graph, stops the server and compares the images.
+    fn finish_and_compare(mut self) {
+        self.ctx.block_on(self.g.close_all()).unwrap();
+        self.srv.stop();
+        assert_same(&self.tgt, &self.top);
+        assert_check(&self.tgt);
+        drop(self.dir);
+    }
+}
+
+const MIRROR_READY_SEQ: &str =
+    "created running ready BLOCK_JOB_READY waiting pending BLOCK_JOB_COMPLETED concluded null";
+
+#[test]
+fn mirror_to_an_nbd_target_makes_it_equal_to_the_source() {
+    let s = job_setup(0);
+    let (reg, log) = registry(ClockType::Realtime);
+    let job = start_mirror(
+        &s.ctx,
+        &s.g,
+        &reg,
+        MirrorArgs::new("m", "top", "n", SyncMode::Full),
+    )
+    .unwrap();
+    s.unthrottle_and_complete(&job);
+    assert_eq!(events(&log), MIRROR_READY_SEQ);
+    s.finish_and_compare();
+}
+
+#[test]
+fn backup_to_an_nbd_target_makes_it_equal_to_the_source() {
+    let s = job_setup(0);
+    let (reg, log) = registry(ClockType::Realtime);
+    let job = start_backup(
+        &s.ctx,
+        &s.g,
+        &reg,
+        BackupArgs::new("b", "top", "n", SyncMode::Full),
+    )
+    .unwrap();
+    let info = s.ctx.block_on(job.wait_finished());
+    assert_eq!(info.error, None);
+    assert_eq!(
+        events(&log),
+        "created running waiting pending BLOCK_JOB_COMPLETED concluded null"
+    );
+    s.finish_and_compare();
+}
+
+#[test]
+fn mirror_stops_when_the_server_goes_away_and_completes_after_it_returns() {
+    let mut s = job_setup(0);
+    let (job, log, _reg) = s.throttled_mirror();
+    vstep(&s.ctx, &job, 1_000_000_000);
+    assert_eq!(job.status(), JobStatus::Running);
+    s.srv.stop();
+    vstep(&s.ctx, &job, 1_000_000_000);
+    wait_status(&s.ctx, &job, JobStatus::Paused);
+    assert_eq!(events(&log), "created running BLOCK_JOB_ERROR paused");
+    // Still paused, whatever time passes.
+    vstep(&s.ctx, &job, 2_000_000_000);
+    assert_eq!(job.status(), JobStatus::Paused);
+    s.restart();
+    job.resume().unwrap();
+    s.unthrottle_and_complete(&job);
+    assert_eq!(
+        events(&log),
+        "created running BLOCK_JOB_ERROR paused running ready BLOCK_JOB_READY waiting pending BLOCK_JOB_COMPLETED concluded null"
+    );
+    s.finish_and_compare();
+}
+
+#[test]
+fn mirror_rides_out_a_server_restart_within_reconnect_delay() {
+    let mut s = job_setup(10);
+    let (job, log, _reg) = s.throttled_mirror();
+    vstep(&s.ctx, &job, 1_000_000_000);
+    s.srv.stop();
+    // The job's next write waits for the reconnect instead of failing.
+    advance(&s.ctx, 2_000_000_000);
+    assert_eq!(job.status(), JobStatus::Running);
+    s.restart();
+    advance(&s.ctx, 2_000_000_000);
+    s.unthrottle_and_complete(&job);
+    assert_eq!(events(&log), MIRROR_READY_SEQ);
+    s.finish_and_compare();
 }

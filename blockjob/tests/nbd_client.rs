@@ -814,3 +814,29 @@ fn mirror_rides_out_a_server_restart_within_reconnect_delay() {
     assert_eq!(events(&log), MIRROR_READY_SEQ);
     s.finish_and_compare();
 }
+
+#[test]
+fn a_server_that_accepts_and_says_nothing_times_out_on_the_graph_clock() {
+    let dir = tmp();
+    let sock = path(&dir, "silent.sock");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = fake_server(&sock, move |_s| {
+        let _ = rx.recv();
+    });
+    let ctx = AioContext::new().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    g.set_clock(ClockType::Virtual);
+    let g2 = g.clone();
+    let args = unix(&sock, "x");
+    let open = ctx.spawn(async move { g2.blockdev_add(&args).await.map(|_| ()) });
+    advance(&ctx, 9_750_000_000);
+    assert!(!open.is_finished());
+    advance(&ctx, 250_000_000);
+    let e = ctx.block_on(open).unwrap().unwrap_err().to_string();
+    assert!(
+        e.ends_with("the server did not complete negotiation within 10 s"),
+        "{e}"
+    );
+    drop(tx);
+    t.join().unwrap();
+}

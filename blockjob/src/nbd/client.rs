@@ -46,6 +46,8 @@ const MAX_CHUNK: u32 = 1 << 20;
 const BACKOFF_START_NS: i64 = 100_000_000;
 /// The longest wait between reconnect attempts.
 const BACKOFF_MAX_NS: i64 = 2_000_000_000;
+/// How long one connection attempt (connect and negotiation) may take.
+const ATTEMPT_TIMEOUT_NS: i64 = 10_000_000_000;
 /// Requests sent in one `writev` at most.
 const WRITE_BATCH: usize = 64;
 
@@ -661,22 +663,27 @@ pub(crate) struct Cmd {
 impl Conn {
     /// Connects, negotiates and starts the reader and writer tasks on
     /// `ctx`, which must be the context of the calling task.
+    ///
+    /// Connecting and negotiating together may take [`ATTEMPT_TIMEOUT_NS`]
+    /// on the client's clock: a server that accepts and then says nothing
+    /// fails the attempt instead of stalling it (and a reconnect episode)
+    /// for ever.
     async fn open(ctx: &AioContext, opts: &ClientOptions) -> Result<Arc<Conn>, String> {
-        let stream = connect(&opts.addr).await?;
-        let fd = AsyncFd::from_nonblocking(ctx, stream, ClientType::INTERNAL);
-        let info = Negotiation {
-            fd: &fd,
-            export: &opts.export,
-        }
-        .run()
-        .await;
-        let info = match info {
-            Ok(i) => i,
-            Err(e) => {
-                fd.get_ref().shutdown();
-                return Err(e);
+        let mut attempt = std::pin::pin!(Self::negotiate(ctx, opts));
+        let mut limit = std::pin::pin!(ctx.sleep_ns(opts.clock, ATTEMPT_TIMEOUT_NS));
+        let (fd, info) = poll_fn(|cx| {
+            if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(r);
             }
-        };
+            match limit.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(format!(
+                    "the server did not complete negotiation within {} s",
+                    ATTEMPT_TIMEOUT_NS / 1_000_000_000
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
         log::debug!(
             "nbd: connected to {} export '{}': {info:?}",
             opts.addr,
@@ -692,6 +699,27 @@ impl Conn {
         ctx.spawn(writer(conn.clone())).detach();
         ctx.spawn(reader(conn.clone())).detach();
         Ok(conn)
+    }
+
+    async fn negotiate(
+        ctx: &AioContext,
+        opts: &ClientOptions,
+    ) -> Result<(AsyncFd<Stream>, ExportInfo), String> {
+        let stream = connect(&opts.addr).await?;
+        let fd = AsyncFd::from_nonblocking(ctx, stream, ClientType::INTERNAL);
+        let info = Negotiation {
+            fd: &fd,
+            export: &opts.export,
+        }
+        .run()
+        .await;
+        match info {
+            Ok(i) => Ok((fd, i)),
+            Err(e) => {
+                fd.get_ref().shutdown();
+                Err(e)
+            }
+        }
     }
 
     /// The negotiated facts.

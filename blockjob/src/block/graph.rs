@@ -8,6 +8,7 @@ use aio::file::Engine;
 use serde_json::Value;
 
 use super::file::FileDriver;
+use super::nbd::{NbdDriver, NbdOptions};
 use super::null::NullDriver;
 use super::qcow2::header::MAGIC;
 use super::qcow2::Qcow2;
@@ -82,6 +83,9 @@ enum Backing {
 pub struct BlockGraph {
     nodes: Arc<Mutex<Vec<Arc<BlockNode>>>>,
     next: AtomicU64,
+    /// The clock drivers time their waits on (NBD `reconnect-delay`);
+    /// `None`: realtime.
+    clock: Mutex<Option<aio::ClockType>>,
 }
 
 impl std::fmt::Debug for BlockGraph {
@@ -96,6 +100,21 @@ impl BlockGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the clock that drivers time their waits on (the NBD driver's
+    /// `reconnect-delay` and backoff), for nodes added from now on. The
+    /// default is [`ClockType::Realtime`](aio::ClockType::Realtime); a
+    /// daemon under qtest uses the virtual clock.
+    pub fn set_clock(&self, clock: aio::ClockType) {
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = Some(clock);
+    }
+
+    fn clock(&self) -> aio::ClockType {
+        self.clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(aio::ClockType::Realtime)
     }
 
     /// A handle on the node list that outlives a borrow of the graph (jobs
@@ -413,6 +432,14 @@ impl BlockGraph {
                 "null-co" => &["driver", "node-name", "read-only", "size"],
                 "raw" => &["driver", "node-name", "read-only", "file"],
                 "qcow2" => &["driver", "node-name", "read-only", "file", "backing"],
+                "nbd" => &[
+                    "driver",
+                    "node-name",
+                    "read-only",
+                    "server",
+                    "export",
+                    "reconnect-delay",
+                ],
                 other => {
                     return Err(Error::InvalidArgument(format!(
                         "Parameter 'driver' does not accept value '{other}'"
@@ -439,6 +466,14 @@ impl BlockGraph {
                         }
                     };
                     self.open_file(&filename, !read_only, engine, node_name)
+                }
+                "nbd" => {
+                    let opts = NbdOptions::from_json(obj)?;
+                    let name = node_name.unwrap_or_else(|| self.auto_name());
+                    self.check_name(&name)?;
+                    let d = NbdDriver::open(opts, read_only, self.clock()).await?;
+                    let ro = d.read_only();
+                    self.add(BlockNode::new(name, Box::new(d), ro))
                 }
                 "null-co" => {
                     let size = match obj.get("size") {

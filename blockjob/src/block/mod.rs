@@ -1,7 +1,7 @@
 //! Block nodes, drivers and the graph that names them.
 //!
 //! A [`BlockNode`] is one layer: a driver (`file`, `raw`, `qcow2`,
-//! `null-co`), a node name, its children (`file`, `backing`), a read-only
+//! `null-co`, `nbd`), a node name, its children (`file`, `backing`), a read-only
 //! flag and the permissions its users hold. Drivers implement
 //! [`BlockDriver`], an object-safe trait whose operations return boxed
 //! `Send` futures, so nodes of different drivers stack freely and their
@@ -12,6 +12,7 @@ use std::pin::Pin;
 
 mod file;
 mod graph;
+mod nbd;
 mod node;
 mod null;
 mod perm;

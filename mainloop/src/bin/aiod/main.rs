@@ -227,6 +227,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             ClockType::Realtime
         }),
     );
+    if args.qtest.is_some() {
+        // NBD reconnect-delay too.
+        state.graph.set_clock(ClockType::Virtual);
+    }
     state.iothreads = std::sync::Arc::new(
         iothreads
             .iter()

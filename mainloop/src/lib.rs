@@ -10,6 +10,7 @@
 
 pub mod block_qmp;
 mod error;
+pub mod export_qmp;
 mod iothread;
 pub mod job_qmp;
 mod main_loop;

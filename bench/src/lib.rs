@@ -17,6 +17,8 @@
 //! * **file I/O** ([`io`]). 4 KiB random reads/writes at a fixed queue
 //!   depth through `aio::file::File` on either engine, and the same job
 //!   run by `fio`.
+//! * **NBD export** ([`nbd`]). `qemu-img bench` against `aiod`'s NBD
+//!   export and `qemu-nbd`'s, in one run.
 //!
 //! All `unsafe` lives in the private `sys` module.
 
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
 pub mod io;
+pub mod nbd;
 mod sys;
 pub mod tasks;
 

@@ -5,6 +5,7 @@
 //! cargo run --release -p bench --bin aio-bench -- timers  [--quick] [--json]
 //! cargo run --release -p bench --bin aio-bench -- tasks   [--quick] [--json]
 //! cargo run --release -p bench --bin aio-bench -- io      [--quick] [--json] [--target shm|disk|both] [--size BYTES]
+//! cargo run --release -p bench --bin aio-bench -- nbd     [--quick] [--json] [--rounds N] [--aiod PATH]
 //! ```
 //!
 //! Results go to stdout (a table, or one JSON object per line with
@@ -48,6 +49,14 @@ commands:
                                (O_DIRECT; default DIR: target/aio-bench-io),
                                engines threads and io_uring, and fio's io_uring
                                with the same parameters in the same run
+
+  nbd     [--quick] [--json]   qemu-img bench over a unix socket (4 KiB strided
+          [--rounds N] [--aiod PATH]
+                               read and write at depth 16, 1 MiB sequential
+                               read) against aiod's NBD export and qemu-nbd's
+                               of the same 256 MiB raw image in /dev/shm,
+                               alternating; needs a release aiod next to this
+                               binary (cargo build --release -p mainloop)
 
 options:
   --quick   fewer iterations / samples / shorter runs (fdscale < 30 s; timers
@@ -150,6 +159,32 @@ enum Command {
     },
     /// Hidden: one I/O job, for strace (`--ops N` for a differential count).
     IoRun(IoRunOpts),
+    Nbd(bench::nbd::NbdOpts),
+}
+
+fn parse_nbd(rest: &[String]) -> Result<Command, String> {
+    let mut o = bench::nbd::NbdOpts::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "-h" | "--help" => return Ok(Command::Help),
+            "--aiod" => o.aiod = Some(PathBuf::from(value()?)),
+            "--rounds" => {
+                let v = value()?;
+                o.rounds = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("bad --rounds {v}"))?,
+                );
+            }
+            other => return Err(format!("unknown option for nbd: {other}")),
+        }
+    }
+    Ok(Command::Nbd(o))
 }
 
 /// Parses `1073741824`, `1G`, `256M`, `64K` (powers of two).
@@ -317,6 +352,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "io" => parse_io(rest),
         "iorun" => parse_iorun(rest),
+        "nbd" => parse_nbd(rest),
         "fdscale" | "timers" | "tasks" | "bh" => {
             let mut opts = Opts {
                 quick: false,
@@ -398,6 +434,7 @@ fn main() -> ExitCode {
         Command::Bh(o) => bh_cmd(o),
         Command::Io(o) => io_cmd(&o),
         Command::IoRun(o) => iorun(&o),
+        Command::Nbd(o) => bench::nbd::run(&o).map_err(Into::into),
         Command::PingPong {
             flavor,
             idle,

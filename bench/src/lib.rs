@@ -20,6 +20,8 @@
 //! * **qcow2 snapshot copy-on-write** ([`snapshot_cow`]). Write
 //!   throughput of the active layer before a snapshot, on the first pass
 //!   after it (copy-on-write) and on the second, against `qemu-img bench`.
+//! * **NBD export** ([`nbd`]). `qemu-img bench` against `aiod`'s NBD
+//!   export and `qemu-nbd`'s, in one run.
 //!
 //! All `unsafe` lives in the private `sys` module.
 
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
 pub mod io;
+pub mod nbd;
 pub mod peers;
 pub mod report;
 pub mod snapshot_cow;

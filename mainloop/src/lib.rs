@@ -12,6 +12,7 @@ pub mod block_qmp;
 pub mod create_qmp;
 pub mod drive_qmp;
 mod error;
+pub mod export_qmp;
 pub mod internal_snapshot_qmp;
 mod iothread;
 pub mod job_qmp;

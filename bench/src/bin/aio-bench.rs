@@ -5,6 +5,7 @@
 //! cargo run --release -p bench --bin aio-bench -- timers  [--quick] [--json]
 //! cargo run --release -p bench --bin aio-bench -- tasks   [--quick] [--json]
 //! cargo run --release -p bench --bin aio-bench -- io      [--quick] [--json] [--target shm|disk|both] [--size BYTES]
+//! cargo run --release -p bench --bin aio-bench -- nbd     [--quick] [--json] [--rounds N] [--aiod PATH]
 //! ```
 //!
 //! Results go to stdout (a table, or one JSON object per line with
@@ -62,6 +63,14 @@ commands:
                                the first pass after it (copy-on-write) and the
                                second, against qemu-img bench in the same run
                                (default 128 MiB in /dev/shm, 3 rounds)
+
+  nbd     [--quick] [--json]   qemu-img bench over a unix socket (4 KiB strided
+          [--rounds N] [--aiod PATH]
+                               read and write at depth 16, 1 MiB sequential
+                               read) against aiod's NBD export and qemu-nbd's
+                               of the same 256 MiB raw image in /dev/shm,
+                               alternating; needs a release aiod next to this
+                               binary (cargo build --release -p mainloop)
 
 options:
   --quick   fewer iterations / samples / shorter runs (fdscale < 30 s; timers
@@ -174,6 +183,32 @@ enum Command {
     IoRun(IoRunOpts),
     /// qcow2 copy-on-write after a snapshot (options parsed by `snapcow`).
     SnapCow(Vec<String>),
+    Nbd(bench::nbd::NbdOpts),
+}
+
+fn parse_nbd(rest: &[String]) -> Result<Command, String> {
+    let mut o = bench::nbd::NbdOpts::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "-h" | "--help" => return Ok(Command::Help),
+            "--aiod" => o.aiod = Some(PathBuf::from(value()?)),
+            "--rounds" => {
+                let v = value()?;
+                o.rounds = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("bad --rounds {v}"))?,
+                );
+            }
+            other => return Err(format!("unknown option for nbd: {other}")),
+        }
+    }
+    Ok(Command::Nbd(o))
 }
 
 /// Parses `1073741824`, `1G`, `256M`, `64K` (powers of two).
@@ -342,6 +377,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "io" => parse_io(rest),
         "snapcow" => Ok(Command::SnapCow(rest.to_vec())),
         "iorun" => parse_iorun(rest),
+        "nbd" => parse_nbd(rest),
         "fdscale" | "timers" | "tasks" | "bh" | "wakeup" => {
             let mut opts = Opts {
                 quick: false,
@@ -445,6 +481,7 @@ fn main() -> ExitCode {
         Command::Io(o) => io_cmd(&o),
         Command::IoRun(o) => iorun(&o),
         Command::SnapCow(args) => snapcow(&args),
+        Command::Nbd(o) => bench::nbd::run(&o).map_err(Into::into),
         Command::PingPong {
             flavor,
             idle,

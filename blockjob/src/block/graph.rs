@@ -181,8 +181,8 @@ impl BlockGraph {
         Some(nodes.remove(i))
     }
 
-    /// QMP `blockdev-del`: refuses a missing node, a node with an op
-    /// blocker (a job) and a node that another node uses as a child;
+    /// QMP `blockdev-del`: refuses a missing node, a node in use by a
+    /// `root` user (an export), a node with an op blocker (a job) and a node that another node uses as a child;
     /// otherwise closes it and its children and removes from the graph
     /// every node below it that no remaining node uses.
     pub async fn blockdev_del(&self, name: &str) -> Result<()> {
@@ -193,6 +193,10 @@ impl BlockGraph {
             .ok_or_else(|| {
                 Error::InvalidArgument(format!("Failed to find node with node-name='{name}'"))
             })?;
+        // A user in the `root` role is a block backend, e.g. an export.
+        if node.users().iter().any(|(_, role, _, _)| role == "root") {
+            return Err(Error::InvalidArgument(format!("Node {name} is in use")));
+        }
         node.check_op_blockers()?;
         let children = |n: &Arc<BlockNode>| -> Vec<Arc<BlockNode>> {
             n.file_child().into_iter().chain(n.backing()).collect()

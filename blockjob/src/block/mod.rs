@@ -10,27 +10,27 @@
 use std::future::Future;
 use std::pin::Pin;
 
+mod external_snapshot;
 mod file;
 mod graph;
+mod internal_snapshot;
 mod nbd;
 mod node;
 mod null;
 mod perm;
 pub mod qcow2;
 mod raw;
-mod external_snapshot;
-mod internal_snapshot;
 mod status;
 
-pub(crate) use graph::GraphRef;
-pub use graph::{BlockGraph, OpenOptions};
-pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
-pub use perm::{Perm, PermGuard};
-pub use qcow2::CreateOptions;
 pub use external_snapshot::{
     remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
 };
+pub(crate) use graph::GraphRef;
+pub use graph::{BlockGraph, OpenOptions};
 pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
+pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
+pub use perm::{Perm, PermGuard};
+pub use qcow2::CreateOptions;
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};

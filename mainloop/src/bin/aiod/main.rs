@@ -18,6 +18,7 @@ use aio::ClockType;
 use blockjob::block::BlockGraph;
 use blockjob::job::{JobRegistry, JobStatus};
 use mainloop::block_qmp::{register_block_commands, BlockState};
+use mainloop::export_qmp::{register_export_commands, Exports};
 use mainloop::job_qmp::register_job_commands;
 
 mod demo;
@@ -30,6 +31,7 @@ const USAGE: &str = "\
 usage: aiod --demo
        aiod [--qmp ADDR]... [--blockdev OPTS]... [--object iothread,id=ID]...
             [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]
+            [--nbd-server addr.type=unix,addr.path=PATH] [--export type=nbd,...]...
             [--pidfile PATH] [--qtest unix:PATH]
 
   --demo            make a 3-layer qcow2 chain in a temporary folder, run
@@ -45,6 +47,11 @@ usage: aiod --demo
   --chardev socket,id=ID,path=PATH,server=on,wait=off
   --monitor chardev=ID
                     qemu-storage-daemon's spelling of --qmp unix:PATH
+  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]
+  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT
+                    start the NBD server (QMP nbd-server-start)
+  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on]
+                    export a node over NBD (QMP block-export-add)
   --pidfile PATH    write the process id to PATH (removed at exit)
   --qtest unix:PATH run on a virtual clock that only the qtest socket at
                     PATH moves (clock_step [NS], clock_set NS, clock_get)
@@ -59,6 +66,9 @@ struct Args {
     pidfile: Option<PathBuf>,
     qtest: Option<PathBuf>,
     demo: bool,
+    /// `--nbd-server` options, then `--export`s, as key=value objects.
+    nbd_server: Option<Value>,
+    exports: Vec<Value>,
 }
 
 /// QEMU's dotted `key=value,...` syntax as a JSON object.
@@ -175,6 +185,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                         .map_err(|e| e.to_string())?,
                 );
             }
+            "--nbd-server" => {
+                let kv = parse_keyval(&value("--nbd-server")?)
+                    .map_err(|e| format!("--nbd-server: {e}"))?;
+                out.nbd_server = Some(Value::Object(kv));
+            }
+            "--export" => {
+                let kv = parse_keyval(&value("--export")?).map_err(|e| format!("--export: {e}"))?;
+                out.exports.push(Value::Object(kv));
+            }
             "--pidfile" => out.pidfile = Some(PathBuf::from(value("--pidfile")?)),
             "--qtest" => {
                 let v = value("--qtest")?;
@@ -249,6 +268,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     register_block_commands(&server, state.clone())?;
     register_job_commands(&server, state.clone())?;
+    let exports = register_export_commands(&server, state.clone())?;
+    start_exports(&exports, args)?;
     for addr in &args.qmp {
         let bound = server.listen(addr)?;
         log::info!("QMP on {bound}");
@@ -273,6 +294,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
     ml.run();
 
+    stop_exports(&ml, &exports);
     shutdown(&ml, &state);
     drop(server); // closes connections, removes the socket files
     for t in iothreads {
@@ -282,6 +304,36 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// `--nbd-server` and `--export`, in that order.
+fn start_exports(exports: &Exports, args: &Args) -> Result<(), String> {
+    if let Some(o) = &args.nbd_server {
+        exports
+            .start_from_options(o)
+            .map_err(|e| format!("--nbd-server: {}", e.desc))?;
+    }
+    for o in &args.exports {
+        exports
+            .add_from_options(o)
+            .map_err(|e| format!("--export: {}", e.desc))?;
+    }
+    Ok(())
+}
+
+/// Stops the NBD server (exports go, clients are disconnected, the socket
+/// file is removed) and waits, bounded, for the connections to finish.
+fn stop_exports(ml: &MainLoop, exports: &Exports) {
+    if exports.stop().is_err() {
+        return;
+    }
+    let main = ml.main_context();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let timer = main.timer_new(ClockType::Realtime, |_| {});
+    while exports.connection_count() > 0 && Instant::now() < deadline {
+        timer.mod_in_ns(10_000_000);
+        main.poll(true);
+    }
 }
 
 /// Cancels running jobs, waits (bounded) for them to finish, closes every
@@ -419,5 +471,29 @@ mod tests {
         assert_eq!(a.qmp[0].to_string(), "unix:/tmp/q.sock");
         assert_eq!(a.iothreads, vec!["io0"]);
         assert_eq!(a.pidfile, Some(PathBuf::from("/tmp/p")));
+    }
+
+    #[test]
+    fn nbd_server_and_export_in_qsd_spelling() {
+        let a = parse(&[
+            "--qmp",
+            "unix:/x",
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=10809",
+            "--export",
+            "type=nbd,id=e0,node-name=top,writable=on",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            a.nbd_server,
+            Some(
+                serde_json::json!({"addr": {"type": "inet", "host": "127.0.0.1", "port": "10809"}})
+            )
+        );
+        assert_eq!(
+            a.exports,
+            [serde_json::json!({"type": "nbd", "id": "e0", "node-name": "top", "writable": "on"})]
+        );
     }
 }

@@ -36,8 +36,39 @@ fn plot_err(e: impl std::fmt::Display) -> crate::Error {
 
 type Series = BTreeMap<String, Vec<(f64, f64)>>;
 
-/// Draws one log-log line chart with a legend.
-fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &Series) -> Result<()> {
+/// The y axis of a chart (x is always logarithmic).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum YAxis {
+    /// Logarithmic, labelled in ns/µs/ms.
+    LogNs,
+    /// A percentage, 0 to 100.
+    Percent,
+}
+
+/// A number of ns as a short label: `700ns`, `12us`, `1.5ms`.
+fn ns_label(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{}ms", trim(v / 1e6))
+    } else if v >= 1e3 {
+        format!("{}us", trim(v / 1e3))
+    } else {
+        format!("{}ns", trim(v))
+    }
+}
+
+fn trim(v: f64) -> String {
+    let s = format!("{v:.1}");
+    s.strip_suffix(".0").map_or(s.clone(), str::to_string)
+}
+
+/// Draws one line chart (log x) with a legend.
+fn line_chart(
+    path: &Path,
+    title: &str,
+    (x_desc, x_ns): (&str, bool),
+    (y_desc, y): (&str, YAxis),
+    series: &Series,
+) -> Result<()> {
     let pts = || series.values().flatten();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts() {
@@ -54,19 +85,56 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &Ser
     let (y0, y1) = (y0.max(1.0) / 1.5, y1.max(y0.max(1.0) * 2.0) * 1.5);
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&root)
+    let x_fmt = |v: &f64| if x_ns { ns_label(*v) } else { trim(*v) };
+    let mut builder = ChartBuilder::on(&root);
+    builder
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(44)
-        .y_label_area_size(72)
-        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(plot_err)?;
+        .y_label_area_size(72);
+    match y {
+        YAxis::LogNs => {
+            let mut chart = builder
+                .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+                .map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(y_desc)
+                .x_label_formatter(&x_fmt)
+                .y_label_formatter(&|v| ns_label(*v))
+                .draw()
+                .map_err(plot_err)?;
+            draw_series(&mut chart, series, SeriesLabelPosition::UpperLeft)?;
+        }
+        YAxis::Percent => {
+            let mut chart = builder
+                .build_cartesian_2d((x0..x1).log_scale(), 0f64..100f64)
+                .map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(y_desc)
+                .x_label_formatter(&x_fmt)
+                .draw()
+                .map_err(plot_err)?;
+            draw_series(&mut chart, series, SeriesLabelPosition::LowerRight)?;
+        }
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// The lines, their points and the legend.
+fn draw_series<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: &Series,
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     for (i, (label, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -82,12 +150,11 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &Ser
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
         .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
     Ok(())
 }
 
@@ -118,8 +185,8 @@ pub fn plot_fdscale(records: &[Value], dir: &Path) -> Result<Vec<String>> {
     line_chart(
         &dir.join(name),
         "fd scaling: one active eventfd among N idle fds",
-        "idle fds",
-        "ns per ping-pong iteration",
+        ("idle fds", false),
+        ("time per ping-pong iteration", YAxis::LogNs),
         &series,
     )?;
     Ok(vec![name.to_string()])
@@ -160,8 +227,8 @@ pub fn plot_timers(records: &[Value], dir: &Path) -> Result<Vec<String>> {
         line_chart(
             &dir.join(&name),
             &format!("timer lateness, {label} one-shot timers"),
-            "lateness (ns)",
-            "% of samples at or below",
+            ("lateness", true),
+            ("% of samples at or below", YAxis::Percent),
             series,
         )?;
         out.push(name);

@@ -64,8 +64,8 @@ fn burst(speed: u64) -> u64 {
     speed / 10 + CHUNK
 }
 
-#[test]
-fn rate_limited_stream_copies_speed_bytes_per_virtual_second() {
+fn rate_limited_stream_copies_speed_bytes_per_virtual_second_run() -> Vec<(i64, String, Value)> {
+    let (mut log, mut seen) = (Vec::new(), 0);
     let mut d = daemon();
     let speed = 4 * MIB;
     d.qmp
@@ -77,7 +77,7 @@ fn rate_limited_stream_copies_speed_bytes_per_virtual_second() {
     let start = offset(&mut d, "s0").unwrap();
     assert!(start <= burst(speed), "before any virtual time: {start}");
     for second in 1..=5u64 {
-        let now = d.qtest.clock_step(Some(SECOND)).unwrap();
+        let now = step(&mut d, Some(SECOND), &mut seen, &mut log);
         assert_eq!(now, second as i64 * SECOND);
         let off = offset(&mut d, "s0").unwrap();
         assert!(
@@ -91,16 +91,29 @@ fn rate_limited_stream_copies_speed_bytes_per_virtual_second() {
     d.qmp
         .execute("block-job-set-speed", json!({"device": "s0", "speed": 0}))
         .unwrap();
-    d.qtest.clock_step(Some(1)).unwrap();
+    step(&mut d, Some(1), &mut seen, &mut log);
     let ev = d
         .qmp
         .wait_event("BLOCK_JOB_COMPLETED", |data| data["device"] == "s0")
         .unwrap();
     assert_eq!(ev["data"]["offset"], 32 * MIB);
+    collect_events(&mut d, &mut seen, &mut log);
+    log
 }
 
 #[test]
-fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() {
+fn rate_limited_stream_copies_speed_bytes_per_virtual_second() {
+    let a = rate_limited_stream_copies_speed_bytes_per_virtual_second_run();
+    assert_eq!(
+        a,
+        rate_limited_stream_copies_speed_bytes_per_virtual_second_run(),
+        "the event logs differ between runs"
+    );
+}
+
+fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point_run(
+) -> Vec<(i64, String, Value)> {
+    let (mut log, mut seen) = (Vec::new(), 0);
     let mut d = daemon();
     let speed = 2 * MIB;
     d.qmp
@@ -109,17 +122,17 @@ fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() 
             json!({"job-id": "s1", "device": "top", "speed": speed}),
         )
         .unwrap();
-    d.qtest.clock_step(Some(SECOND)).unwrap();
+    step(&mut d, Some(SECOND), &mut seen, &mut log);
     d.qmp
         .execute("block-job-pause", json!({"device": "s1"}))
         .unwrap();
-    d.qtest.clock_step(Some(SECOND / 2)).unwrap();
+    step(&mut d, Some(SECOND / 2), &mut seen, &mut log);
     d.qmp
         .wait_event("JOB_STATUS_CHANGE", |data| data["status"] == "paused")
         .unwrap();
     let held = offset(&mut d, "s1").unwrap();
     for _ in 0..3 {
-        d.qtest.clock_step(Some(SECOND)).unwrap();
+        step(&mut d, Some(SECOND), &mut seen, &mut log);
         assert_eq!(
             offset(&mut d, "s1").unwrap(),
             held,
@@ -129,13 +142,13 @@ fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() 
     d.qmp
         .execute("block-job-resume", json!({"device": "s1"}))
         .unwrap();
-    d.qtest.clock_step(Some(SECOND)).unwrap();
+    step(&mut d, Some(SECOND), &mut seen, &mut log);
     let resumed = offset(&mut d, "s1").unwrap();
     assert!(resumed > held, "progress after resume");
     d.qmp
         .execute("block-job-cancel", json!({"device": "s1"}))
         .unwrap();
-    d.qtest.clock_step(Some(1)).unwrap();
+    step(&mut d, Some(1), &mut seen, &mut log);
     let ev = d
         .qmp
         .wait_event("BLOCK_JOB_CANCELLED", |data| data["device"] == "s1")
@@ -143,6 +156,31 @@ fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() 
     // The cancel landed at the next pause point: at most one more chunk.
     let at_cancel = ev["data"]["offset"].as_u64().unwrap();
     assert!(at_cancel - resumed <= CHUNK, "{at_cancel} vs {resumed}");
+    collect_events(&mut d, &mut seen, &mut log);
+    log
+}
+
+#[test]
+fn pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point() {
+    let a = pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point_run();
+    assert_eq!(
+        a,
+        pause_holds_progress_across_steps_and_cancel_lands_at_the_next_pause_point_run(),
+        "the event logs differ between runs"
+    );
+}
+
+/// Steps the virtual clock by `ns` (to the next deadline if `None`) and
+/// logs the events that arrived; returns the new virtual time.
+fn step(
+    d: &mut Daemon,
+    ns: Option<i64>,
+    seen: &mut usize,
+    log: &mut Vec<(i64, String, Value)>,
+) -> i64 {
+    let now = d.qtest.clock_step(ns).unwrap();
+    collect_events(d, seen, log);
+    now
 }
 
 /// Appends the events received since `seen` to `log`, stamped with the
@@ -204,8 +242,9 @@ fn two_runs_give_identical_event_logs() {
     assert_eq!(a, b, "the event logs differ between runs");
 }
 
-#[test]
-fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
+fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts_run() -> Vec<(i64, String, Value)>
+{
+    let (mut log, mut seen) = (Vec::new(), 0);
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("src.qcow2"), dir.path().join("tgt.qcow2"));
     let (s, t) = (src.to_str().unwrap(), tgt.to_str().unwrap());
@@ -236,7 +275,7 @@ fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
     let predicted = len / speed;
     let mut ready_at = None;
     for second in 1..=predicted + 2 {
-        d.qtest.clock_step(Some(SECOND)).unwrap();
+        step(&mut d, Some(SECOND), &mut seen, &mut log);
         d.qmp.execute("query-jobs", Value::Null).unwrap();
         if d.qmp
             .events()
@@ -255,10 +294,22 @@ fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
     d.qmp
         .execute("block-job-complete", json!({"device": "m0"}))
         .unwrap();
-    d.qtest.clock_step(Some(1)).unwrap();
+    step(&mut d, Some(1), &mut seen, &mut log);
     d.qmp
         .wait_event("BLOCK_JOB_COMPLETED", |data| data["device"] == "m0")
         .unwrap();
+    collect_events(&mut d, &mut seen, &mut log);
+    log
+}
+
+#[test]
+fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
+    let a = mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts_run();
+    assert_eq!(
+        a,
+        mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts_run(),
+        "the event logs differ between runs"
+    );
 }
 
 /// base <- top chains named `p`-base / `p`-top, added over QMP, the top

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::block_qmp::BlockState;
 use crate::qmp::{QmpArgs, QmpError, QmpServer, ServerError};
+use crate::transaction_qmp::PreparedAction;
 
 crate::qmp_args! {
     /// `blockdev-snapshot-internal-sync`.
@@ -168,11 +169,57 @@ pub fn register_internal_snapshot_commands(
     )?;
     on_node_command(
         server,
-        state,
+        state.clone(),
         "blockdev-snapshot-delete-internal-sync",
         |a: &SnapshotDeleteInternalArgs| a.device.clone(),
         delete,
+    )?;
+    // As a `transaction` action: prepare takes the snapshot, abort deletes
+    // it again (QEMU's internal_snapshot_action).
+    state.actions.register(
+        "blockdev-snapshot-internal-sync",
+        |s: BlockState, a: SnapshotInternalArgs| async move {
+            let (device, name) = (a.device.clone(), a.name.clone());
+            on_node(&s, &device, create(s.clone(), a)).await?;
+            Ok(Box::new(TakenSnapshot {
+                state: s,
+                device,
+                name,
+            }) as Box<dyn PreparedAction>)
+        },
     )
+}
+
+/// An internal snapshot taken by a transaction that may still be undone.
+struct TakenSnapshot {
+    state: BlockState,
+    device: String,
+    name: String,
+}
+
+impl PreparedAction for TakenSnapshot {
+    fn commit(self: Box<Self>) {}
+
+    fn abort(self: Box<Self>) -> crate::transaction_qmp::BoxFuture<()> {
+        Box::pin(async move {
+            let TakenSnapshot {
+                state,
+                device,
+                name,
+            } = *self;
+            let s = state.clone();
+            let dev = device.clone();
+            let undo = async move {
+                let n = node(&s, &dev)?;
+                n.snapshot_delete(&SnapshotRef::Name(name))
+                    .await
+                    .map_err(generic)
+            };
+            if let Err(e) = on_node(&state, &device, undo).await {
+                log::warn!("transaction abort: deleting the internal snapshot on '{device}': {e}");
+            }
+        })
+    }
 }
 
 /// Registers `name`, whose handler `run` runs on the context of the node

@@ -141,3 +141,60 @@ fn internal_snapshots_over_qmp_answer_like_qemu_storage_daemon() {
         "read-only image untouched"
     );
 }
+
+/// `qemu-img snapshot -l`'s tags, after aiod has quit.
+fn tags(img: &Path) -> Vec<String> {
+    let (ok, out) = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    out.lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn internal_snapshots_in_a_transaction_are_all_taken_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (d.join("a.qcow2"), d.join("b.qcow2"));
+    for img in [&a, &b] {
+        assert!(qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]).0);
+    }
+    let sock = d.join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aiod"))
+        .arg("--qmp")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--blockdev", &blockdev("a", "qcow2", &a, false)])
+        .args(["--blockdev", &blockdev("b", "qcow2", &b, false)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("aiod listens", || sock.exists());
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+    let snap = |dev: &str, name: &str| {
+        json!({"type": "blockdev-snapshot-internal-sync",
+            "data": {"device": dev, "name": name}})
+    };
+    // Both disks at one instant.
+    c.ok(
+        "transaction",
+        json!({"actions": [snap("a", "t1"), snap("b", "t1")]}),
+    );
+    // The second action fails (the name exists on b): a's snapshot is undone.
+    let (class, desc) = c.err(
+        "transaction",
+        json!({"actions": [snap("a", "t2"), snap("b", "t1")]}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(desc, "Snapshot with name 't1' already exists on device 'b'");
+    c.ok("quit", Value::Null);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(tags(&a), ["t1"]);
+    assert_eq!(tags(&b), ["t1"]);
+    for img in [&a, &b] {
+        let (ok, out) = qemu_img(&["check", img.to_str().unwrap()]);
+        assert!(ok && out.contains("No errors"), "{out}");
+    }
+}

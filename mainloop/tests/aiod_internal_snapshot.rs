@@ -22,6 +22,25 @@ fn blockdev(name: &str, driver: &str, file: &Path, read_only: bool) -> String {
     .to_string()
 }
 
+/// aiod with `blockdevs`, QMP on `d/qmp.sock`, negotiated.
+fn start(d: &Path, blockdevs: &[String]) -> (std::process::Child, QmpClient) {
+    let sock = d.join("qmp.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aiod"));
+    cmd.arg("--qmp").arg(format!("unix:{}", sock.display()));
+    for b in blockdevs {
+        cmd.args(["--blockdev", b]);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("aiod listens", || sock.exists());
+    let mut c = QmpClient::connect_unix(&sock);
+    c.negotiate();
+    (child, c)
+}
+
 #[test]
 fn internal_snapshots_over_qmp_answer_like_qemu_storage_daemon() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,20 +51,14 @@ fn internal_snapshots_over_qmp_answer_like_qemu_storage_daemon() {
     }
     assert!(qemu_img(&["snapshot", "-c", "old", ro.to_str().unwrap()]).0);
     let ro_before = std::fs::read(&ro).unwrap();
-    let sock = d.join("qmp.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aiod"))
-        .arg("--qmp")
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--blockdev", &blockdev("q", "qcow2", &q, false)])
-        .args(["--blockdev", &blockdev("qro", "qcow2", &ro, true)])
-        .args(["--blockdev", &blockdev("r", "raw", &raw, false)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("aiod listens", || sock.exists());
-    let mut c = QmpClient::connect_unix(&sock);
-    c.negotiate();
+    let (mut child, mut c) = start(
+        d,
+        &[
+            blockdev("q", "qcow2", &q, false),
+            blockdev("qro", "qcow2", &ro, true),
+            blockdev("r", "raw", &raw, false),
+        ],
+    );
     let create = "blockdev-snapshot-internal-sync";
     let delete = "blockdev-snapshot-delete-internal-sync";
 
@@ -160,19 +173,13 @@ fn internal_snapshots_in_a_transaction_are_all_taken_or_none() {
     for img in [&a, &b] {
         assert!(qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]).0);
     }
-    let sock = d.join("qmp.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aiod"))
-        .arg("--qmp")
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--blockdev", &blockdev("a", "qcow2", &a, false)])
-        .args(["--blockdev", &blockdev("b", "qcow2", &b, false)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("aiod listens", || sock.exists());
-    let mut c = QmpClient::connect_unix(&sock);
-    c.negotiate();
+    let (mut child, mut c) = start(
+        d,
+        &[
+            blockdev("a", "qcow2", &a, false),
+            blockdev("b", "qcow2", &b, false),
+        ],
+    );
     let snap = |dev: &str, name: &str| {
         json!({"type": "blockdev-snapshot-internal-sync",
             "data": {"device": dev, "name": name}})

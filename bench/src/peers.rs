@@ -185,7 +185,7 @@ mod glib_impl {
 
     /// The ping-pong on a glib `MainContext`: unix fd sources, one
     /// `iteration(true)` per ping-pong.
-    pub struct GlibPingPong {
+    pub(super) struct GlibPingPong {
         ctx: glib::MainContext,
         _sources: Vec<glib::Source>,
         _idle: Vec<OwnedFd>,

@@ -11,6 +11,8 @@
 //! # Ok::<(), qtest::Error>(())
 //! ```
 
+pub mod images;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -4,8 +4,8 @@
 //! produce identical event logs.
 
 use std::path::Path;
-use std::process::Command;
 
+use qtest::images::Chain;
 use qtest::Daemon;
 use serde_json::{json, Value};
 
@@ -14,34 +14,14 @@ const SECOND: i64 = 1_000_000_000;
 /// QEMU's stream chunk.
 const CHUNK: u64 = 512 << 10;
 
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// base (32 MiB of data) <- top (empty): streaming copies all 32 MiB.
 fn chain(dir: &Path) -> Vec<String> {
-    let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
-    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", b, "32M"]);
-    sh("qemu-io", &["-c", "write -P 0x5a 0 32M", b]);
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
-    );
-    vec![
-        "--blockdev".into(),
-        json!({"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": b}})
-            .to_string(),
-        "--blockdev".into(),
-        json!({"driver": "qcow2", "node-name": "top", "backing": "base",
-            "file": {"driver": "file", "filename": t}})
-        .to_string(),
-    ]
+    Chain::new(dir, "32M")
+        .layer("base", &["write -P 0x5a 0 32M"])
+        .layer("top", &[])
+        .build()
+        .unwrap()
+        .blockdev_args()
 }
 
 fn daemon() -> Daemon {
@@ -246,19 +226,19 @@ fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts_run() -> Vec<(
 {
     let (mut log, mut seen) = (Vec::new(), 0);
     let dir = tempfile::tempdir().unwrap();
-    let (src, tgt) = (dir.path().join("src.qcow2"), dir.path().join("tgt.qcow2"));
-    let (s, t) = (src.to_str().unwrap(), tgt.to_str().unwrap());
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", s, "8M"]);
-    sh("qemu-io", &["-c", "write -P 0x6b 0 8M", s]);
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", t, "8M"]);
-    let args = vec![
-        "--blockdev".to_string(),
-        json!({"driver": "qcow2", "node-name": "src", "file": {"driver": "file", "filename": s}})
-            .to_string(),
-        "--blockdev".to_string(),
-        json!({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": t}})
-            .to_string(),
-    ];
+    // Two one-layer chains: the source full of data, an empty target.
+    let mut args = Chain::new(dir.path(), "8M")
+        .layer("src", &["write -P 0x6b 0 8M"])
+        .build()
+        .unwrap()
+        .blockdev_args();
+    args.extend(
+        Chain::new(dir.path(), "8M")
+            .layer("tgt", &[])
+            .build()
+            .unwrap()
+            .blockdev_args(),
+    );
     let mut d = Daemon::spawn_in(dir, &args).unwrap();
     let speed = 2 * MIB;
     d.qmp
@@ -315,21 +295,16 @@ fn mirror_is_ready_after_the_virtual_time_the_arithmetic_predicts() {
 /// base <- top chains named `p`-base / `p`-top, added over QMP, the top
 /// optionally on an iothread.
 fn add_chain(d: &mut Daemon, p: &str, mib: u64, iothread: Option<&str>) {
-    let dir = d.dir().to_path_buf();
+    let c = Chain::new(d.dir(), &format!("{mib}M"))
+        .layer(&format!("{p}-base"), &[&format!("write -P 0x3c 0 {mib}M")])
+        .layer(&format!("{p}-top"), &[])
+        .build()
+        .unwrap();
     let (base, top) = (
-        dir.join(format!("{p}-base.qcow2")),
-        dir.join(format!("{p}-top.qcow2")),
+        c.path(&format!("{p}-base")).unwrap(),
+        c.path(&format!("{p}-top")).unwrap(),
     );
     let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", b, &format!("{mib}M")],
-    );
-    sh("qemu-io", &["-c", &format!("write -P 0x3c 0 {mib}M"), b]);
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
-    );
     d.qmp
         .execute(
             "blockdev-add",

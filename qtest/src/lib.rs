@@ -353,3 +353,8 @@ impl QtestClient {
         self.ok_ns("clock_get")
     }
 }
+
+/// docs/testing.md's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/testing.md")]
+pub struct TestingDocDoctests;

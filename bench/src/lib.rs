@@ -20,6 +20,8 @@
 //! * **qcow2 snapshot copy-on-write** ([`snapshot_cow`]). Write
 //!   throughput of the active layer before a snapshot, on the first pass
 //!   after it (copy-on-write) and on the second, against `qemu-img bench`.
+//! * **block jobs** ([`jobs`]). Stream, commit, mirror and backup
+//!   throughput of `aiod` against qemu-storage-daemon.
 //! * **NBD export** ([`nbd`]). `qemu-img bench` against `aiod`'s NBD
 //!   export and `qemu-nbd`'s, in one run.
 //!
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
 pub mod io;
+pub mod jobs;
 pub mod nbd;
 pub mod peers;
 pub mod report;

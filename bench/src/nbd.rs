@@ -72,7 +72,7 @@ fn cases(quick: bool) -> [Case; 3] {
 }
 
 /// A server process, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     url: String,
 }
@@ -84,7 +84,7 @@ impl Drop for Server {
     }
 }
 
-fn wait_for_socket(child: &mut Child, path: &Path, what: &str) -> Result<(), String> {
+pub(crate) fn wait_for_socket(child: &mut Child, path: &Path, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -98,9 +98,10 @@ fn wait_for_socket(child: &mut Child, path: &Path, what: &str) -> Result<(), Str
     Ok(())
 }
 
-fn aiod_path(opts: &NbdOpts) -> Result<PathBuf, String> {
-    if let Some(p) = &opts.aiod {
-        return Ok(p.clone());
+/// The `aiod` binary: `given`, or the one next to the running executable.
+pub(crate) fn aiod_path(given: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let p = exe.with_file_name("aiod");
@@ -207,7 +208,7 @@ fn median(v: &mut [f64]) -> f64 {
 ///
 /// A tool or server that cannot be started, or a failed run.
 pub fn run(opts: &NbdOpts) -> Result<(), String> {
-    let aiod = aiod_path(opts)?;
+    let aiod = aiod_path(opts.aiod.as_deref())?;
     let dir = PathBuf::from(format!("/dev/shm/aio-bench-nbd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let res = run_in(opts, &aiod, &dir);

@@ -42,7 +42,7 @@ commands:
   wakeup  [--quick] [--json]   cross-thread wake -> resume latency of a blocked
                                home thread: aio task, AioContext::notify, mio's
                                Waker, tokio's Notify, raw eventfd+epoll_wait
-  report  --out DIR [--quick]  runs fdscale, timers, wakeup, bh, tasks and io
+  report  --out DIR [--quick]  runs fdscale, timers, wakeup, bh, tasks, io, jobs
                                (--quick: io on /dev/shm only), writes
                                DIR/results.json and SVG plots (fdscale.svg,
                                timers-*.svg); --quick takes about two minutes
@@ -64,6 +64,11 @@ commands:
                                second, against qemu-img bench in the same run
                                (default 128 MiB in /dev/shm, 3 rounds)
 
+  jobs    [--quick] [--json]   stream, commit, mirror and backup of 512 MiB
+          [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm, no
+                               speed limit, in aiod and in qemu-storage-daemon,
+                               alternating; MiB/s and ratios (needs a release
+                               aiod next to this binary)
   nbd     [--quick] [--json]   qemu-img bench over a unix socket (4 KiB strided
           [--rounds N] [--aiod PATH]
                                read and write at depth 16, 1 MiB sequential
@@ -184,6 +189,22 @@ enum Command {
     /// qcow2 copy-on-write after a snapshot (options parsed by `snapcow`).
     SnapCow(Vec<String>),
     Nbd(bench::nbd::NbdOpts),
+    Jobs(bench::jobs::JobsOpts),
+}
+
+fn parse_jobs(rest: &[String]) -> Result<Command, String> {
+    let mut o = bench::jobs::JobsOpts::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "-h" | "--help" => return Ok(Command::Help),
+            "--aiod" => o.aiod = Some(PathBuf::from(it.next().ok_or("--aiod needs a value")?)),
+            other => return Err(format!("unknown option for jobs: {other}")),
+        }
+    }
+    Ok(Command::Jobs(o))
 }
 
 fn parse_nbd(rest: &[String]) -> Result<Command, String> {
@@ -378,6 +399,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "snapcow" => Ok(Command::SnapCow(rest.to_vec())),
         "iorun" => parse_iorun(rest),
         "nbd" => parse_nbd(rest),
+        "jobs" => parse_jobs(rest),
         "fdscale" | "timers" | "tasks" | "bh" | "wakeup" => {
             let mut opts = Opts {
                 quick: false,
@@ -482,6 +504,7 @@ fn main() -> ExitCode {
         Command::IoRun(o) => iorun(&o),
         Command::SnapCow(args) => snapcow(&args),
         Command::Nbd(o) => bench::nbd::run(&o).map_err(Into::into),
+        Command::Jobs(o) => bench::jobs::run(&o).map_err(Into::into),
         Command::PingPong {
             flavor,
             idle,
@@ -1060,6 +1083,7 @@ const REPORT_PLAN: &[(&str, &[&str])] = &[
     ("bh", &[]),
     ("tasks", &[]),
     ("io", &["--target", "shm"]),
+    ("jobs", &[]),
 ];
 
 /// Runs `aio-bench SUB --json [--quick] [extra]` as a child (its progress

@@ -1,0 +1,356 @@
+//! `aio-bench jobs`: block-job throughput of `aiod` against
+//! qemu-storage-daemon, the same jobs on the same images in one run.
+//!
+//! Each case builds fresh qcow2 images in /dev/shm with `qemu-img` and
+//! `qemu-io`, starts the daemon with them as `--blockdev`s, sends the job
+//! command over QMP with no speed limit and times it to
+//! `BLOCK_JOB_COMPLETED` (mirror: to `BLOCK_JOB_READY`, then
+//! `block-job-complete`, to `BLOCK_JOB_COMPLETED`). The two daemons
+//! alternate round by round; the table shows medians in MiB/s of the
+//! image's size, and aiod / QSD.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::nbd::{aiod_path, wait_for_socket};
+
+/// Options of `aio-bench jobs`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobsOpts {
+    /// A smaller image and one round.
+    pub quick: bool,
+    /// One JSON object per line instead of a table.
+    pub json: bool,
+    /// The `aiod` binary (default: next to the running executable).
+    pub aiod: Option<PathBuf>,
+}
+
+impl JobsOpts {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The jobs measured.
+const JOBS: [&str; 4] = ["stream", "commit", "mirror", "backup"];
+
+/// Which daemon runs the jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Daemon {
+    Aiod,
+    Qsd,
+}
+
+impl Daemon {
+    fn label(self) -> &'static str {
+        match self {
+            Daemon::Aiod => "aiod",
+            Daemon::Qsd => "qemu-storage-daemon",
+        }
+    }
+}
+
+/// A daemon process, killed on drop, with its QMP connection.
+struct Running {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(which: Daemon, aiod: &Path, dir: &Path, blockdevs: &[Value]) -> Result<Self, String> {
+        let sock = dir.join(format!("{}-qmp.sock", which.label()));
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = match which {
+            Daemon::Aiod => {
+                let mut c = Command::new(aiod);
+                c.env("RUST_LOG", "warn")
+                    .arg("--qmp")
+                    .arg(format!("unix:{}", sock.display()));
+                c
+            }
+            Daemon::Qsd => {
+                let mut c = Command::new("qemu-storage-daemon");
+                c.arg("--chardev")
+                    .arg(format!(
+                        "socket,path={},server=on,wait=off,id=m",
+                        sock.display()
+                    ))
+                    .args(["--monitor", "chardev=m"]);
+                c
+            }
+        };
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b.to_string());
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", which.label()))?;
+        if let Err(e) = wait_for_socket(&mut child, &sock, which.label()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let stream = UnixStream::connect(&sock).map_err(|e| format!("connecting: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(300)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut r = Running {
+            child,
+            reader: BufReader::new(stream),
+            writer,
+        };
+        r.recv()?; // greeting
+        r.execute("qmp_capabilities", json!({}))?;
+        Ok(r)
+    }
+
+    fn recv(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("the daemon closed QMP".to_string()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad QMP line: {e}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Sends a command and returns its `return`, skipping events.
+    fn execute(&mut self, name: &str, args: Value) -> Result<Value, String> {
+        let line = json!({"execute": name, "arguments": args}).to_string() + "\n";
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let v = self.recv()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("{name}: {e}"));
+            }
+        }
+    }
+
+    /// Waits for event `name` (a job error fails the wait).
+    fn wait_event(&mut self, name: &str) -> Result<Value, String> {
+        loop {
+            let v = self.recv()?;
+            match v.get("event").and_then(Value::as_str) {
+                Some(n) if n == name => return Ok(v),
+                Some("BLOCK_JOB_ERROR") => return Err(format!("job error: {v}")),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn tool(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn qcow2(path: &Path, size_mib: u64, backing: Option<&Path>, fill: bool) -> Result<(), String> {
+    let p = path.to_string_lossy().into_owned();
+    let size = format!("{size_mib}M");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    let b;
+    if let Some(bk) = backing {
+        b = bk.to_string_lossy().into_owned();
+        args.extend(["-b", &b, "-F", "qcow2"]);
+    }
+    args.extend([p.as_str(), size.as_str()]);
+    tool("qemu-img", &args)?;
+    if fill {
+        tool(
+            "qemu-io",
+            &["-c", &format!("write -P 0x5a 0 {size_mib}M"), &p],
+        )?;
+    }
+    Ok(())
+}
+
+fn node(name: &str, file: &Path, backing: Option<&str>) -> Value {
+    let mut v = json!({"driver": "qcow2", "node-name": name,
+        "file": {"driver": "file", "filename": file}});
+    if let Some(b) = backing {
+        v["backing"] = json!(b);
+    }
+    v
+}
+
+/// Builds the images of `job` in `dir`; returns the blockdevs and the
+/// job command.
+fn setup(job: &str, dir: &Path, mib: u64) -> Result<(Vec<Value>, &'static str, Value), String> {
+    let p = |n: &str| dir.join(format!("{job}-{n}.qcow2"));
+    Ok(match job {
+        "stream" => {
+            qcow2(&p("base"), mib, None, true)?;
+            qcow2(&p("top"), mib, Some(&p("base")), false)?;
+            (
+                vec![
+                    node("base", &p("base"), None),
+                    node("top", &p("top"), Some("base")),
+                ],
+                "block-stream",
+                json!({"job-id": "j", "device": "top"}),
+            )
+        }
+        "commit" => {
+            qcow2(&p("base"), mib, None, false)?;
+            qcow2(&p("mid"), mib, Some(&p("base")), true)?;
+            qcow2(&p("top"), mib, Some(&p("mid")), false)?;
+            (
+                vec![
+                    node("base", &p("base"), None),
+                    node("mid", &p("mid"), Some("base")),
+                    node("top", &p("top"), Some("mid")),
+                ],
+                "block-commit",
+                json!({"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base"}),
+            )
+        }
+        "mirror" | "backup" => {
+            qcow2(&p("src"), mib, None, true)?;
+            qcow2(&p("tgt"), mib, None, false)?;
+            let cmd = if job == "mirror" {
+                "blockdev-mirror"
+            } else {
+                "blockdev-backup"
+            };
+            (
+                vec![node("src", &p("src"), None), node("tgt", &p("tgt"), None)],
+                cmd,
+                json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
+            )
+        }
+        other => return Err(format!("unknown job {other}")),
+    })
+}
+
+/// One timed run: seconds from the command to `BLOCK_JOB_COMPLETED`.
+fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<f64, String> {
+    let (blockdevs, cmd, args) = setup(job, dir, mib)?;
+    let mut d = Running::start(which, aiod, dir, &blockdevs)?;
+    let start = Instant::now();
+    d.execute(cmd, args)?;
+    if job == "mirror" {
+        d.wait_event("BLOCK_JOB_READY")?;
+        d.execute("block-job-complete", json!({"device": "j"}))?;
+    }
+    let ev = d.wait_event("BLOCK_JOB_COMPLETED")?;
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(e) = ev["data"].get("error") {
+        return Err(format!("{} {job}: {e}", which.label()));
+    }
+    let _ = d.execute("quit", json!({}));
+    drop(d);
+    for f in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        if f.file_name().to_string_lossy().ends_with(".qcow2") {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    Ok(secs)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark; the table (or JSON lines) goes to stdout.
+///
+/// # Errors
+///
+/// A missing tool or binary, or a job that fails.
+pub fn run(opts: &JobsOpts) -> Result<(), String> {
+    let aiod = aiod_path(opts.aiod.as_deref())?;
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("aio-bench-jobs")
+        .tempdir_in(base)
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let (mib, rounds) = if opts.quick { (128, 1) } else { (512, 3) };
+    eprintln!(
+        "jobs: {mib} MiB qcow2 images in {}, {rounds} round(s), aiod {}",
+        dir.path().display(),
+        aiod.display()
+    );
+    let mut rows = Vec::new();
+    for job in JOBS {
+        let (mut a, mut q) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which daemon goes first.
+            let order = if round % 2 == 0 {
+                [Daemon::Aiod, Daemon::Qsd]
+            } else {
+                [Daemon::Qsd, Daemon::Aiod]
+            };
+            for which in order {
+                let secs = once(which, &aiod, job, dir.path(), mib)?;
+                let rate = mib as f64 / secs;
+                eprintln!(
+                    "  {job:<7} round {} {:<20} {rate:>8.0} MiB/s",
+                    round + 1,
+                    which.label()
+                );
+                match which {
+                    Daemon::Aiod => a.push(rate),
+                    Daemon::Qsd => q.push(rate),
+                }
+            }
+        }
+        let (a, q) = (median(&mut a), median(&mut q));
+        if opts.json {
+            println!(
+                "{}",
+                json!({"bench": "jobs", "job": job, "size_mib": mib, "rounds": rounds,
+                    "aiod_mib_per_s": a.round(), "qsd_mib_per_s": q.round(),
+                    "aiod_vs_qsd": (a / q * 1000.0).round() / 1000.0})
+            );
+        }
+        rows.push((job, a, q));
+    }
+    if !opts.json {
+        println!("jobs: {mib} MiB qcow2 on /dev/shm, no speed limit, median of {rounds}");
+        println!(
+            "{:<8} {:>12} {:>12} {:>10}",
+            "job", "aiod MiB/s", "QSD MiB/s", "aiod/QSD"
+        );
+        for (job, a, q) in rows {
+            println!("{job:<8} {a:>12.0} {q:>12.0} {:>9.2}x", a / q);
+        }
+    }
+    Ok(())
+}

@@ -215,6 +215,7 @@ fn node_chain_depth(node: &BlockNode) -> usize {
 /// A name clash with a command already registered.
 pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<(), ServerError> {
     crate::internal_snapshot_qmp::register_internal_snapshot_commands(server, state.clone())?;
+    crate::iothread_qmp::register_iothread_commands(server, state.clone())?;
     let emitter: EventEmitter = server.emitter();
     state
         .jobs
@@ -232,9 +233,13 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
                     .blockdev_add(&Value::Object(args))
                     .await
                     .map_err(generic)?;
-                if let Some(io) = iothread {
-                    s.node_contexts.lock().insert(node.name().to_string(), io);
-                }
+                // A name may be reused after blockdev-del: never inherit
+                // an old node's context.
+                let mut map = s.node_contexts.lock();
+                match iothread {
+                    Some(io) => map.insert(node.name().to_string(), io),
+                    None => map.remove(node.name()),
+                };
                 Ok(json!({}))
             })
             .await

@@ -15,6 +15,7 @@ mod error;
 pub mod export_qmp;
 pub mod internal_snapshot_qmp;
 mod iothread;
+pub mod iothread_qmp;
 pub mod job_qmp;
 mod main_loop;
 pub mod qmp;

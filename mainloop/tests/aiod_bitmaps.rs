@@ -1,0 +1,204 @@
+//! Dirty bitmaps over QMP: `block-dirty-bitmap-*` with qemu-storage-daemon's
+//! error texts, counts in `query-named-block-nodes` after guest writes
+//! through an NBD export, and clear/enable/disable/merge.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use util::aiod::{start_aiod, wait_exit};
+use util::{generic, QmpClient};
+
+fn qemu_io(url: &str, ops: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for o in ops {
+        args.extend(["-c", *o]);
+    }
+    args.push(url);
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {args:?}: {text}"
+    );
+}
+
+fn bitmaps(c: &mut QmpClient) -> Value {
+    let nodes = c.ok("query-named-block-nodes", Value::Null);
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "disk"))
+        .map(|n| n.get("dirty-bitmaps").cloned().unwrap_or(Value::Null))
+        .unwrap_or(Value::Null)
+}
+
+fn count(c: &mut QmpClient, name: &str) -> u64 {
+    let b = bitmaps(c);
+    b.as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name))
+        .and_then(|x| x["count"].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+fn start(d: &Path) -> (std::process::Child, QmpClient, String) {
+    let img = d.join("disk.raw");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(4 << 20))
+        .unwrap();
+    let (qmp, nbd) = (d.join("qmp.sock"), d.join("nbd.sock"));
+    let child = start_aiod(
+        &qmp,
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", img.display()),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", nbd.display()),
+            "--export",
+            "type=nbd,id=e0,node-name=disk,writable=on",
+        ],
+    );
+    let mut c = QmpClient::connect_unix(&qmp);
+    c.negotiate();
+    let url = format!("nbd+unix:///disk?socket={}", nbd.display());
+    (child, c, url)
+}
+
+#[test]
+fn bitmaps_track_writes_and_answer_like_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut c, url) = start(dir.path());
+    assert_eq!(bitmaps(&mut c), Value::Null);
+
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1", "granularity": 512, "disabled": true}),
+    );
+    assert_eq!(
+        bitmaps(&mut c),
+        json!([
+            {"name": "b1", "recording": false, "persistent": false, "busy": false,
+             "granularity": 512, "count": 0},
+            {"name": "b0", "recording": true, "persistent": false, "busy": false,
+             "granularity": 65536, "count": 0},
+        ])
+    );
+
+    // Errors, as qemu-storage-daemon words them.
+    let cases = [
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "b0"}),
+            "Bitmap already exists: b0",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "x", "granularity": 1000}),
+            "Granularity must be power of 2 and at least 512",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "x", "granularity": 256}),
+            "Granularity must be power of 2 and at least 512",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": ""}),
+            "Bitmap name cannot be empty",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "nx", "name": "x"}),
+            "Cannot find device='nx' nor node-name='nx'",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "x", "persistent": true}),
+            "Can't store persistent bitmaps to disk: Operation not supported",
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "disk", "name": "bx"}),
+            "Dirty bitmap 'bx' not found",
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "nx", "name": "bx"}),
+            "Node 'nx' not found",
+        ),
+        (
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk", "name": "bx"}),
+            "Dirty bitmap 'bx' not found",
+        ),
+        (
+            "block-dirty-bitmap-enable",
+            json!({"node": "disk", "name": "bx"}),
+            "Dirty bitmap 'bx' not found",
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk", "target": "b0", "bitmaps": ["bx"]}),
+            "Dirty bitmap 'bx' not found",
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk", "target": "bx", "bitmaps": ["b1"]}),
+            "Dirty bitmap 'bx' not found",
+        ),
+    ];
+    for (cmd, args, text) in cases {
+        assert_eq!(c.err(cmd, args.clone()), generic(text), "{cmd} {args}");
+    }
+
+    // Guest writes through the export: b0 records, disabled b1 does not.
+    qemu_io(&url, &["write 0 1k", "write -z 1M 64k", "discard 2M 4k"]);
+    assert_eq!(count(&mut c, "b0"), 3 * 65536);
+    assert_eq!(count(&mut c, "b1"), 0);
+
+    c.ok(
+        "block-dirty-bitmap-enable",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    qemu_io(&url, &["write 3M 1536"]);
+    assert_eq!(count(&mut c, "b1"), 1536);
+    assert_eq!(count(&mut c, "b0"), 4 * 65536);
+
+    // Merge b1 (512 B granules) into b0 after clearing b0.
+    c.ok(
+        "block-dirty-bitmap-clear",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    assert_eq!(count(&mut c, "b0"), 0);
+    c.ok(
+        "block-dirty-bitmap-merge",
+        json!({"node": "disk", "target": "b0", "bitmaps": ["b1"]}),
+    );
+    assert_eq!(count(&mut c, "b0"), 65536);
+
+    c.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    qemu_io(&url, &["write 0 4k"]);
+    assert_eq!(count(&mut c, "b0"), 65536);
+    assert_eq!(count(&mut c, "b1"), 1536 + 4096);
+
+    c.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    c.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    assert_eq!(bitmaps(&mut c), Value::Null);
+
+    c.ok("quit", Value::Null);
+    assert!(wait_exit(&mut child).success());
+}

@@ -202,3 +202,106 @@ fn bitmaps_track_writes_and_answer_like_qsd() {
     c.ok("quit", Value::Null);
     assert!(wait_exit(&mut child).success());
 }
+
+fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd} {args:?}: {text}");
+    text
+}
+
+#[test]
+fn nbd_offers_the_bitmap_as_a_metadata_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut child, mut c, url) = start(d);
+    let nbd = d.join("nbd.sock");
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    assert_eq!(
+        c.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "x",
+                   "bitmaps": ["bx"]})
+        ),
+        generic("Bitmap 'bx' is not found")
+    );
+    assert_eq!(
+        c.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "x",
+                   "bitmaps": ["b0"]})
+        ),
+        generic("Enabled bitmap 'b0' incompatible with readonly export")
+    );
+    c.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "bm",
+               "writable": true, "bitmaps": ["b0"]}),
+    );
+    assert_eq!(bitmaps(&mut c)[1]["busy"], json!(true));
+    let busy = "Bitmap 'b0' is currently in use by another operation and cannot be used";
+    for cmd in ["block-dirty-bitmap-remove", "block-dirty-bitmap-clear"] {
+        assert_eq!(
+            c.err(cmd, json!({"node": "disk", "name": "b0"})),
+            generic(busy)
+        );
+    }
+
+    qemu_io(&url, &["write 0 1k", "write 1M 64k"]);
+    let list = tool("qemu-nbd", &["-L", "-k", nbd.to_str().unwrap()]);
+    assert!(list.contains("qemu:dirty-bitmap:b0"), "{list}");
+    assert!(!list.contains("qemu:dirty-bitmap:b1"), "{list}");
+
+    // What qemu-img prints against qemu-nbd -B b0: dirty as absent, clean
+    // as data.
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=bm,x-dirty-bitmap=qemu:dirty-bitmap:b0",
+        nbd.display()
+    );
+    let map = tool("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let runs: Vec<(u64, u64, bool)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (0, 65536, false),
+            (65536, 983040, true),
+            (1 << 20, 65536, false),
+            (1114112, 3080192, true),
+        ]
+    );
+
+    c.ok("block-export-del", json!({"id": "e1"}));
+    util::wait_until("bitmap released", || {
+        bitmaps(&mut c)[1]["busy"] == json!(false)
+    });
+    c.ok(
+        "block-dirty-bitmap-clear",
+        json!({"node": "disk", "name": "b0"}),
+    );
+
+    c.ok("quit", Value::Null);
+    assert!(wait_exit(&mut child).success());
+}

@@ -9,11 +9,12 @@
 
 use std::sync::Arc;
 
-use blockjob::block::{BitmapAddOptions, BlockNode, DirtyBitmap};
+use blockjob::block::{BitmapAddOptions, BitmapUndo, BlockNode, DirtyBitmap};
 use serde_json::{json, Value};
 
 use crate::block_qmp::BlockState;
 use crate::qmp::{QmpError, QmpServer, ServerError};
+use crate::transaction_qmp::{BoxFuture, PrepareResult, PreparedAction};
 
 crate::qmp_args! {
     /// `block-dirty-bitmap-add`.
@@ -147,7 +148,35 @@ fn merge(s: &BlockState, a: &BitmapMergeArgs) -> Result<(), QmpError> {
     n.merge_bitmaps(&a.target, &names).map_err(generic)
 }
 
-/// Registers the `block-dirty-bitmap-*` commands.
+/// A prepared `block-dirty-bitmap-add` action: abort drops the bitmap.
+struct Added(Arc<BlockNode>, Arc<DirtyBitmap>);
+
+impl PreparedAction for Added {
+    fn commit(self: Box<Self>) {}
+    fn abort(self: Box<Self>) -> BoxFuture<()> {
+        self.0.forget_bitmap(&self.1);
+        Box::pin(async {})
+    }
+}
+
+/// A prepared clear/enable/disable action: abort puts the old state back.
+struct Changed(BitmapUndo);
+
+impl PreparedAction for Changed {
+    fn commit(self: Box<Self>) {}
+    fn abort(self: Box<Self>) -> BoxFuture<()> {
+        self.0.undo();
+        Box::pin(async {})
+    }
+}
+
+fn changed(r: blockjob::Result<BitmapUndo>) -> PrepareResult {
+    r.map(|u| Box::new(Changed(u)) as Box<dyn PreparedAction>)
+        .map_err(generic)
+}
+
+/// Registers the `block-dirty-bitmap-*` commands, and the `transaction`
+/// actions `block-dirty-bitmap-add`, `-clear`, `-enable` and `-disable`.
 ///
 /// # Errors
 ///
@@ -168,7 +197,7 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
     server.register("block-dirty-bitmap-clear", move |a: BitmapArgs| {
         node(&s, &a.node)?
             .clear_bitmap(&a.name)
-            .map(|()| json!({}))
+            .map(|_| json!({}))
             .map_err(generic)
     })?;
     for (cmd, on) in [
@@ -179,13 +208,39 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
         server.register(cmd, move |a: BitmapArgs| {
             node(&s, &a.node)?
                 .set_bitmap_enabled(&a.name, on)
-                .map(|()| json!({}))
+                .map(|_| json!({}))
                 .map_err(generic)
         })?;
     }
-    let s = state;
+    let s = state.clone();
     server.register("block-dirty-bitmap-merge", move |a: BitmapMergeArgs| {
         merge(&s, &a).map(|()| json!({}))
     })?;
+
+    let actions = &state.actions;
+    actions.register(
+        "block-dirty-bitmap-add",
+        |s: BlockState, a: BitmapAddArgs| async move {
+            add(&s, &a).map(|(n, b)| Box::new(Added(n, b)) as Box<dyn PreparedAction>)
+        },
+    )?;
+    actions.register(
+        "block-dirty-bitmap-clear",
+        |s: BlockState, a: BitmapArgs| async move {
+            changed(node(&s, &a.node)?.clear_bitmap(&a.name))
+        },
+    )?;
+    actions.register(
+        "block-dirty-bitmap-enable",
+        |s: BlockState, a: BitmapArgs| async move {
+            changed(node(&s, &a.node)?.set_bitmap_enabled(&a.name, true))
+        },
+    )?;
+    actions.register(
+        "block-dirty-bitmap-disable",
+        |s: BlockState, a: BitmapArgs| async move {
+            changed(node(&s, &a.node)?.set_bitmap_enabled(&a.name, false))
+        },
+    )?;
     Ok(())
 }

@@ -228,22 +228,17 @@ fn nbd_offers_the_bitmap_as_a_metadata_context() {
         "block-dirty-bitmap-add",
         json!({"node": "disk", "name": "b1"}),
     );
-    assert_eq!(
-        c.err(
-            "block-export-add",
-            json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "x",
-                   "bitmaps": ["bx"]})
+    for (b, text) in [
+        ("bx", "Bitmap 'bx' is not found"),
+        (
+            "b0",
+            "Enabled bitmap 'b0' incompatible with readonly export",
         ),
-        generic("Bitmap 'bx' is not found")
-    );
-    assert_eq!(
-        c.err(
-            "block-export-add",
-            json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "x",
-                   "bitmaps": ["b0"]})
-        ),
-        generic("Enabled bitmap 'b0' incompatible with readonly export")
-    );
+    ] {
+        let args = json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "x",
+                          "bitmaps": [b]});
+        assert_eq!(c.err("block-export-add", args), generic(text));
+    }
     c.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "bm",
@@ -302,6 +297,46 @@ fn nbd_offers_the_bitmap_as_a_metadata_context() {
         json!({"node": "disk", "name": "b0"}),
     );
 
+    c.ok("quit", Value::Null);
+    assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn transaction_actions_undo_on_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut c, url) = start(dir.path());
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    qemu_io(&url, &["write 0 4k"]);
+    let act = |t: &str, name: &str| json!({"type": t, "data": {"node": "disk", "name": name}});
+    let failing = json!({"actions": [
+        act("block-dirty-bitmap-add", "b1"),
+        act("block-dirty-bitmap-clear", "b0"),
+        act("block-dirty-bitmap-disable", "b0"),
+        act("block-dirty-bitmap-clear", "bx"),
+    ]});
+    assert_eq!(
+        c.err("transaction", failing),
+        generic("Dirty bitmap 'bx' not found")
+    );
+    assert_eq!(
+        bitmaps(&mut c),
+        json!([{"name": "b0", "recording": true, "persistent": false, "busy": false,
+                "granularity": 65536, "count": 65536}])
+    );
+    c.ok(
+        "transaction",
+        json!({"actions": [
+            act("block-dirty-bitmap-add", "b1"),
+            act("block-dirty-bitmap-clear", "b0"),
+            act("block-dirty-bitmap-disable", "b0"),
+        ]}),
+    );
+    qemu_io(&url, &["write 1M 4k"]);
+    assert_eq!(count(&mut c, "b0"), 0);
+    assert_eq!(count(&mut c, "b1"), 65536);
     c.ok("quit", Value::Null);
     assert!(wait_exit(&mut child).success());
 }

@@ -10,6 +10,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -249,6 +250,16 @@ impl DirtyBitmap {
         self.bits.set(offset, len, true);
     }
 
+    /// What [`BitmapUndo::undo`] puts back: the flag, and the bits if
+    /// `with_bits`.
+    pub(crate) fn undo_point(self: &Arc<Self>, with_bits: bool) -> BitmapUndo {
+        BitmapUndo {
+            bitmap: self.clone(),
+            bits: with_bits.then(|| self.bits.bits.lock().clone()),
+            enabled: self.enabled(),
+        }
+    }
+
     /// The error QEMU gives when a busy bitmap would be changed.
     pub(crate) fn check_not_busy(&self) -> Result<()> {
         if self.busy() {
@@ -266,6 +277,33 @@ impl WriteHook for DirtyBitmap {
         if self.enabled() {
             self.bits.set(offset, len, true);
         }
+    }
+}
+
+/// The state of a bitmap before a change (`transaction` aborts with it).
+/// Dropping it keeps the change.
+pub struct BitmapUndo {
+    bitmap: Arc<DirtyBitmap>,
+    bits: Option<Vec<bool>>,
+    enabled: bool,
+}
+
+impl std::fmt::Debug for BitmapUndo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitmapUndo")
+            .field("bitmap", &self.bitmap.name)
+            .finish()
+    }
+}
+
+impl BitmapUndo {
+    /// Puts the bitmap back as it was (bits written since are lost only
+    /// when the change was a clear: they are replaced by the old bits).
+    pub fn undo(self) {
+        if let Some(bits) = self.bits {
+            *self.bitmap.bits.bits.lock() = bits;
+        }
+        self.bitmap.set_enabled(self.enabled);
     }
 }
 
@@ -311,6 +349,18 @@ mod tests {
         assert_eq!(b.count(), 512);
         b.clear();
         assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn undo_when_cleared_then_bits_and_flag_come_back() {
+        let b = Arc::new(DirtyBitmap::new("b0", 4096, 512, true));
+        b.after_write(1024, 512);
+        let u = b.undo_point(true);
+        b.clear();
+        b.set_enabled(false);
+        u.undo();
+        assert_eq!(b.count(), 512);
+        assert!(b.enabled());
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod qcow2;
 mod raw;
 mod status;
 
-pub use bitmap::{BitmapAddOptions, BitmapInfo, DirtyBitmap, Extent};
+pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
 pub use external_snapshot::{
     remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
 };

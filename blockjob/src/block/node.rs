@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::bitmap::{self, BitmapAddOptions, DirtyBitmap};
+use super::bitmap::{self, BitmapAddOptions, BitmapUndo, DirtyBitmap};
 use super::perm::PermUser;
 use super::{
     BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard,
@@ -356,29 +356,38 @@ impl BlockNode {
         Ok(b)
     }
 
-    /// Clears a bitmap (`block-dirty-bitmap-clear`).
+    /// Drops `b` from the node (a `transaction` undoing its add).
+    pub fn forget_bitmap(&self, b: &Arc<DirtyBitmap>) {
+        self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, b));
+    }
+
+    /// Clears a bitmap (`block-dirty-bitmap-clear`); the returned undo
+    /// puts the old bits back.
     ///
     /// # Errors
     ///
     /// Not found, or busy.
-    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+    pub fn clear_bitmap(&self, name: &str) -> Result<BitmapUndo> {
         let b = self.bitmap(name)?;
         b.check_not_busy()?;
+        let undo = b.undo_point(true);
         b.clear();
-        Ok(())
+        Ok(undo)
     }
 
     /// Starts (`true`) or stops recording writes in a bitmap
-    /// (`block-dirty-bitmap-enable` / `-disable`).
+    /// (`block-dirty-bitmap-enable` / `-disable`); the returned undo puts
+    /// the old flag back.
     ///
     /// # Errors
     ///
     /// Not found, or busy.
-    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<BitmapUndo> {
         let b = self.bitmap(name)?;
         b.check_not_busy()?;
+        let undo = b.undo_point(false);
         b.set_enabled(enabled);
-        Ok(())
+        Ok(undo)
     }
 
     /// ORs the bitmaps `sources` into `target` (`block-dirty-bitmap-merge`);

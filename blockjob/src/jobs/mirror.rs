@@ -21,7 +21,7 @@ use super::{
     allocated_above, check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held,
     Holds, OnError, SyncMode,
 };
-pub(crate) use crate::block::bitmap::Bits as DirtyBitmap;
+use crate::block::bitmap::Bits;
 use crate::block::{BlockGraph, BlockNode, Perm};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
@@ -142,7 +142,7 @@ pub(crate) enum Initial {
 pub(crate) struct MirrorCore {
     pub(crate) source: Arc<BlockNode>,
     pub(crate) target: Arc<BlockNode>,
-    pub(crate) bitmap: Arc<DirtyBitmap>,
+    pub(crate) bitmap: Arc<Bits>,
     pub(crate) initial: Initial,
     pub(crate) max_io: u64,
     pub(crate) on_source_error: OnError,
@@ -362,7 +362,7 @@ pub fn start_mirror(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
-    let bitmap = Arc::new(DirtyBitmap::new(source.len(), gran));
+    let bitmap = Arc::new(Bits::new(source.len(), gran));
     let driver = Arc::new(MirrorJob {
         core: MirrorCore {
             source: source.clone(),

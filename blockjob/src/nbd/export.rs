@@ -484,17 +484,33 @@ impl Connection {
             }
             chunks.push(status_payload(i as u32 + 1, &e));
         }
-        let Some(last) = chunks.pop() else {
+        if chunks.is_empty() {
             return self
                 .send_error(req, fail(EINVAL, "no metadata context was selected"))
                 .await;
-        };
-        for c in &chunks {
-            self.send_chunk(req.cookie, REPLY_TYPE_BLOCK_STATUS, c, 0)
-                .await?;
         }
-        self.send_last_chunk(req.cookie, REPLY_TYPE_BLOCK_STATUS, &last)
-            .await
+        // One chunk per context, the last flagged DONE, written together
+        // so that the reply goes out whole.
+        let n = chunks.len();
+        let heads: Vec<[u8; 20]> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                StructuredReply {
+                    flags: if i + 1 == n { REPLY_FLAG_DONE } else { 0 },
+                    kind: REPLY_TYPE_BLOCK_STATUS,
+                    cookie: req.cookie,
+                    len: c.len() as u32,
+                }
+                .encode()
+            })
+            .collect();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * n);
+        for (h, c) in heads.iter().zip(&chunks) {
+            bufs.push(h);
+            bufs.push(c);
+        }
+        self.send_all(&bufs).await
     }
 
     /// `base:allocation` extents of the request's range.
@@ -528,24 +544,6 @@ impl Connection {
             return Err(fail(EIO, "no block status for the range"));
         }
         Ok(extents)
-    }
-
-    /// A structured chunk of `kind` with `flags` (not the last one).
-    async fn send_chunk(
-        &self,
-        cookie: u64,
-        kind: u16,
-        payload: &[u8],
-        flags: u16,
-    ) -> io::Result<()> {
-        let h = StructuredReply {
-            flags,
-            kind,
-            cookie,
-            len: payload.len() as u32,
-        }
-        .encode();
-        self.send_all(&[&h, payload]).await
     }
 
     /// A structured chunk of `kind` that ends the reply.

@@ -340,3 +340,34 @@ fn transaction_actions_undo_on_abort() {
     c.ok("quit", Value::Null);
     assert!(wait_exit(&mut child).success());
 }
+
+#[test]
+fn export_bitmaps_option_on_the_command_line_is_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.raw");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    for spelling in ["bitmaps=b0", "bitmaps.0=b0"] {
+        let out = Command::new(util::aiod::AIOD)
+            .args([
+                "--qmp",
+                &format!("unix:{}", d.join("qmp.sock").display()),
+                "--blockdev",
+                &format!("driver=file,node-name=disk,filename={}", img.display()),
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", d.join("nbd.sock").display()),
+                "--export",
+                &format!("type=nbd,id=e0,node-name=disk,writable=on,{spelling}"),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spelling}: {err}");
+        assert!(
+            err.contains("Bitmap 'b0' is not found"),
+            "{spelling}: {err}"
+        );
+    }
+}

@@ -49,7 +49,8 @@ crate::qmp_args! {
         pub node: String,
         /// The bitmap merged into.
         pub target: String,
-        /// Source bitmaps: names on `node`, or `{node, name}` objects.
+        /// Source bitmaps: names on `node`, or `{node, name}` objects (any
+        /// node of the same size).
         pub bitmaps: Vec<Value>,
     }
 }
@@ -123,29 +124,29 @@ pub(crate) fn add(
 
 fn merge(s: &BlockState, a: &BitmapMergeArgs) -> Result<(), QmpError> {
     let n = node(s, &a.node)?;
-    let mut names = Vec::with_capacity(a.bitmaps.len());
-    for v in &a.bitmaps {
-        match v {
-            Value::String(name) => names.push(name.clone()),
+    n.bitmap(&a.target).map_err(generic)?;
+    let mut sources = Vec::with_capacity(a.bitmaps.len());
+    for (i, v) in a.bitmaps.iter().enumerate() {
+        let b = match v {
+            Value::String(name) => n.bitmap(name),
             Value::Object(o) => {
-                let on = o.get("node").and_then(Value::as_str).unwrap_or_default();
-                let name = o.get("name").and_then(Value::as_str).unwrap_or_default();
-                if on != a.node {
-                    node(s, on)?;
-                    return Err(QmpError::generic(
-                        "Merging bitmaps of another node is not supported",
-                    ));
-                }
-                names.push(name.to_string());
+                let field = |k: &str| {
+                    o.get(k).and_then(Value::as_str).ok_or_else(|| {
+                        QmpError::generic(format!("Parameter 'bitmaps[{i}].{k}' is missing"))
+                    })
+                };
+                let (on, name) = (field("node")?, field("name")?);
+                node(s, on)?.bitmap(name)
             }
             _ => {
-                return Err(QmpError::generic(
-                    "Invalid parameter type for 'bitmaps[0]', expected: string or object",
-                ))
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr"
+                )))
             }
-        }
+        };
+        sources.push(b.map_err(generic)?);
     }
-    n.merge_bitmaps(&a.target, &names).map_err(generic)
+    n.merge_bitmaps(&a.target, &sources).map_err(generic)
 }
 
 /// A prepared `block-dirty-bitmap-add` action: abort drops the bitmap.

@@ -199,6 +199,11 @@ impl DirtyBitmap {
         self.bits.gran
     }
 
+    /// The bytes the bitmap covers (the node's size when it was added).
+    pub fn size(&self) -> u64 {
+        self.bits.size
+    }
+
     /// Whether writes are being recorded.
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)

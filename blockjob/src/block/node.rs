@@ -390,23 +390,30 @@ impl BlockNode {
         Ok(undo)
     }
 
-    /// ORs the bitmaps `sources` into `target` (`block-dirty-bitmap-merge`);
+    /// ORs `sources` (bitmaps of this or other nodes of the same size)
+    /// into this node's bitmap `target` (`block-dirty-bitmap-merge`);
     /// granularities may differ (a source granule marks every target
     /// granule it touches).
     ///
     /// # Errors
     ///
-    /// A bitmap not found, or the target busy.
-    pub fn merge_bitmaps(&self, target: &str, sources: &[String]) -> Result<()> {
+    /// In QEMU's order: the target not found, a source of another size
+    /// (`Bitmaps are of different sizes (destination size is D, source
+    /// size is S) and can't be merged`), the target busy.
+    pub fn merge_bitmaps(&self, target: &str, sources: &[Arc<DirtyBitmap>]) -> Result<()> {
         let t = self.bitmap(target)?;
+        for s in sources {
+            if s.size() != t.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                    t.size(),
+                    s.size()
+                )));
+            }
+        }
         t.check_not_busy()?;
-        let srcs = sources
-            .iter()
-            .map(|s| self.bitmap(s))
-            .collect::<Result<Vec<_>>>()?;
-        let len = self.len();
-        for s in srcs {
-            for e in s.extents(0, len).into_iter().filter(|e| e.dirty) {
+        for s in sources {
+            for e in s.extents(0, s.size()).into_iter().filter(|e| e.dirty) {
                 t.mark(e.offset, e.len);
             }
         }

@@ -189,14 +189,10 @@ fn bitmaps_track_writes_and_answer_like_qsd() {
     assert_eq!(count(&mut c, "b0"), 65536);
     assert_eq!(count(&mut c, "b1"), 1536 + 4096);
 
-    c.ok(
-        "block-dirty-bitmap-remove",
-        json!({"node": "disk", "name": "b1"}),
-    );
-    c.ok(
-        "block-dirty-bitmap-remove",
-        json!({"node": "disk", "name": "b0"}),
-    );
+    for b in ["b1", "b0"] {
+        let args = json!({"node": "disk", "name": b});
+        c.ok("block-dirty-bitmap-remove", args);
+    }
     assert_eq!(bitmaps(&mut c), Value::Null);
 
     c.ok("quit", Value::Null);
@@ -370,4 +366,49 @@ fn export_bitmaps_option_on_the_command_line_is_parsed() {
             "{spelling}: {err}"
         );
     }
+}
+
+#[test]
+fn job_writes_mark_the_target_bitmap_and_reads_mark_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut child, mut c, url) = start(d);
+    qemu_io(&url, &["write -P 0x11 0 64k", "write -P 0x22 2M 4k"]);
+    let tgt = d.join("tgt.raw");
+    std::fs::File::create(&tgt)
+        .and_then(|f| f.set_len(4 << 20))
+        .unwrap();
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tgt", "filename": tgt}),
+    );
+    for (node, b) in [("tgt", "t"), ("disk", "s")] {
+        let args = json!({"node": node, "name": b});
+        c.ok("block-dirty-bitmap-add", args);
+    }
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "disk", "target": "tgt", "sync": "full"}),
+    );
+    loop {
+        let ev = c.recv_event();
+        if ev["event"] == "BLOCK_JOB_READY" {
+            break;
+        }
+        assert_ne!(ev["event"], "BLOCK_JOB_COMPLETED", "{ev}");
+    }
+    let nodes = c.ok("query-named-block-nodes", Value::Null);
+    let of = |node: &str| {
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+            .map(|n| n["dirty-bitmaps"][0]["count"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let t = of("tgt").as_u64().unwrap_or(0);
+    assert!((2 * 65536..=4 << 20).contains(&t), "target count {t}");
+    assert_eq!(of("disk"), json!(0));
+    c.ok("block-job-cancel", json!({"device": "m"}));
+    c.ok("quit", Value::Null);
+    assert!(wait_exit(&mut child).success());
 }

@@ -122,7 +122,7 @@ pub(crate) fn add(
     Ok((n, b))
 }
 
-fn merge(s: &BlockState, a: &BitmapMergeArgs) -> Result<(), QmpError> {
+fn merge(s: &BlockState, a: &BitmapMergeArgs) -> Result<BitmapUndo, QmpError> {
     let n = node(s, &a.node)?;
     n.bitmap(&a.target).map_err(generic)?;
     let mut sources = Vec::with_capacity(a.bitmaps.len());
@@ -160,7 +160,19 @@ impl PreparedAction for Added {
     }
 }
 
-/// A prepared clear/enable/disable action: abort puts the old state back.
+/// A prepared `block-dirty-bitmap-remove` action: abort puts the bitmap
+/// back where it was.
+struct Removed(Arc<BlockNode>, usize, Arc<DirtyBitmap>);
+
+impl PreparedAction for Removed {
+    fn commit(self: Box<Self>) {}
+    fn abort(self: Box<Self>) -> BoxFuture<()> {
+        self.0.restore_bitmap(self.1, self.2.clone());
+        Box::pin(async {})
+    }
+}
+
+/// A prepared clear/enable/disable/merge action: abort puts the old state back.
 struct Changed(BitmapUndo);
 
 impl PreparedAction for Changed {
@@ -177,7 +189,7 @@ fn changed(r: blockjob::Result<BitmapUndo>) -> PrepareResult {
 }
 
 /// Registers the `block-dirty-bitmap-*` commands, and the `transaction`
-/// actions `block-dirty-bitmap-add`, `-clear`, `-enable` and `-disable`.
+/// actions of the same names.
 ///
 /// # Errors
 ///
@@ -215,7 +227,7 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
     }
     let s = state.clone();
     server.register("block-dirty-bitmap-merge", move |a: BitmapMergeArgs| {
-        merge(&s, &a).map(|()| json!({}))
+        merge(&s, &a).map(|_| json!({}))
     })?;
 
     let actions = &state.actions;
@@ -223,6 +235,20 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
         "block-dirty-bitmap-add",
         |s: BlockState, a: BitmapAddArgs| async move {
             add(&s, &a).map(|(n, b)| Box::new(Added(n, b)) as Box<dyn PreparedAction>)
+        },
+    )?;
+    actions.register(
+        "block-dirty-bitmap-remove",
+        |s: BlockState, a: BitmapArgs| async move {
+            let n = node(&s, &a.node)?;
+            let (at, b) = n.take_bitmap(&a.name).map_err(generic)?;
+            Ok(Box::new(Removed(n, at, b)) as Box<dyn PreparedAction>)
+        },
+    )?;
+    actions.register(
+        "block-dirty-bitmap-merge",
+        |s: BlockState, a: BitmapMergeArgs| async move {
+            merge(&s, &a).map(|u| Box::new(Changed(u)) as Box<dyn PreparedAction>)
         },
     )?;
     actions.register(

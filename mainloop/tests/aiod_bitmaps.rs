@@ -307,10 +307,14 @@ fn transaction_actions_undo_on_abort() {
     );
     qemu_io(&url, &["write 0 4k"]);
     let act = |t: &str, name: &str| json!({"type": t, "data": {"node": "disk", "name": name}});
+    let merge = json!({"type": "block-dirty-bitmap-merge",
+                       "data": {"node": "disk", "target": "b1", "bitmaps": ["b0"]}});
     let failing = json!({"actions": [
         act("block-dirty-bitmap-add", "b1"),
+        merge,
         act("block-dirty-bitmap-clear", "b0"),
         act("block-dirty-bitmap-disable", "b0"),
+        act("block-dirty-bitmap-remove", "b0"),
         act("block-dirty-bitmap-clear", "bx"),
     ]});
     assert_eq!(
@@ -333,6 +337,14 @@ fn transaction_actions_undo_on_abort() {
     qemu_io(&url, &["write 1M 4k"]);
     assert_eq!(count(&mut c, "b0"), 0);
     assert_eq!(count(&mut c, "b1"), 65536);
+    let keep = json!({"type": "block-dirty-bitmap-merge",
+                      "data": {"node": "disk", "target": "b0", "bitmaps": ["b1"]}});
+    c.ok(
+        "transaction",
+        json!({"actions": [keep, act("block-dirty-bitmap-remove", "b1")]}),
+    );
+    assert_eq!(count(&mut c, "b0"), 65536);
+    assert_eq!(bitmaps(&mut c).as_array().map(Vec::len), Some(1));
     c.ok("quit", Value::Null);
     assert!(wait_exit(&mut child).success());
 }

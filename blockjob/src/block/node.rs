@@ -361,6 +361,30 @@ impl BlockNode {
         self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, b));
     }
 
+    /// Removes a bitmap like [`remove_bitmap`](Self::remove_bitmap) and
+    /// returns it with its place in the list, for
+    /// [`restore_bitmap`](Self::restore_bitmap).
+    ///
+    /// # Errors
+    ///
+    /// Not found, or busy.
+    pub fn take_bitmap(&self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
+        let b = self.bitmap(name)?;
+        b.check_not_busy()?;
+        let mut list = self.bitmaps_locked();
+        let i = list.iter().position(|x| Arc::ptr_eq(x, &b)).unwrap_or(0);
+        list.retain(|x| !Arc::ptr_eq(x, &b));
+        Ok((i, b))
+    }
+
+    /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at
+    /// its place (a `transaction` undoing a remove).
+    pub fn restore_bitmap(&self, at: usize, b: Arc<DirtyBitmap>) {
+        let mut list = self.bitmaps_locked();
+        let at = at.min(list.len());
+        list.insert(at, b);
+    }
+
     /// Clears a bitmap (`block-dirty-bitmap-clear`); the returned undo
     /// puts the old bits back.
     ///
@@ -399,8 +423,9 @@ impl BlockNode {
     ///
     /// In QEMU's order: the target not found, a source of another size
     /// (`Bitmaps are of different sizes (destination size is D, source
-    /// size is S) and can't be merged`), the target busy.
-    pub fn merge_bitmaps(&self, target: &str, sources: &[Arc<DirtyBitmap>]) -> Result<()> {
+    /// size is S) and can't be merged`), the target busy. The returned
+    /// undo puts the target's old bits back.
+    pub fn merge_bitmaps(&self, target: &str, sources: &[Arc<DirtyBitmap>]) -> Result<BitmapUndo> {
         let t = self.bitmap(target)?;
         for s in sources {
             if s.size() != t.size() {
@@ -412,12 +437,13 @@ impl BlockNode {
             }
         }
         t.check_not_busy()?;
+        let undo = t.undo_point(true);
         for s in sources {
             for e in s.extents(0, s.size()).into_iter().filter(|e| e.dirty) {
                 t.mark(e.offset, e.len);
             }
         }
-        Ok(())
+        Ok(undo)
     }
 
     /// The node's bitmaps, newest first: one snapshot under one lock.

@@ -801,3 +801,79 @@ fn delete_modes_permissions_and_deleted_callback() {
     s.close();
     assert!(!s.sock.exists(), "socket file left behind");
 }
+
+/// `(id, [(len, flags)])` of a `BLOCK_STATUS` chunk.
+fn status_chunk(p: &[u8]) -> (u32, Vec<(u32, u32)>) {
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let ext = p[4..].chunks(8).map(|e| (be(e), be(&e[4..]))).collect();
+    (be(p), ext)
+}
+
+#[test]
+fn dirty_bitmap_context_with_base_allocation_in_one_reply() {
+    let sv = Served::new(false);
+    let img = sample_qcow2(&sv.dir, "bm.qcow2");
+    let node = sv.open(&img, false);
+    let mut o = blockjob::block::BitmapAddOptions::default();
+    o.granularity = Some(65536);
+    node.add_bitmap("b0", &o).unwrap();
+    let n = node.clone();
+    sv.node_loop()
+        .run(move |ctx| ctx.block_on(n.write(128 << 10, vec![7u8; 4096])))
+        .unwrap();
+    let bad = sv.export(&node, ExportOptions::new("e").bitmaps(vec!["bx".into()]));
+    assert_eq!(bad.unwrap_err().to_string(), "Bitmap 'bx' is not found");
+    sv.export(
+        &node,
+        ExportOptions::new("e")
+            .name("bm")
+            .writable(true)
+            .bitmaps(vec!["b0".into()]),
+    )
+    .unwrap();
+
+    let mut c = RawClient::start(&sv.sock);
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].0, REP_ACK);
+    for q in ["qemu:", "qemu:dirty-bitmap:"] {
+        let m = MetaContextRequest {
+            export: "bm".into(),
+            queries: vec![q.into()],
+        };
+        let r = c.opt(OPT_LIST_META_CONTEXT, &m.encode());
+        assert_eq!(r.len(), 2, "{q}: {r:?}");
+        assert_eq!(&r[0].1[4..], b"qemu:dirty-bitmap:b0");
+    }
+    let m = MetaContextRequest {
+        export: "bm".into(),
+        queries: vec![
+            META_BASE_ALLOCATION.into(),
+            "qemu:dirty-bitmap:b0".into(),
+            "qemu:dirty-bitmap:b1".into(),
+        ],
+    };
+    let r = c.opt(OPT_SET_META_CONTEXT, &m.encode());
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(&r[0].1[..4], &0u32.to_be_bytes());
+    assert_eq!(&r[1].1[..4], &1u32.to_be_bytes());
+    c.structured = true;
+    let g = GoRequest {
+        name: "bm".into(),
+        info: vec![],
+    };
+    assert_eq!(c.opt(OPT_GO, &g.encode()).last().unwrap().0, REP_ACK);
+
+    c.request_len(0, CMD_BLOCK_STATUS, 5, 0, 256 << 10, &[]);
+    let Reply::Chunks(5, chunks) = c.reply() else {
+        panic!("not a structured reply");
+    };
+    assert_eq!(chunks.len(), 2);
+    assert_eq!(chunks[0].0 & REPLY_FLAG_DONE, 0);
+    assert_eq!(status_chunk(&chunks[0].2).0, 0);
+    assert_eq!(
+        status_chunk(&chunks[1].2),
+        (1, vec![(128 << 10, 0), (64 << 10, 1), (64 << 10, 0)])
+    );
+    drop(c);
+    sv.remove("e", DeleteMode::Hard).unwrap();
+    sv.close();
+}

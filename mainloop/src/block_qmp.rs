@@ -194,6 +194,9 @@ pub fn block_device_info(node: &BlockNode) -> Value {
     if let Some(b) = info.backing_filename {
         v["backing_file"] = json!(b);
     }
+    if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(node) {
+        v["dirty-bitmaps"] = b;
+    }
     v
 }
 
@@ -216,6 +219,7 @@ fn node_chain_depth(node: &BlockNode) -> usize {
 pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<(), ServerError> {
     crate::internal_snapshot_qmp::register_internal_snapshot_commands(server, state.clone())?;
     crate::iothread_qmp::register_iothread_commands(server, state.clone())?;
+    crate::bitmap_qmp::register_bitmap_commands(server, state.clone())?;
     let emitter: EventEmitter = server.emitter();
     state
         .jobs

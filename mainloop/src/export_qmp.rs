@@ -59,6 +59,8 @@ crate::qmp_args! {
         pub writable: Option<bool>,
         /// Flush after every write (default false).
         pub writethrough: Option<bool>,
+        /// Dirty bitmaps of the node offered as `qemu:dirty-bitmap:NAME`.
+        pub bitmaps: Option<Vec<String>>,
     }
 }
 
@@ -302,7 +304,8 @@ impl Exports {
         let s = srv.as_ref().ok_or_else(not_running)?;
         let mut opts = ExportOptions::new(a.id.clone())
             .writable(writable)
-            .writethrough(a.writethrough.unwrap_or(false));
+            .writethrough(a.writethrough.unwrap_or(false))
+            .bitmaps(a.bitmaps.clone().unwrap_or_default());
         opts.name = a.name.clone();
         opts.description = a.description.clone();
         let ctx = self.state.context_of(node.name());
@@ -359,7 +362,8 @@ impl Exports {
     }
 
     /// `--export type=nbd,id=ID,node-name=N[,name=X][,description=D]
-    /// [,writable=on][,writethrough=on]`, as parsed key=value.
+    /// [,writable=on][,writethrough=on][,bitmaps=B | ,bitmaps.0=B...]`, as
+    /// parsed key=value.
     ///
     /// # Errors
     ///
@@ -370,6 +374,23 @@ impl Exports {
             if let Some(b) = flag(obj.get(key), key)? {
                 obj.insert(key.to_string(), Value::Bool(b));
             }
+        }
+        // `bitmaps=b0` (one) or `bitmaps.0=b0,bitmaps.1=b1` (a list).
+        match obj.get("bitmaps") {
+            Some(Value::String(b)) => {
+                let list = json!([b]);
+                obj.insert("bitmaps".into(), list);
+            }
+            Some(Value::Object(m)) => {
+                let mut items: Vec<(usize, Value)> = m
+                    .iter()
+                    .map(|(k, v)| (k.parse().unwrap_or(usize::MAX), v.clone()))
+                    .collect();
+                items.sort_by_key(|(i, _)| *i);
+                let list = Value::Array(items.into_iter().map(|(_, v)| v).collect());
+                obj.insert("bitmaps".into(), list);
+            }
+            _ => {}
         }
         let mut args = Value::Object(obj);
         <BlockExportAddArgs as crate::qmp::QmpArgs>::schema()
@@ -440,6 +461,7 @@ pub fn register_export_commands(
             description: a.description,
             writable: a.writable,
             writethrough: None,
+            bitmaps: None,
         })
         .map(|()| json!({}))
     })?;

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bitmap_qmp;
 pub mod block_qmp;
 pub mod create_qmp;
 pub mod drive_qmp;

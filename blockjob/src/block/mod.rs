@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub(crate) mod bitmap;
 mod external_snapshot;
 mod file;
 mod graph;
@@ -22,6 +23,7 @@ pub mod qcow2;
 mod raw;
 mod status;
 
+pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
 pub use external_snapshot::{
     remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
 };

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::bitmap::{self, BitmapAddOptions, BitmapUndo, DirtyBitmap};
 use super::perm::PermUser;
 use super::{
     BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard,
@@ -26,6 +27,8 @@ pub struct BlockNode {
     closed: AtomicBool,
     blockers: Mutex<Vec<(u64, String)>>,
     hooks: Mutex<Vec<(u64, Arc<dyn WriteHook>)>>,
+    /// Named dirty bitmaps, newest first (QEMU lists them so).
+    bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
 }
 
 /// Something that watches writes through a node: a dirty bitmap (mirror)
@@ -123,6 +126,7 @@ impl BlockNode {
             closed: AtomicBool::new(false),
             blockers: Mutex::new(Vec::new()),
             hooks: Mutex::new(Vec::new()),
+            bitmaps: Mutex::new(Vec::new()),
         })
     }
 
@@ -270,14 +274,181 @@ impl BlockNode {
     }
 
     async fn before_write(&self, offset: u64, len: u64) -> Result<Vec<Arc<dyn WriteHook>>> {
-        let hooks: Vec<Arc<dyn WriteHook>> = {
+        let mut hooks: Vec<Arc<dyn WriteHook>> = {
             let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
             h.iter().map(|(_, h)| h.clone()).collect()
         };
+        hooks.extend(
+            self.bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|b| b.clone() as Arc<dyn WriteHook>),
+        );
         for h in &hooks {
             h.before_write(self, offset, len).await?;
         }
         Ok(hooks)
+    }
+
+    fn bitmaps_locked(&self) -> std::sync::MutexGuard<'_, Vec<Arc<DirtyBitmap>>> {
+        self.bitmaps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a named dirty bitmap (`block-dirty-bitmap-add`), recording
+    /// unless `opts.disabled`.
+    ///
+    /// # Errors
+    ///
+    /// QEMU's texts: `Bitmap already exists: NAME`, `Bitmap name cannot be
+    /// empty`, `Granularity must be power of 2 and at least 512`.
+    pub fn add_bitmap(&self, name: &str, opts: &BitmapAddOptions) -> Result<Arc<DirtyBitmap>> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
+        }
+        if name.len() > 1023 {
+            return Err(Error::InvalidArgument("Bitmap name is too long".into()));
+        }
+        let gran = match opts.granularity {
+            Some(g) => {
+                bitmap::check_granularity(g)?;
+                g
+            }
+            None => self
+                .info()
+                .cluster_size
+                .map(|c| c.max(4096))
+                .unwrap_or(bitmap::DEFAULT_GRANULARITY),
+        };
+        let mut list = self.bitmaps_locked();
+        if list.iter().any(|b| b.name() == name) {
+            return Err(Error::InvalidArgument(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        let b = Arc::new(DirtyBitmap::new(name, self.len(), gran, !opts.disabled));
+        list.insert(0, b.clone());
+        Ok(b)
+    }
+
+    /// The bitmap called `name`.
+    ///
+    /// # Errors
+    ///
+    /// `Dirty bitmap 'NAME' not found`.
+    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        self.bitmaps_locked()
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))
+    }
+
+    /// Removes a bitmap (`block-dirty-bitmap-remove`); returns it.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or busy (held by an NBD export).
+    pub fn remove_bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        let b = self.bitmap(name)?;
+        b.check_not_busy()?;
+        self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, &b));
+        Ok(b)
+    }
+
+    /// Drops `b` from the node (a `transaction` undoing its add).
+    pub fn forget_bitmap(&self, b: &Arc<DirtyBitmap>) {
+        self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, b));
+    }
+
+    /// Removes a bitmap like [`remove_bitmap`](Self::remove_bitmap) and
+    /// returns it with its place in the list, for
+    /// [`restore_bitmap`](Self::restore_bitmap).
+    ///
+    /// # Errors
+    ///
+    /// Not found, or busy.
+    pub fn take_bitmap(&self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
+        let b = self.bitmap(name)?;
+        b.check_not_busy()?;
+        let mut list = self.bitmaps_locked();
+        let i = list.iter().position(|x| Arc::ptr_eq(x, &b)).unwrap_or(0);
+        list.retain(|x| !Arc::ptr_eq(x, &b));
+        Ok((i, b))
+    }
+
+    /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at
+    /// its place (a `transaction` undoing a remove).
+    pub fn restore_bitmap(&self, at: usize, b: Arc<DirtyBitmap>) {
+        let mut list = self.bitmaps_locked();
+        let at = at.min(list.len());
+        list.insert(at, b);
+    }
+
+    /// Clears a bitmap (`block-dirty-bitmap-clear`); the returned undo
+    /// puts the old bits back.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or busy.
+    pub fn clear_bitmap(&self, name: &str) -> Result<BitmapUndo> {
+        let b = self.bitmap(name)?;
+        b.check_not_busy()?;
+        let undo = b.undo_point(true);
+        b.clear();
+        Ok(undo)
+    }
+
+    /// Starts (`true`) or stops recording writes in a bitmap
+    /// (`block-dirty-bitmap-enable` / `-disable`); the returned undo puts
+    /// the old flag back.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or busy.
+    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<BitmapUndo> {
+        let b = self.bitmap(name)?;
+        b.check_not_busy()?;
+        let undo = b.undo_point(false);
+        b.set_enabled(enabled);
+        Ok(undo)
+    }
+
+    /// ORs `sources` (bitmaps of this or other nodes of the same size)
+    /// into this node's bitmap `target` (`block-dirty-bitmap-merge`);
+    /// granularities may differ (a source granule marks every target
+    /// granule it touches).
+    ///
+    /// # Errors
+    ///
+    /// In QEMU's order: the target not found, a source of another size
+    /// (`Bitmaps are of different sizes (destination size is D, source
+    /// size is S) and can't be merged`), the target busy. The returned
+    /// undo puts the target's old bits back.
+    pub fn merge_bitmaps(&self, target: &str, sources: &[Arc<DirtyBitmap>]) -> Result<BitmapUndo> {
+        let t = self.bitmap(target)?;
+        for s in sources {
+            if s.size() != t.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                    t.size(),
+                    s.size()
+                )));
+            }
+        }
+        t.check_not_busy()?;
+        let undo = t.undo_point(true);
+        for s in sources {
+            for e in s.extents(0, s.size()).into_iter().filter(|e| e.dirty) {
+                t.mark(e.offset, e.len);
+            }
+        }
+        Ok(undo)
+    }
+
+    /// The node's bitmaps, newest first: one snapshot under one lock.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps_locked().clone()
     }
 
     /// Registers a hook on writes through this node.

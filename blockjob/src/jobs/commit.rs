@@ -21,11 +21,12 @@ use std::sync::Arc;
 use aio::AioContext;
 use serde::Deserialize;
 
-use super::mirror::{default_granularity, DirtyBitmap, Initial, MirrorCore, DEFAULT_BUF_SIZE};
+use super::mirror::{default_granularity, Initial, MirrorCore, DEFAULT_BUF_SIZE};
 use super::{
     allocated_above, check_speed, copy_range, drop_layers, find_backing_image, find_device,
     find_node, handle_io_error, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
+use crate::block::bitmap::Bits;
 use crate::block::{BlockGraph, BlockNode, GraphRef, Perm};
 use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -325,7 +326,7 @@ pub fn start_commit(
     nodes.push(&base);
     if active {
         let gran = default_granularity(&base);
-        let bitmap = Arc::new(DirtyBitmap::new(top.len(), gran));
+        let bitmap = Arc::new(Bits::new(top.len(), gran));
         let driver = Arc::new(ActiveCommitJob {
             core: MirrorCore {
                 source: top.clone(),

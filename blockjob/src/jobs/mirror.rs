@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use aio::AioContext;
-use parking_lot::Mutex;
 use serde::Deserialize;
 
 use super::{
     allocated_above, check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held,
     Holds, OnError, SyncMode,
 };
-use crate::block::{BlockGraph, BlockNode, Perm, WriteHook};
+use crate::block::bitmap::Bits;
+use crate::block::{BlockGraph, BlockNode, Perm};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -127,64 +127,6 @@ impl MirrorArgs {
     }
 }
 
-/// A dirty bitmap over a node's guest range, one bit per `granularity`
-/// bytes. Registered as a write hook it marks what guest writes touch.
-pub(crate) struct DirtyBitmap {
-    gran: u64,
-    size: u64,
-    bits: Mutex<Vec<bool>>,
-}
-
-impl DirtyBitmap {
-    pub(crate) fn new(size: u64, gran: u64) -> Self {
-        Self {
-            gran,
-            size,
-            bits: Mutex::new(vec![false; size.div_ceil(gran) as usize]),
-        }
-    }
-
-    fn span(&self, off: u64, len: u64) -> std::ops::Range<usize> {
-        let end = (off + len).min(self.size);
-        (off / self.gran) as usize..end.div_ceil(self.gran) as usize
-    }
-
-    pub(crate) fn set(&self, off: u64, len: u64, on: bool) {
-        let r = self.span(off, len);
-        self.bits.lock()[r].iter_mut().for_each(|b| *b = on);
-    }
-
-    /// Dirty bytes.
-    pub(crate) fn count(&self) -> u64 {
-        let bits = self.bits.lock();
-        let n = bits.iter().filter(|&&b| b).count() as u64;
-        let last_short = bits.last().copied().unwrap_or(false) && self.size % self.gran != 0;
-        n * self.gran
-            - if last_short {
-                self.gran - self.size % self.gran
-            } else {
-                0
-            }
-    }
-
-    /// The first dirty run (at most `max` bytes, whole granules).
-    pub(crate) fn next_run(&self, max: u64) -> Option<(u64, u64)> {
-        let bits = self.bits.lock();
-        let first = bits.iter().position(|&b| b)?;
-        let most = (max / self.gran).max(1) as usize;
-        let n = bits[first..].iter().take(most).take_while(|&&b| b).count();
-        let off = first as u64 * self.gran;
-        let len = (n as u64 * self.gran).min(self.size - off);
-        Some((off, len))
-    }
-}
-
-impl WriteHook for DirtyBitmap {
-    fn after_write(&self, offset: u64, len: u64) {
-        self.set(offset, len, true);
-    }
-}
-
 /// What is dirty when the job starts.
 pub(crate) enum Initial {
     /// Everything.
@@ -200,7 +142,7 @@ pub(crate) enum Initial {
 pub(crate) struct MirrorCore {
     pub(crate) source: Arc<BlockNode>,
     pub(crate) target: Arc<BlockNode>,
-    pub(crate) bitmap: Arc<DirtyBitmap>,
+    pub(crate) bitmap: Arc<Bits>,
     pub(crate) initial: Initial,
     pub(crate) max_io: u64,
     pub(crate) on_source_error: OnError,
@@ -420,7 +362,7 @@ pub fn start_mirror(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
-    let bitmap = Arc::new(DirtyBitmap::new(source.len(), gran));
+    let bitmap = Arc::new(Bits::new(source.len(), gran));
     let driver = Arc::new(MirrorJob {
         core: MirrorCore {
             source: source.clone(),

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use super::proto::*;
 use super::server::{quiesced, Conn, ConnGuard, ExportOptions};
-use crate::block::{BlockNode, PermGuard};
+use crate::block::{BlockNode, DirtyBitmap, PermGuard};
 use crate::Error;
 
 /// Requests served at once per connection (QEMU's `MAX_NBD_REQUESTS`).
@@ -43,6 +43,9 @@ pub(crate) struct Export {
     writethrough: bool,
     ctx: WeakAioContext,
     perm: Mutex<Option<PermGuard>>,
+    /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (busy while
+    /// the export lives).
+    pub(crate) bitmaps: Vec<Arc<DirtyBitmap>>,
 }
 
 impl Export {
@@ -52,6 +55,7 @@ impl Export {
         node: Arc<BlockNode>,
         ctx: &AioContext,
         perm: PermGuard,
+        bitmaps: Vec<Arc<DirtyBitmap>>,
     ) -> Self {
         Self {
             id: opts.id.clone(),
@@ -62,6 +66,7 @@ impl Export {
             writethrough: opts.writethrough,
             ctx: ctx.downgrade(),
             perm: Mutex::new(Some(perm)),
+            bitmaps,
         }
     }
 
@@ -73,7 +78,22 @@ impl Export {
     /// Drops the permission on the node (the export is gone).
     pub(crate) fn release(&self) {
         self.perm.lock().take();
+        for b in &self.bitmaps {
+            b.set_busy(false);
+        }
     }
+}
+
+/// A `BLOCK_STATUS` chunk payload: the context id, then (length, flags)
+/// pairs.
+fn status_payload(id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(4 + 8 * extents.len());
+    p.extend_from_slice(&id.to_be_bytes());
+    for (n, f) in extents {
+        p.extend_from_slice(&n.to_be_bytes());
+        p.extend_from_slice(&f.to_be_bytes());
+    }
+    p
 }
 
 /// A negotiated connection, handed to [`serve`].
@@ -83,6 +103,8 @@ pub(crate) struct Session {
     pub(crate) export: Arc<Export>,
     pub(crate) structured: bool,
     pub(crate) base_allocation: bool,
+    /// Selected bitmap contexts: indexes into the export's bitmaps.
+    pub(crate) bitmaps: Vec<usize>,
 }
 
 struct Slots {
@@ -96,6 +118,7 @@ struct Connection {
     export: Arc<Export>,
     structured: bool,
     base_allocation: bool,
+    bitmaps: Vec<usize>,
     /// Serializes replies: each goes out whole.
     send: CoMutex<()>,
     slots: Mutex<Slots>,
@@ -149,6 +172,7 @@ pub(crate) async fn serve(s: Session) {
         export: s.export,
         structured: s.structured,
         base_allocation: s.base_allocation,
+        bitmaps: s.bitmaps,
         send: CoMutex::new(()),
         slots: Mutex::new(Slots {
             in_flight: 0,
@@ -307,7 +331,7 @@ impl Connection {
         if (writes || req.kind == CMD_TRIM) && !self.export.writable {
             return Err(fail(EPERM, "export is read-only"));
         }
-        if req.kind == CMD_BLOCK_STATUS && !self.base_allocation {
+        if req.kind == CMD_BLOCK_STATUS && !self.base_allocation && self.bitmaps.is_empty() {
             return Err(fail(EINVAL, "no metadata context was selected"));
         }
         Ok(())
@@ -432,16 +456,75 @@ impl Connection {
     }
 
     async fn block_status(&self, req: &Request) -> io::Result<()> {
-        let node = &self.export.node;
         let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        if self.base_allocation {
+            match self.allocation_extents(req, one).await {
+                Ok(e) => chunks.push(status_payload(0, &e)),
+                Err(f) => return self.send_error(req, f).await,
+            }
+        }
+        for &i in &self.bitmaps {
+            let Some(b) = self.export.bitmaps.get(i) else {
+                continue;
+            };
+            let mut e: Vec<(u32, u32)> = b
+                .extents(req.offset, u64::from(req.len))
+                .iter()
+                .take(MAX_EXTENTS)
+                .map(|x| (x.len as u32, u32::from(x.dirty)))
+                .collect();
+            if one {
+                e.truncate(1);
+            }
+            if e.is_empty() {
+                return self
+                    .send_error(req, fail(EIO, "no block status for the range"))
+                    .await;
+            }
+            chunks.push(status_payload(i as u32 + 1, &e));
+        }
+        if chunks.is_empty() {
+            return self
+                .send_error(req, fail(EINVAL, "no metadata context was selected"))
+                .await;
+        }
+        // One chunk per context, the last flagged DONE, written together
+        // so that the reply goes out whole.
+        let n = chunks.len();
+        let heads: Vec<[u8; 20]> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                StructuredReply {
+                    flags: if i + 1 == n { REPLY_FLAG_DONE } else { 0 },
+                    kind: REPLY_TYPE_BLOCK_STATUS,
+                    cookie: req.cookie,
+                    len: c.len() as u32,
+                }
+                .encode()
+            })
+            .collect();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * n);
+        for (h, c) in heads.iter().zip(&chunks) {
+            bufs.push(h);
+            bufs.push(c);
+        }
+        self.send_all(&bufs).await
+    }
+
+    /// `base:allocation` extents of the request's range.
+    async fn allocation_extents(
+        &self,
+        req: &Request,
+        one: bool,
+    ) -> Result<Vec<(u32, u32)>, Failure> {
+        let node = &self.export.node;
         let end = req.offset + u64::from(req.len);
         let mut extents: Vec<(u32, u32)> = Vec::new();
         let mut pos = req.offset;
         while pos < end && extents.len() < MAX_EXTENTS {
-            let cs = match node.chain_status(pos, end - pos).await {
-                Ok(cs) => cs,
-                Err(e) => return self.send_error(req, e.into()).await,
-            };
+            let cs = node.chain_status(pos, end - pos).await?;
             let n = cs.len.min(end - pos);
             if n == 0 {
                 break;
@@ -458,18 +541,9 @@ impl Connection {
             pos += n;
         }
         if extents.is_empty() {
-            return self
-                .send_error(req, fail(EIO, "no block status for the range"))
-                .await;
+            return Err(fail(EIO, "no block status for the range"));
         }
-        let mut payload = Vec::with_capacity(4 + 8 * extents.len());
-        payload.extend_from_slice(&0u32.to_be_bytes());
-        for (n, f) in &extents {
-            payload.extend_from_slice(&n.to_be_bytes());
-            payload.extend_from_slice(&f.to_be_bytes());
-        }
-        self.send_last_chunk(req.cookie, REPLY_TYPE_BLOCK_STATUS, &payload)
-            .await
+        Ok(extents)
     }
 
     /// A structured chunk of `kind` that ends the reply.

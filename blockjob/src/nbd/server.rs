@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 
 use super::export::{self, Export, Session};
 use super::proto::*;
-use crate::block::{BlockNode, Perm};
+use crate::block::{BlockNode, DirtyBitmap, Perm};
 use crate::{Error, Result};
 
 /// Where the server listens.
@@ -142,6 +142,9 @@ pub struct ExportOptions {
     pub writable: bool,
     /// Flush after every write, as if each carried `FUA`.
     pub writethrough: bool,
+    /// Dirty bitmaps of the node offered as `qemu:dirty-bitmap:NAME`
+    /// metadata contexts; they are busy while the export lives.
+    pub bitmaps: Vec<String>,
 }
 
 impl ExportOptions {
@@ -174,6 +177,12 @@ impl ExportOptions {
     /// Sets [`writethrough`](Self::writethrough).
     pub fn writethrough(mut self, on: bool) -> Self {
         self.writethrough = on;
+        self
+    }
+
+    /// Sets [`bitmaps`](Self::bitmaps).
+    pub fn bitmaps(mut self, names: Vec<String>) -> Self {
+        self.bitmaps = names;
         self
     }
 }
@@ -547,8 +556,12 @@ impl NbdServer {
         } else {
             Perm::CONSISTENT_READ
         };
+        let bitmaps = export_bitmaps(&node, opts)?;
         let guard = node.attach(&format!("export '{}'", opts.id), "root", perm, Perm::ALL)?;
-        let export = Export::new(opts, name, node, ctx, guard);
+        for b in &bitmaps {
+            b.set_busy(true);
+        }
+        let export = Export::new(opts, name, node, ctx, guard, bitmaps);
         log::info!(
             "nbd: export '{}' (name '{}', node '{}'{})",
             export.id,
@@ -736,13 +749,49 @@ async fn accept_loop(server: Arc<ServerInner>, listener: Listener) {
     }
 }
 
+/// The bitmaps an export offers, checked as QEMU's `nbd_export_create`
+/// checks them.
+fn export_bitmaps(node: &BlockNode, opts: &ExportOptions) -> Result<Vec<Arc<DirtyBitmap>>> {
+    let mut out = Vec::with_capacity(opts.bitmaps.len());
+    for name in &opts.bitmaps {
+        let b = node
+            .bitmap(name)
+            .map_err(|_| Error::InvalidArgument(format!("Bitmap '{name}' is not found")))?;
+        if b.busy() {
+            return Err(Error::InvalidArgument(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if !opts.writable && !node.read_only() && b.enabled() {
+            return Err(Error::InvalidArgument(format!(
+                "Enabled bitmap '{name}' incompatible with readonly export"
+            )));
+        }
+        if out.iter().any(|x: &Arc<DirtyBitmap>| Arc::ptr_eq(x, &b)) {
+            continue;
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// The metadata contexts a client selected with `SET_META_CONTEXT`.
+#[derive(Default)]
+struct MetaSelection {
+    /// For this export name.
+    export: String,
+    /// `base:allocation` (context id 0).
+    base: bool,
+    /// Indexes into the export's bitmaps (context id = index + 1).
+    bitmaps: Vec<usize>,
+}
+
 /// What the client has chosen so far.
 #[derive(Default)]
 struct Haggle {
     no_zeroes: bool,
     structured: bool,
-    /// `base:allocation` selected, for this export name.
-    meta: Option<String>,
+    meta: Option<MetaSelection>,
 }
 
 /// The transmission flags of `export` for a client that did (not)
@@ -896,8 +945,10 @@ fn start_transmission(
             ""
         }
     );
+    let meta = h.meta.as_ref().filter(|m| m.export == export.name);
     let session = Session {
-        base_allocation: h.meta.as_deref() == Some(export.name.as_str()),
+        base_allocation: meta.as_ref().is_some_and(|m| m.base),
+        bitmaps: meta.map(|m| m.bitmaps.clone()).unwrap_or_default(),
         structured: h.structured,
         conn,
         guard,
@@ -977,7 +1028,7 @@ async fn info(
     send_reply(fd, option, REP_INFO, &item).await?;
     send_reply(fd, option, REP_ACK, &[]).await?;
     if option == OPT_GO {
-        if h.meta.as_deref().is_some_and(|m| m != req.name) {
+        if h.meta.as_ref().is_some_and(|m| m.export != req.name) {
             h.meta = None;
         }
         return Ok(Ok(Some(export)));
@@ -1007,29 +1058,43 @@ async fn meta_context(
     let Some(req) = MetaContextRequest::parse(payload) else {
         return Ok(Err(invalid("malformed meta context request")));
     };
-    if server.lookup(&req.export).is_none() {
+    let Some(export) = server.lookup(&req.export) else {
         return Ok(Err(OptError(
             REP_ERR_UNKNOWN,
             format!("export '{}' not present", req.export),
         )));
-    }
+    };
     if set {
         h.meta = None;
     }
-    // `qemu:dirty-bitmap:*` and other `qemu:` queries match nothing: there
-    // are no user-visible dirty bitmaps yet.
-    let base = if req.queries.is_empty() {
-        !set
-    } else {
-        req.queries.iter().any(|q| matches_base_allocation(q, !set))
+    let all = req.queries.is_empty() && !set;
+    let base = all || req.queries.iter().any(|q| matches_base_allocation(q, !set));
+    let mut sel = MetaSelection {
+        export: req.export.clone(),
+        base,
+        bitmaps: Vec::new(),
     };
     if base {
         let mut p = 0u32.to_be_bytes().to_vec();
         p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
         send_reply(fd, option, REP_META_CONTEXT, &p).await?;
-        if set {
-            h.meta = Some(req.export.clone());
+    }
+    for (i, b) in export.bitmaps.iter().enumerate() {
+        let ctx_name = format!("{META_QEMU_DIRTY_BITMAP}{}", b.name());
+        let hit = all
+            || req
+                .queries
+                .iter()
+                .any(|q| *q == ctx_name || (!set && (q == "qemu:" || q == META_QEMU_DIRTY_BITMAP)));
+        if hit {
+            let mut p = (i as u32 + 1).to_be_bytes().to_vec();
+            p.extend_from_slice(ctx_name.as_bytes());
+            send_reply(fd, option, REP_META_CONTEXT, &p).await?;
+            sel.bitmaps.push(i);
         }
+    }
+    if set && (sel.base || !sel.bitmaps.is_empty()) {
+        h.meta = Some(sel);
     }
     send_reply(fd, option, REP_ACK, &[]).await?;
     Ok(Ok(()))

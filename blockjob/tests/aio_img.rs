@@ -383,3 +383,27 @@ fn fuzzed_headers_and_tables_error_never_panic_never_write() {
         assert!(std::fs::read(&f).unwrap() == b, "the image was written");
     }
 }
+
+/// A reader that goes away (`aio-img ... | head -1`) ends aio-img quietly:
+/// no panic message, exit status 0 (all written) or 141 (as if killed by
+/// SIGPIPE).
+#[test]
+fn a_closed_stdout_ends_aio_img_without_a_panic() {
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aio-img"))
+            .arg("--help")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before it writes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            matches!(out.status.code(), Some(0 | 141)),
+            "{:?}: {err}",
+            out.status
+        );
+    }
+}

@@ -23,6 +23,31 @@ use blockjob::block::{
 use blockjob::{Error, Result};
 use serde_json::{json, Map, Value};
 
+/// `println!`/`print!` that end the process quietly when stdout is a
+/// closed pipe (`aio-img map IMG | head -1`), as Unix tools do, instead of
+/// panicking on `EPIPE` (Rust ignores `SIGPIPE`).
+macro_rules! println {
+    () => { out(format_args!("\n")) };
+    ($($t:tt)*) => { out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+macro_rules! print {
+    ($($t:tt)*) => { out(format_args!($($t)*)) };
+}
+
+fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // What a shell reports for a process killed by SIGPIPE.
+            std::process::exit(141);
+        }
+        eprintln!("aio-img: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A command's outcome: an exit code, or an error to print.
 type Outcome = Result<u8>;
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::nbd::{aiod_path, wait_for_socket};
+use crate::{median_in_place as median, run_tool};
 
 /// Options of `aio-bench jobs`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -162,19 +163,9 @@ impl Running {
     }
 }
 
+/// Runs a tool, discarding its output.
 fn tool(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    run_tool(cmd, args).map(|_| ())
 }
 
 fn qcow2(path: &Path, size_mib: u64, backing: Option<&Path>, fill: bool) -> Result<(), String> {
@@ -278,11 +269,6 @@ fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<f
         }
     }
     Ok(secs)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Runs the benchmark; the table (or JSON lines) goes to stdout.

@@ -606,6 +606,29 @@ impl LatenessSummary {
     }
 }
 
+/// The median of `v` (sorted in place; NaN if empty), for the
+/// subcommands that report a median of a few rounds.
+pub(crate) fn median_in_place(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs a tool (`qemu-img`, `qemu-io`) to completion; its stdout, or the
+/// command and its stderr as the error.
+pub(crate) fn run_tool(cmd: &str, args: &[&str]) -> std::result::Result<String, String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The nearest-rank `q` quantile of sorted, non-empty `sorted`.
 pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> T {
     let n = sorted.len();

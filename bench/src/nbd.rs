@@ -8,6 +8,7 @@
 //! sequential. The client is the same binary for both servers, so the
 //! ratio compares the servers.
 
+use crate::median_in_place as median;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,11 +196,6 @@ fn qemu_img_bench(case: &Case, url: &str) -> Result<f64, String> {
                 .and_then(|s| s.parse::<f64>().ok())
         })
         .ok_or_else(|| format!("no timing in qemu-img bench output: {text}"))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Runs the benchmark and prints the results.

@@ -10,7 +10,6 @@
 //! copy reads and rewrites the other 60 KiB).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +17,8 @@ use aio::AioContext;
 use blockjob::block::{
     create_qcow2, BlockGraph, BlockNode, CreateOptions, OpenOptions, SnapshotCreateOptions,
 };
+
+use crate::{median_in_place as median, run_tool};
 
 /// The cluster size of the images (QEMU's default).
 const CLUSTER: u64 = 64 << 10;
@@ -90,26 +91,12 @@ fn write_pass(ctx: &AioContext, n: &Arc<BlockNode>, size: u64, bs: u64) -> Resul
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `qemu-img bench -w` at depth 1, one request of `bs` per cluster;
 /// the time it reports (the run, without opening the image).
 fn qemu_pass(path: &str, size: u64, bs: u64) -> Result<f64, String> {
     let count = (size / CLUSTER).to_string();
     let (s, step) = (bs.to_string(), CLUSTER.to_string());
-    let out = run(
+    let out = run_tool(
         "qemu-img",
         &[
             "bench",
@@ -141,22 +128,16 @@ fn qemu_pass(path: &str, size: u64, bs: u64) -> Result<f64, String> {
 /// A failing `qemu-img`, as text.
 pub fn qemu(path: &Path, size: u64, bs: u64) -> Result<Passes, String> {
     let p = path.to_str().ok_or("path is not UTF-8")?;
-    run(
+    run_tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", p, &size.to_string()],
     )?;
     qemu_pass(p, size, CLUSTER)?;
     let before = qemu_pass(p, size, bs)?;
-    run("qemu-img", &["snapshot", "-c", "s", p])?;
+    run_tool("qemu-img", &["snapshot", "-c", "s", p])?;
     let first = qemu_pass(p, size, bs)?;
     let second = qemu_pass(p, size, bs)?;
     Ok([before, first, second])
-}
-
-/// The median of `v` (sorted in place).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs every shape for both implementations, `rounds` times alternating,

@@ -224,14 +224,7 @@ impl Stepper {
     /// target's loop while the busy predicate holds.
     fn settle(&self, target: &AioContext) {
         target.run_until_idle();
-        let mut any_peer = false;
-        for p in self.peers() {
-            settle_remote(target, &p, None);
-            any_peer = true;
-        }
-        if any_peer {
-            target.run_until_idle();
-        }
+        let any_peer = self.settle_peers(target, None);
         if let Some(b) = &self.busy {
             // Real I/O completes in real time: wait in the loop (it sleeps
             // in the kernel) until the work the step started has parked.
@@ -242,22 +235,31 @@ impl Stepper {
                 target.run_until_idle();
             }
             if any_peer {
-                for p in self.peers() {
-                    settle_remote(target, &p, None);
-                }
-                target.run_until_idle();
+                self.settle_peers(target, None);
             }
         }
+    }
+
+    /// Runs each peer until idle on its own thread, in order (first moving
+    /// its clock to `until`, if given), then the target again for what the
+    /// peers handed it. Returns whether there was any peer.
+    fn settle_peers(&self, target: &AioContext, until: Option<i64>) -> bool {
+        let mut any = false;
+        for p in self.peers() {
+            settle_remote(target, &p, until);
+            any = true;
+        }
+        if any {
+            target.run_until_idle();
+        }
+        any
     }
 
     /// Moves every context's virtual clock to `t`, one context at a time
     /// (target, then peers in order), each running what became due.
     fn set_all(&self, target: &AioContext, t: i64) {
         target.virtual_set(t);
-        for p in self.peers() {
-            settle_remote(target, &p, Some(t));
-        }
-        target.run_until_idle();
+        self.settle_peers(target, Some(t));
     }
 
     /// The earliest virtual deadline over every context, absolute.

@@ -9,12 +9,12 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use blockjob::nbd::proto::{
     OptionHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_EXPORT_NAME,
 };
 use serde_json::{json, Value};
+use util::aiod::wait_exit;
 use util::{generic, QmpClient};
 
 const AIOD: &str = env!("CARGO_BIN_EXE_aiod");
@@ -55,17 +55,6 @@ fn attach(sock: &Path, name: &str) -> UnixStream {
     let mut reply = [0u8; 10];
     s.read_exact(&mut reply).unwrap();
     s
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + util::TIMEOUT;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "aiod did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use util::aiod::wait_for;
 use util::QmpClient;
 
 const AIOD: &str = env!("CARGO_BIN_EXE_aiod");
@@ -31,15 +32,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn wait_for(child: &mut Child, path: &Path) {
-    let deadline = Instant::now() + util::TIMEOUT;
-    while !path.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "process exited early");
-        assert!(Instant::now() < deadline, "{path:?} did not appear");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

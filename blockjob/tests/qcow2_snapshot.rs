@@ -468,6 +468,18 @@ fn aio_img_snapshot_matches_qemu_img() {
     let (code, out, _) = aio_img(&["snapshot", "-l", p(&img)]);
     assert_eq!(code, 0);
     assert_eq!(out, qemu_img(&["snapshot", "-l", p(&img)]));
+    // `info` lists them too: the same table, and the same JSON array.
+    let (code, info, _) = aio_img(&["info", p(&img)]);
+    assert_eq!(code, 0);
+    assert!(info.contains(&out), "{info}");
+    let (code, ours, _) = aio_img(&["info", "--output=json", p(&img)]);
+    assert_eq!(code, 0);
+    let ours: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", p(&img)])).unwrap();
+    assert_eq!(ours["snapshots"].as_array().map(Vec::len), Some(2));
+    assert_eq!(ours["snapshots"], theirs["snapshots"]);
+    assert_eq!(ours["dirty-flag"], theirs["dirty-flag"]);
     let (code, _, err) = aio_img(&["snapshot", "-c", "first", p(&img)]);
     assert_eq!(code, 1);
     assert!(

@@ -19,6 +19,14 @@ use serde_json::{json, Map, Value};
 use crate::qmp::{EventEmitter, QmpError, QmpServer, ServerError};
 
 crate::qmp_args! {
+    /// `query-named-block-nodes`' arguments.
+    pub struct QueryNodesArgs {
+        /// Leave out each image's `backing-image` (libvirt asks so).
+        pub flat: Option<bool>,
+    }
+}
+
+crate::qmp_args! {
     /// `{device}` of the `block-job-*` verbs.
     pub struct DeviceArg {
         /// The job id.
@@ -163,35 +171,54 @@ fn any_job(jobs: &JobRegistry, id: &str) -> Result<Job, QmpError> {
         .ok_or_else(|| QmpError::generic("Job not found"))
 }
 
-/// `BlockDeviceInfo` of `query-named-block-nodes`.
-pub fn block_device_info(node: &BlockNode) -> Value {
-    let info = node.info();
-    let depth = node_chain_depth(node);
-    let mut image = json!({
-        "filename": info.filename,
-        "format": info.format,
-        "virtual-size": info.virtual_size,
-    });
-    if let Some(cs) = info.cluster_size {
-        image["cluster-size"] = json!(cs);
+/// `BlockDeviceInfo` of `query-named-block-nodes`: the node's facts and
+/// its image's `ImageInfo` (with internal snapshots), shaped like
+/// qemu-storage-daemon's (the throttling fields are all zero: there is no
+/// I/O throttling here).
+///
+/// Unless `flat`, `image` nests the backing chain's `ImageInfo`s under
+/// `backing-image`, as QEMU does.
+pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
+    let mut image = blockjob::block::image_info_json(node).await;
+    if !flat {
+        let mut infos = Vec::new();
+        for b in node.chain().iter().skip(1) {
+            infos.push(blockjob::block::image_info_json(b).await);
+        }
+        // Innermost first: each one becomes its parent's `backing-image`.
+        let nested = infos
+            .into_iter()
+            .rev()
+            .fold(None, |inner: Option<Value>, mut v| {
+                if let Some(i) = inner {
+                    v["backing-image"] = i;
+                }
+                Some(v)
+            });
+        if let Some(n) = nested {
+            image["backing-image"] = n;
+        }
     }
-    if let Some(b) = &info.backing_filename {
-        image["backing-filename"] = json!(b);
-    }
-    if let Some(f) = &info.backing_format {
-        image["backing-filename-format"] = json!(f);
-    }
+    let backing_file = node.info().backing_filename;
+    // QEMU counts the depth along the nested `backing-image`s, so a flat
+    // query reports 0 for every node; scripts compare against QEMU's
+    // answers, so do the same.
+    let depth = if flat { 0 } else { node_chain_depth(node) };
     let mut v = json!({
         "node-name": node.name(),
         "drv": node.driver_name(),
         "file": node.filename(),
         "ro": node.read_only(),
+        "active": true,
         "encrypted": false,
         "detect_zeroes": "off",
         "backing_file_depth": depth,
+        "write_threshold": 0,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image,
     });
-    if let Some(b) = info.backing_filename {
+    if let Some(b) = backing_file {
         v["backing_file"] = json!(b);
     }
     if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(node) {
@@ -267,14 +294,20 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
     })?;
 
     let s = state.clone();
-    server.register("query-named-block-nodes", move |_: crate::qmp::NoArgs| {
-        Ok(Value::Array(
-            s.graph
-                .nodes()
-                .iter()
-                .map(|n| block_device_info(n))
-                .collect(),
-        ))
+    server.register_async("query-named-block-nodes", move |a: QueryNodesArgs| {
+        let s = s.clone();
+        let flat = a.flat.unwrap_or(false);
+        async move {
+            let ctx = s.ctx.clone();
+            on(&ctx, async move {
+                let mut out = Vec::new();
+                for n in s.graph.nodes() {
+                    out.push(block_device_info(&n, flat).await);
+                }
+                Ok(Value::Array(out))
+            })
+            .await
+        }
     })?;
 
     let s = state.clone();

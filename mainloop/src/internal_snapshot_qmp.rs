@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use aio::ClockType;
-use blockjob::block::{BlockNode, SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
+use blockjob::block::{BlockNode, SnapshotCreateOptions, SnapshotRef};
 use serde_json::{json, Value};
 
 use crate::block_qmp::BlockState;
@@ -39,24 +39,7 @@ crate::qmp_args! {
     }
 }
 
-/// QMP's `SnapshotInfo`, as `blockdev-snapshot-delete-internal-sync`
-/// returns it and `query-named-block-nodes` lists it (`icount` only when
-/// recorded).
-pub fn snapshot_info_json(s: &SnapshotInfo) -> Value {
-    let mut v = json!({
-        "id": s.id,
-        "name": s.name,
-        "vm-state-size": s.vm_state_size,
-        "date-sec": s.date_sec,
-        "date-nsec": s.date_nsec,
-        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-    });
-    if let Some(i) = s.icount {
-        v["icount"] = json!(i);
-    }
-    v
-}
+pub use blockjob::block::snapshot_info_json;
 
 fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())

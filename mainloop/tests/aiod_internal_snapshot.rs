@@ -205,3 +205,102 @@ fn internal_snapshots_in_a_transaction_are_all_taken_or_none() {
         assert!(ok && out.contains("No errors"), "{out}");
     }
 }
+
+/// `query-named-block-nodes` of a node, by name.
+fn node_info(c: &mut QmpClient, name: &str, flat: bool) -> Value {
+    let all = c.ok("query-named-block-nodes", json!({ "flat": flat }));
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node {name} in {all}"))
+}
+
+/// The object's keys, sorted.
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn query_named_block_nodes_shows_snapshots_and_chain_like_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]).0);
+    let b = base.to_str().unwrap();
+    let t = top.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]).0);
+    for name in ["first", "second"] {
+        assert!(qemu_img(&["snapshot", "-c", name, t]).0);
+    }
+    // Both daemons open the same images read-only, so their answers
+    // describe identical files.
+    let blockdevs = [blockdev("top", "qcow2", &top, true)];
+    let (mut child, mut ours) = start(d, &blockdevs);
+
+    let qsd_sock = d.join("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=m",
+            qsd_sock.display()
+        ))
+        .args(["--monitor", "chardev=m", "--blockdev", &blockdevs[0]])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("qemu-storage-daemon listens", || qsd_sock.exists());
+    let mut theirs = QmpClient::connect_unix(&qsd_sock);
+    theirs.negotiate();
+
+    for flat in [true, false] {
+        let (a, q) = (
+            node_info(&mut ours, "top", flat),
+            node_info(&mut theirs, "top", flat),
+        );
+        assert_eq!(
+            a["image"]["snapshots"], q["image"]["snapshots"],
+            "flat={flat}"
+        );
+        assert_eq!(a["image"]["snapshots"].as_array().unwrap().len(), 2);
+        assert_eq!(a["ro"], q["ro"]);
+        assert_eq!(a["backing_file_depth"], q["backing_file_depth"]);
+        for k in [
+            "filename",
+            "format",
+            "virtual-size",
+            "cluster-size",
+            "backing-filename",
+            "backing-filename-format",
+            "full-backing-filename",
+            "dirty-flag",
+            "format-specific",
+        ] {
+            assert_eq!(a["image"][k], q["image"][k], "{k} (flat={flat})");
+        }
+        // Every key QEMU gives the image (and its backing image), we give.
+        let missing = |x: &Value, y: &Value| -> Vec<String> {
+            keys(y).into_iter().filter(|k| x.get(k).is_none()).collect()
+        };
+        assert_eq!(
+            missing(&a["image"], &q["image"]),
+            Vec::<String>::new(),
+            "flat={flat}"
+        );
+        if flat {
+            assert!(a["image"].get("backing-image").is_none());
+        } else {
+            let (ab, qb) = (&a["image"]["backing-image"], &q["image"]["backing-image"]);
+            assert_eq!(ab["filename"], qb["filename"]);
+            assert_eq!(missing(ab, qb), Vec::<String>::new());
+        }
+    }
+    assert_eq!(ours.execute("quit", Value::Null)["return"], json!({}));
+    assert!(child.wait().unwrap().success());
+    theirs.execute("quit", Value::Null);
+    let _ = qsd.wait();
+}

@@ -21,7 +21,7 @@ use blockjob::block::{
     SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::{Error, Result};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// `println!`/`print!` that end the process quietly when stdout is a
 /// closed pipe (`aio-img map IMG | head -1`), as Unix tools do, instead of
@@ -273,39 +273,7 @@ async fn create(args: &[String]) -> Outcome {
     }
 }
 
-fn info_json(n: &Arc<BlockNode>) -> Value {
-    let i = n.info();
-    let mut m = Map::new();
-    m.insert("virtual-size".into(), json!(i.virtual_size));
-    m.insert("filename".into(), json!(i.filename));
-    if let Some(cs) = i.cluster_size {
-        m.insert("cluster-size".into(), json!(cs));
-    }
-    m.insert("format".into(), json!(i.format));
-    if let Ok(md) = std::fs::metadata(&i.filename) {
-        use std::os::unix::fs::MetadataExt;
-        m.insert("actual-size".into(), json!(md.blocks() * 512));
-    }
-    if let Some(b) = &i.backing_filename {
-        m.insert("backing-filename".into(), json!(b));
-        if let Some(bn) = n.backing() {
-            m.insert("full-backing-filename".into(), json!(bn.filename()));
-        }
-    }
-    if let Some(f) = &i.backing_format {
-        m.insert("backing-filename-format".into(), json!(f));
-    }
-    if !i.specific.is_empty() {
-        let data: Map<String, Value> = i.specific.iter().cloned().collect();
-        m.insert(
-            "format-specific".into(),
-            json!({"type": i.format, "data": data}),
-        );
-    }
-    Value::Object(m)
-}
-
-fn info_human(n: &Arc<BlockNode>) -> String {
+async fn info_human(n: &Arc<BlockNode>) -> String {
     let i = n.info();
     let mut s = format!(
         "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\n",
@@ -332,6 +300,9 @@ fn info_human(n: &Arc<BlockNode>) -> String {
     }
     if let Some(f) = &i.backing_format {
         s += &format!("backing file format: {f}\n");
+    }
+    if n.supports_snapshots() {
+        s += &snapshot_table(&n.snapshot_list().await.unwrap_or_default());
     }
     if !i.specific.is_empty() {
         s += "Format specific information:\n";
@@ -376,7 +347,10 @@ async fn info(args: &[String]) -> Outcome {
         vec![top.clone()]
     };
     if as_json {
-        let v: Vec<Value> = chain.iter().map(info_json).collect();
+        let mut v: Vec<Value> = Vec::with_capacity(chain.len());
+        for n in &chain {
+            v.push(blockjob::block::image_info_json(n).await);
+        }
         let out = if flag(&flags, "--backing-chain").is_some() {
             Value::Array(v)
         } else {
@@ -384,7 +358,10 @@ async fn info(args: &[String]) -> Outcome {
         };
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        let parts: Vec<String> = chain.iter().map(info_human).collect();
+        let mut parts: Vec<String> = Vec::with_capacity(chain.len());
+        for n in &chain {
+            parts.push(info_human(n).await);
+        }
         print!("{}", parts.join("\n"));
     }
     Ok(0)

@@ -14,6 +14,7 @@ pub(crate) mod bitmap;
 mod external_snapshot;
 mod file;
 mod graph;
+mod image_json;
 mod internal_snapshot;
 mod nbd;
 mod node;
@@ -29,6 +30,7 @@ pub use external_snapshot::{
 };
 pub(crate) use graph::GraphRef;
 pub use graph::{BlockGraph, OpenOptions};
+pub use image_json::{image_info_json, snapshot_info_json};
 pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
 pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
@@ -89,6 +91,9 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// The format-specific facts QEMU prints (`compat`, `refcount bits`, ...).
     pub specific: Vec<(String, serde_json::Value)>,
+    /// Whether the image is marked as not closed cleanly (qcow2's dirty
+    /// bit); `None` for formats without one.
+    pub dirty: Option<bool>,
 }
 
 /// A block driver: the operations one node type implements.

@@ -454,6 +454,7 @@ impl BlockDriver for Qcow2 {
             backing_filename: h.backing_file.clone(),
             backing_format: h.backing_format().map(str::to_string),
             specific,
+            dirty: Some(h.incompatible_features & INCOMPAT_DIRTY != 0),
         }
     }
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {

@@ -1,34 +1,214 @@
 //! The `file` protocol driver: a host file through `aio::file`.
+//!
+//! With `cache.direct` the file is opened `O_DIRECT` and requests of any
+//! shape are made to fit it by [`super::direct`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aio::file::{Engine, File, OpenOptions as FileOpen};
 
+use super::direct::{Alignment, RangeLock};
 use super::{BlockDriver, BlockStatus, BoxFuture, ImageInfo};
 use crate::{Error, Result};
+
+/// How to open a host file: QMP's `aio`, `cache` and `auto-read-only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileOpenOptions {
+    /// Open for writing.
+    pub(crate) writable: bool,
+    /// The I/O engine (`aio`).
+    pub(crate) engine: Engine,
+    /// Bypass the page cache (`cache.direct`).
+    pub(crate) direct: bool,
+    /// Make flushes no-ops (`cache.no-flush`).
+    pub(crate) no_flush: bool,
+    /// Fall back to read-only when the file cannot be opened for writing
+    /// (`auto-read-only`).
+    pub(crate) auto_read_only: bool,
+}
+
+impl FileOpenOptions {
+    /// Buffered I/O on `engine`, flushes honoured.
+    pub(crate) fn new(writable: bool, engine: Engine) -> Self {
+        FileOpenOptions {
+            writable,
+            engine,
+            direct: false,
+            no_flush: false,
+            auto_read_only: false,
+        }
+    }
+}
 
 /// A host file.
 pub(crate) struct FileDriver {
     file: File,
     name: String,
     len: AtomicU64,
+    writable: bool,
+    no_flush: bool,
+    align: Alignment,
+    /// Writes in flight, by aligned range (only with `O_DIRECT`).
+    writes: RangeLock,
 }
 
 impl FileDriver {
     /// Opens `path` (creating nothing). The size is read once here and
     /// tracked from then on.
-    pub(crate) fn open(path: &str, writable: bool, engine: Engine) -> Result<FileDriver> {
-        let opts = FileOpen::new().read(true).write(writable).engine(engine);
-        let file = File::open(path, &opts).map_err(|e| Error::from_open(path, e))?;
+    pub(crate) fn open(path: &str, opts: &FileOpenOptions) -> Result<FileDriver> {
+        let open = |writable: bool| {
+            let o = FileOpen::new()
+                .read(true)
+                .write(writable)
+                .direct(opts.direct)
+                .engine(opts.engine);
+            File::open(path, &o)
+        };
+        let (file, writable) = match open(opts.writable) {
+            Ok(f) => (f, opts.writable),
+            Err(e) if opts.writable && opts.auto_read_only && denied(&e) => {
+                log::info!("{path}: not writable ({e}); opened read-only (auto-read-only)");
+                (open(false).map_err(|e| Error::from_open(path, e))?, false)
+            }
+            Err(e) => return Err(Error::from_open(path, e)),
+        };
         let len = std::fs::metadata(path)
             .map(|m| m.len())
             .map_err(|e| Error::open(path, e.to_string()))?;
+        let align = Alignment::of(&file);
         Ok(FileDriver {
             file,
             name: path.to_string(),
             len: AtomicU64::new(len),
+            writable,
+            no_flush: opts.no_flush,
+            align,
+            writes: RangeLock::default(),
         })
     }
+
+    /// Whether the file was opened for writing (`auto-read-only` may have
+    /// fallen back).
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
+    async fn read_raw(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let (n, mut buf) = self
+            .file
+            .read_at(buf, offset)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        buf[n..].fill(0);
+        Ok(buf)
+    }
+
+    /// A read through an aligned bounce buffer.
+    async fn read_bounced(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let (start, end) = self.align.cover(offset, buf.len() as u64);
+        let bounce = self
+            .align
+            .buffer(end - start)
+            .map_err(|e| Error::io(&self.name, e))?;
+        let (n, mut bounce) = self
+            .file
+            .read_at(bounce, start)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        bounce[n..].fill(0);
+        let at = (offset - start) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&bounce[at..at + len]);
+        Ok(buf)
+    }
+
+    /// A write on an `O_DIRECT` file: as it is when aligned, else
+    /// read-modify-write of the blocks it touches; either way holding its
+    /// aligned range against overlapping writes.
+    async fn write_direct(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        let len = buf.len() as u64;
+        let (start, end) = self.align.cover(offset, len);
+        let _held = self.writes.lock(start, end).await;
+        if self.align.fits(offset, len, &buf) {
+            return self.write_raw(offset, buf).await;
+        }
+        let mut bounce = self
+            .align
+            .buffer(end - start)
+            .map_err(|e| Error::io(&self.name, e))?;
+        if start < offset || end > offset + len {
+            let (n, b) = self
+                .file
+                .read_at(bounce, start)
+                .await
+                .map_err(|e| Error::io(&self.name, e))?;
+            bounce = b;
+            bounce[n..].fill(0);
+        }
+        let at = (offset - start) as usize;
+        bounce[at..at + buf.len()].copy_from_slice(&buf);
+        // The bounce may reach past the end of the file (the tail of the
+        // last block): cut the file back to where the request ends.
+        let old_len = self.len();
+        self.file
+            .write_at(bounce, start)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        let new_len = old_len.max(offset + len);
+        if end > new_len {
+            self.file
+                .set_len(new_len)
+                .await
+                .map_err(|e| Error::io(&self.name, e))?;
+        }
+        self.len.fetch_max(new_len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        self.file
+            .write_at(buf, offset)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        self.len.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Zeroes an unaligned head or tail on an `O_DIRECT` file.
+    async fn zero_by_writing(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.write_direct(offset, vec![0; len as usize]).await
+    }
+
+    async fn write_zeroes_direct(&self, offset: u64, len: u64) -> Result<()> {
+        let (a, b) = self.align.inside(offset, len);
+        if a >= b {
+            return self.zero_by_writing(offset, len).await;
+        }
+        self.zero_by_writing(offset, a - offset).await?;
+        {
+            let _held = self.writes.lock(a, b).await;
+            self.file
+                .write_zeroes(a, b - a)
+                .await
+                .map_err(|e| Error::io(&self.name, e))?;
+        }
+        self.zero_by_writing(b, offset + len - b).await?;
+        self.len.fetch_max(offset + len, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Whether opening for writing failed for lack of permission (so a
+/// read-only open may work).
+fn denied(e: &aio::Error) -> bool {
+    matches!(
+        e.io_kind(),
+        Some(std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
+    )
 }
 
 impl BlockDriver for FileDriver {
@@ -46,28 +226,27 @@ impl BlockDriver for FileDriver {
     }
     fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
         Box::pin(async move {
-            let (n, mut buf) = self
-                .file
-                .read_at(buf, offset)
-                .await
-                .map_err(|e| Error::io(&self.name, e))?;
-            buf[n..].fill(0);
-            Ok(buf)
+            if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
+                self.read_raw(offset, buf).await
+            } else {
+                self.read_bounced(offset, buf).await
+            }
         })
     }
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let end = offset + buf.len() as u64;
-            self.file
-                .write_at(buf, offset)
-                .await
-                .map_err(|e| Error::io(&self.name, e))?;
-            self.len.fetch_max(end, Ordering::AcqRel);
-            Ok(())
+            if self.align.is_trivial() {
+                self.write_raw(offset, buf).await
+            } else {
+                self.write_direct(offset, buf).await
+            }
         })
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            if !self.align.is_trivial() {
+                return self.write_zeroes_direct(offset, len).await;
+            }
             self.file
                 .write_zeroes(offset, len)
                 .await
@@ -78,6 +257,17 @@ impl BlockDriver for FileDriver {
     }
     fn discard<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            // Discard is advisory: on an `O_DIRECT` file only the whole
+            // blocks inside the range go.
+            let (offset, len) = if self.align.is_trivial() {
+                (offset, len)
+            } else {
+                let (a, b) = self.align.inside(offset, len);
+                if a >= b {
+                    return Ok(());
+                }
+                (a, b - a)
+            };
             self.file
                 .discard(offset, len)
                 .await
@@ -86,6 +276,9 @@ impl BlockDriver for FileDriver {
     }
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            if self.no_flush {
+                return Ok(());
+            }
             self.file
                 .flush()
                 .await

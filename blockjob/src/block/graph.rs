@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use aio::file::Engine;
 use serde_json::Value;
 
-use super::file::FileDriver;
+use super::file::{FileDriver, FileOpenOptions};
 use super::nbd::{NbdDriver, NbdOptions};
+use super::node::{DetectZeroes, RequestPolicy};
 use super::null::NullDriver;
 use super::qcow2::header::MAGIC;
 use super::qcow2::Qcow2;
@@ -33,6 +34,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// The file I/O engine.
     pub engine: Engine,
+    /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache.direct`);
+    /// the backing chain inherits it.
+    pub direct: bool,
 }
 
 impl OpenOptions {
@@ -63,6 +67,11 @@ impl OpenOptions {
     /// Sets the I/O engine.
     pub fn engine(mut self, e: Engine) -> Self {
         self.engine = e;
+        self
+    }
+    /// Opens the files `O_DIRECT` (`cache.direct=on`).
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
         self
     }
 }
@@ -281,7 +290,11 @@ impl BlockGraph {
             if let Some(n) = &opts.node_name {
                 self.check_name(n)?;
             }
-            let file = self.open_file(&name, !opts.read_only, opts.engine, None)?;
+            let fopts = FileOpenOptions {
+                direct: opts.direct,
+                ..FileOpenOptions::new(!opts.read_only, opts.engine)
+            };
+            let file = self.open_file(&name, &fopts, None)?;
             let backing = if opts.no_backing {
                 Backing::Nothing
             } else {
@@ -299,7 +312,7 @@ impl BlockGraph {
                 !opts.read_only,
                 backing,
                 &path,
-                opts.engine,
+                fopts,
                 seen,
             )
             .await
@@ -309,11 +322,11 @@ impl BlockGraph {
     fn open_file(
         &self,
         path: &str,
-        writable: bool,
-        engine: Engine,
+        opts: &FileOpenOptions,
         name: Option<String>,
     ) -> Result<Arc<BlockNode>> {
-        let d = FileDriver::open(path, writable, engine)?;
+        let d = FileDriver::open(path, opts)?;
+        let writable = d.writable();
         let name = match name {
             Some(n) => {
                 self.check_name(&n)?;
@@ -333,7 +346,7 @@ impl BlockGraph {
         writable: bool,
         backing: Backing,
         path: &Path,
-        engine: Engine,
+        file_opts: FileOpenOptions,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Arc<BlockNode>> {
         let name = node_name.unwrap_or_else(|| self.auto_name());
@@ -363,7 +376,8 @@ impl BlockGraph {
                                 format: header.backing_format().map(str::to_string),
                                 node_name: None,
                                 no_backing: false,
-                                engine,
+                                engine: file_opts.engine,
+                                direct: file_opts.direct,
                             };
                             let n =
                                 self.open_chain(bpath, bopts, seen)
@@ -432,29 +446,26 @@ impl BlockGraph {
                 }
             };
             let allowed: &[&str] = match driver.as_str() {
-                "file" => &["driver", "node-name", "read-only", "filename", "aio"],
-                "null-co" => &["driver", "node-name", "read-only", "size"],
-                "raw" => &["driver", "node-name", "read-only", "file"],
-                "qcow2" => &["driver", "node-name", "read-only", "file", "backing"],
-                "nbd" => &[
-                    "driver",
-                    "node-name",
-                    "read-only",
-                    "server",
-                    "export",
-                    "reconnect-delay",
-                ],
+                "file" => &["filename", "aio"],
+                "null-co" => &["size"],
+                "raw" => &["file"],
+                "qcow2" => &["file", "backing"],
+                "nbd" => &["server", "export", "reconnect-delay"],
                 other => {
                     return Err(Error::InvalidArgument(format!(
                         "Parameter 'driver' does not accept value '{other}'"
                     )))
                 }
             };
-            if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            if let Some(k) = obj
+                .keys()
+                .find(|k| !allowed.contains(&k.as_str()) && !COMMON_OPTIONS.contains(&k.as_str()))
+            {
                 return Err(Error::InvalidArgument(format!(
                     "Parameter '{k}' is unexpected"
                 )));
             }
+            let common = CommonOptions::parse(obj)?;
             match driver.as_str() {
                 "file" => {
                     let filename = s("filename")?.ok_or_else(|| {
@@ -463,13 +474,30 @@ impl BlockGraph {
                     let engine = match s("aio")?.as_deref() {
                         None | Some("threads") => Engine::Threads,
                         Some("io_uring") => Engine::IoUring,
+                        // Linux AIO's job (asynchronous O_DIRECT I/O) is
+                        // done by io_uring here.
+                        Some("native") if common.direct => Engine::IoUring,
+                        Some("native") => {
+                            return Err(Error::InvalidArgument(
+                                "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                                    .into(),
+                            ))
+                        }
                         Some(o) => {
                             return Err(Error::InvalidArgument(format!(
                                 "Parameter 'aio' does not accept value '{o}'"
                             )))
                         }
                     };
-                    self.open_file(&filename, !read_only, engine, node_name)
+                    let fopts = FileOpenOptions {
+                        direct: common.direct,
+                        no_flush: common.no_flush,
+                        auto_read_only: common.auto_read_only,
+                        ..FileOpenOptions::new(!read_only, engine)
+                    };
+                    let node = self.open_file(&filename, &fopts, node_name)?;
+                    node.set_request_policy(common.policy);
+                    Ok(node)
                 }
                 "nbd" => {
                     let opts = NbdOptions::from_json(obj)?;
@@ -477,7 +505,9 @@ impl BlockGraph {
                     self.check_name(&name)?;
                     let d = NbdDriver::open(opts, read_only, self.clock()).await?;
                     let ro = d.read_only();
-                    self.add(BlockNode::new(name, Box::new(d), ro))
+                    let node = self.add(BlockNode::new(name, Box::new(d), ro))?;
+                    node.set_request_policy(common.policy);
+                    Ok(node)
                 }
                 "null-co" => {
                     let size = match obj.get("size") {
@@ -490,11 +520,13 @@ impl BlockGraph {
                     };
                     let name = node_name.unwrap_or_else(|| self.auto_name());
                     self.check_name(&name)?;
-                    self.add(BlockNode::new(
+                    let node = self.add(BlockNode::new(
                         name,
                         Box::new(NullDriver::new(size)),
                         read_only,
-                    ))
+                    ))?;
+                    node.set_request_policy(common.policy);
+                    Ok(node)
                 }
                 fmt => {
                     let file = match obj.get("file") {
@@ -505,9 +537,15 @@ impl BlockGraph {
                         })?,
                         Some(v @ Value::Object(_)) => {
                             let mut v = v.clone();
-                            if read_only {
-                                if let Some(o) = v.as_object_mut() {
+                            if let Some(o) = v.as_object_mut() {
+                                if read_only {
                                     o.entry("read-only").or_insert(Value::Bool(true));
+                                }
+                                // Children inherit these, as in QEMU.
+                                for k in ["cache", "auto-read-only"] {
+                                    if let Some(x) = obj.get(k) {
+                                        o.entry(k).or_insert(x.clone());
+                                    }
                                 }
                             }
                             self.blockdev_add_inner(&v).await?
@@ -547,18 +585,30 @@ impl BlockGraph {
                         seen.push(c);
                     }
                     let inline_file = matches!(obj.get("file"), Some(Value::Object(_)));
+                    // `auto-read-only`: a file that could only be opened
+                    // read-only makes the format node read-only too.
+                    let fallback = common.auto_read_only && file.read_only();
+                    let writable = !read_only && !fallback;
+                    let file_opts = FileOpenOptions {
+                        direct: common.direct,
+                        no_flush: common.no_flush,
+                        ..FileOpenOptions::new(false, Engine::Threads)
+                    };
                     let r = self
                         .open_format_inner(
                             file.clone(),
                             fmt,
                             node_name,
-                            !read_only,
+                            writable,
                             backing,
                             &path,
-                            Engine::Threads,
+                            file_opts,
                             &mut seen,
                         )
                         .await;
+                    if let Ok(n) = &r {
+                        n.set_request_policy(common.policy);
+                    }
                     if r.is_err() && inline_file {
                         // A failed blockdev-add leaves nothing behind, not
                         // even the protocol node it added for `file`.
@@ -604,4 +654,95 @@ async fn probe(file: &BlockNode) -> Result<String> {
     let b = file.read(0, vec![0; 4]).await?;
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     Ok(if magic == MAGIC { "qcow2" } else { "raw" }.into())
+}
+
+/// Options every `blockdev-add` driver takes (QAPI's
+/// `BlockdevOptionsBase`) besides `driver`, `node-name` and `read-only`.
+const COMMON_OPTIONS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "cache",
+    "discard",
+    "detect-zeroes",
+    "auto-read-only",
+    "force-share",
+];
+
+/// The parsed [`COMMON_OPTIONS`].
+struct CommonOptions {
+    /// `cache.direct`.
+    direct: bool,
+    /// `cache.no-flush`.
+    no_flush: bool,
+    /// `auto-read-only`.
+    auto_read_only: bool,
+    /// `discard` and `detect-zeroes`.
+    policy: RequestPolicy,
+}
+
+impl CommonOptions {
+    fn parse(obj: &serde_json::Map<String, Value>) -> Result<CommonOptions> {
+        let bad_type = |k: &str, want: &str| {
+            Error::InvalidArgument(format!(
+                "Invalid parameter type for '{k}', expected: {want}"
+            ))
+        };
+        let flag = |o: &serde_json::Map<String, Value>, k: &str, path: &str| match o.get(k) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(bad_type(path, "boolean")),
+        };
+        let (mut direct, mut no_flush) = (false, false);
+        match obj.get("cache") {
+            None => {}
+            Some(Value::Object(c)) => {
+                if let Some(k) = c.keys().find(|k| *k != "direct" && *k != "no-flush") {
+                    return Err(Error::InvalidArgument(format!(
+                        "Parameter 'cache.{k}' is unexpected"
+                    )));
+                }
+                direct = flag(c, "direct", "cache.direct")?;
+                no_flush = flag(c, "no-flush", "cache.no-flush")?;
+            }
+            Some(_) => return Err(bad_type("cache", "object")),
+        }
+        let auto_read_only = flag(obj, "auto-read-only", "auto-read-only")?;
+        // There are no image locks here, so nothing for force-share to
+        // relax; only its type is checked.
+        flag(obj, "force-share", "force-share")?;
+        let word = |k: &str, values: &[&str]| -> Result<Option<usize>> {
+            match obj.get(k) {
+                None => Ok(None),
+                Some(Value::String(v)) => {
+                    values.iter().position(|x| x == v).map(Some).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "Parameter '{k}' does not accept value '{v}'"
+                        ))
+                    })
+                }
+                Some(_) => Err(bad_type(k, "string")),
+            }
+        };
+        // QEMU: `ignore`/`off` drop discard requests, `unmap`/`on` pass
+        // them down. Without the option discards pass down here (QEMU's
+        // default is `ignore`).
+        let discard = word("discard", &["ignore", "off", "unmap", "on"])?.is_none_or(|i| i >= 2);
+        let detect_zeroes = match word("detect-zeroes", &["off", "on", "unmap"])? {
+            None | Some(0) => DetectZeroes::Off,
+            Some(1) => DetectZeroes::On,
+            Some(_) if discard => DetectZeroes::Unmap,
+            // QEMU: `unmap` without discard=unmap acts as `on`.
+            Some(_) => DetectZeroes::On,
+        };
+        Ok(CommonOptions {
+            direct,
+            no_flush,
+            auto_read_only,
+            policy: RequestPolicy {
+                discard,
+                detect_zeroes,
+            },
+        })
+    }
 }

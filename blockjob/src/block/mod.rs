@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub(crate) mod bitmap;
+mod direct;
 mod external_snapshot;
 mod file;
 mod graph;

@@ -1,7 +1,7 @@
 //! [`BlockNode`]: one layer of the graph.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, DirtyBitmap};
@@ -29,6 +29,62 @@ pub struct BlockNode {
     hooks: Mutex<Vec<(u64, Arc<dyn WriteHook>)>>,
     /// Named dirty bitmaps, newest first (QEMU lists them so).
     bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
+    /// [`RequestPolicy`], packed by [`RequestPolicy::bits`].
+    policy: AtomicU8,
+}
+
+/// QMP's `detect-zeroes`: whether writes of zeroes become zero writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum DetectZeroes {
+    /// Written as they are.
+    #[default]
+    Off,
+    /// A buffer of zeroes becomes a zero write.
+    On,
+    /// As `On`, and the space may be freed (the zero write may discard).
+    Unmap,
+}
+
+/// How a node treats some requests (`blockdev-add`'s `discard` and
+/// `detect-zeroes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RequestPolicy {
+    /// Discard requests reach the driver (`discard=unmap`); otherwise
+    /// they succeed doing nothing (`discard=ignore`).
+    pub(crate) discard: bool,
+    /// Zero detection on writes.
+    pub(crate) detect_zeroes: DetectZeroes,
+}
+
+impl Default for RequestPolicy {
+    fn default() -> Self {
+        RequestPolicy {
+            discard: true,
+            detect_zeroes: DetectZeroes::Off,
+        }
+    }
+}
+
+impl RequestPolicy {
+    fn bits(self) -> u8 {
+        let dz = match self.detect_zeroes {
+            DetectZeroes::Off => 0,
+            DetectZeroes::On => 1,
+            DetectZeroes::Unmap => 2,
+        };
+        u8::from(self.discard) | (dz << 1)
+    }
+
+    fn from_bits(b: u8) -> Self {
+        RequestPolicy {
+            discard: b & 1 != 0,
+            detect_zeroes: match b >> 1 {
+                0 => DetectZeroes::Off,
+                1 => DetectZeroes::On,
+                _ => DetectZeroes::Unmap,
+            },
+        }
+    }
 }
 
 /// Something that watches writes through a node: a dirty bitmap (mirror)
@@ -127,7 +183,17 @@ impl BlockNode {
             blockers: Mutex::new(Vec::new()),
             hooks: Mutex::new(Vec::new()),
             bitmaps: Mutex::new(Vec::new()),
+            policy: AtomicU8::new(RequestPolicy::default().bits()),
         })
+    }
+
+    /// Sets how discards and writes of zeroes are treated.
+    pub(crate) fn set_request_policy(&self, p: RequestPolicy) {
+        self.policy.store(p.bits(), Ordering::Relaxed);
+    }
+
+    fn request_policy(&self) -> RequestPolicy {
+        RequestPolicy::from_bits(self.policy.load(Ordering::Relaxed))
     }
 
     /// The node name.
@@ -214,7 +280,8 @@ impl BlockNode {
         self.driver.read(offset, buf).await
     }
 
-    /// Writes `buf` at `offset`.
+    /// Writes `buf` at `offset` (with `detect-zeroes`, a buffer of zeroes
+    /// becomes a zero write).
     pub async fn write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
         self.check_writable()?;
         if !self.driver.grows_on_write() {
@@ -222,6 +289,9 @@ impl BlockNode {
         }
         if buf.is_empty() {
             return Ok(());
+        }
+        if self.request_policy().detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+            return self.write_zeroes(offset, buf.len() as u64).await;
         }
         let len = buf.len() as u64;
         let hooks = self.before_write(offset, len).await?;
@@ -260,11 +330,12 @@ impl BlockNode {
         r
     }
 
-    /// Discards `len` bytes at `offset`.
+    /// Discards `len` bytes at `offset`; with `discard=ignore`, succeeds
+    /// doing nothing.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        if len == 0 {
+        if len == 0 || !self.request_policy().discard {
             return Ok(());
         }
         let hooks = self.before_write(offset, len).await?;

@@ -81,9 +81,13 @@ fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
         let keys: Vec<&str> = key.split('.').collect();
         let last = keys.len() - 1;
         let leaf = keys[last];
+        let boolean = matches!(
+            leaf,
+            "read-only" | "direct" | "no-flush" | "auto-read-only" | "force-share"
+        );
         let value = match (leaf, val) {
-            ("read-only", "on" | "true") => Value::Bool(true),
-            ("read-only", "off" | "false") => Value::Bool(false),
+            (_, "on" | "true") if boolean => Value::Bool(true),
+            (_, "off" | "false") if boolean => Value::Bool(false),
             ("size", v) => v
                 .parse::<u64>()
                 .map(Value::from)
@@ -451,6 +455,21 @@ mod tests {
             a.blockdevs[0],
             serde_json::json!({"driver": "qcow2", "node-name": "top", "read-only": true,
                 "file": {"driver": "file", "filename": "/t.qcow2"}})
+        );
+        // QSD's spelling of a cache=none disk.
+        let a = parse(&[
+            "--qmp",
+            "unix:/x",
+            "--blockdev",
+            "driver=file,node-name=f,filename=/d,aio=native,cache.direct=on,cache.no-flush=off,auto-read-only=on",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            a.blockdevs[0],
+            serde_json::json!({"driver": "file", "node-name": "f", "filename": "/d",
+                "aio": "native", "cache": {"direct": true, "no-flush": false},
+                "auto-read-only": true})
         );
     }
 

@@ -279,3 +279,113 @@ fn auto_read_only_falls_back_when_the_file_cannot_be_written() {
     assert!(n.file_child().unwrap().read_only());
     ctx.block_on(g.close_all()).unwrap();
 }
+
+/// `qemu-img info --force-share`'s `dirty-flag` of an image in use.
+fn dirty_flag(img: &std::path::Path) -> bool {
+    let v: Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", p(img)])).unwrap();
+    v["dirty-flag"].as_bool().unwrap()
+}
+
+#[test]
+fn blockdev_reopen_switches_read_only_all_or_nothing() {
+    let d = tmp();
+    let (base, other) = (path(&d, "base.qcow2"), path(&d, "other.qcow2"));
+    for img in [&base, &other] {
+        qemu_img(&["create", "-q", "-f", "qcow2", p(img), "1M"]);
+    }
+    let ctx = aio::AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let b = add(
+        &ctx,
+        &g,
+        json!({"driver": "qcow2", "node-name": "b", "read-only": true,
+        "cache": {"direct": false},
+        "file": {"driver": "file", "node-name": "bf", "filename": p(&base)}}),
+    )
+    .unwrap();
+    let o = add(
+        &ctx,
+        &g,
+        json!({"driver": "qcow2", "node-name": "o",
+        "file": {"driver": "file", "node-name": "of", "filename": p(&other)}}),
+    )
+    .unwrap();
+    let reopen = |v: Value| ctx.block_on(g.blockdev_reopen(v.as_array().unwrap()));
+    assert!(b.read_only() && !dirty_flag(&base));
+    assert!(ctx.block_on(b.write(0, vec![1; 512])).is_err());
+
+    reopen(
+        json!([{"driver": "qcow2", "node-name": "b", "file": "bf", "read-only": false,
+        "cache": {"direct": false}}]),
+    )
+    .unwrap();
+    assert!(!b.read_only() && !b.file_child().unwrap().read_only());
+    assert!(dirty_flag(&base), "open read-write: the dirty bit is set");
+    ctx.block_on(b.write(0, vec![1; 512])).unwrap();
+
+    let errors = [
+        (
+            json!([{"driver": "qcow2", "node-name": "nope", "file": "x"}]),
+            "Failed to find node with node-name='nope'",
+        ),
+        (
+            json!([{"driver": "raw", "node-name": "b", "file": "bf"}]),
+            "Cannot change the option 'driver'",
+        ),
+        (
+            json!([{"driver": "qcow2", "node-name": "b", "file": "of", "cache": {"direct": false}}]),
+            "Cannot change the option 'file'",
+        ),
+        (
+            json!([{"driver": "qcow2", "node-name": "b", "file": "bf", "cache": {"direct": true}}]),
+            "Cannot change the option 'cache'",
+        ),
+        (
+            json!([{"driver": "qcow2", "node-name": "b", "file": "bf"}]),
+            "Cannot change the option 'cache'",
+        ),
+        (
+            json!([{"driver": "qcow2", "node-name": "b"}]),
+            "Parameter 'options[0].file' is missing",
+        ),
+        // The file node is written by its qcow2 parent.
+        (
+            json!([{"driver": "file", "node-name": "bf", "filename": p(&base), "read-only": true,
+                "cache": {"direct": false}}]),
+            "Block node 'bf' is in use as writer by b",
+        ),
+    ];
+    for (v, want) in errors {
+        let e = reopen(v.clone()).unwrap_err();
+        assert_eq!(e.to_string(), want, "{v}");
+    }
+    // All or nothing: `b` goes read-only, then `o` fails (not given its
+    // file), so `b` comes back read-write.
+    let e = reopen(json!([
+        {"driver": "qcow2", "node-name": "b", "file": "bf", "read-only": true, "cache": {"direct": false}},
+        {"driver": "qcow2", "node-name": "o", "file": "of", "read-only": true, "backing": "b"},
+    ]))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Cannot change the backing link of 'o' by reopen"
+    );
+    assert!(!b.read_only() && !o.read_only());
+
+    // Read-only again: flushed and clean on disk while still open.
+    reopen(
+        json!([{"driver": "qcow2", "node-name": "b", "file": "bf", "read-only": true,
+        "cache": {"direct": false}}]),
+    )
+    .unwrap();
+    assert!(b.read_only());
+    assert!(!dirty_flag(&base), "reopened read-only: clean");
+    assert!(ctx.block_on(b.write(0, vec![2; 512])).is_err());
+    assert_check(&base);
+    ctx.block_on(g.close_all()).unwrap();
+    assert_eq!(
+        &to_raw(&base, d.path())[..513],
+        &[[1u8; 512].as_slice(), &[0]].concat()[..]
+    );
+}

@@ -386,6 +386,7 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
         })?;
     }
     crate::snapshot_qmp::register_snapshot_commands(server, &state)?;
+    crate::reopen_qmp::register_reopen_commands(server, &state)?;
     crate::transaction_qmp::register_transaction(server, &state)?;
     crate::create_qmp::register_create_commands(server, &state)?;
     crate::drive_qmp::register_drive_commands(server, &state)?;

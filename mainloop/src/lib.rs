@@ -21,6 +21,7 @@ pub mod job_qmp;
 mod main_loop;
 pub mod qmp;
 pub mod qtest_server;
+pub mod reopen_qmp;
 pub mod snapshot_qmp;
 pub mod transaction_qmp;
 

@@ -242,18 +242,7 @@ fn query_named_block_nodes_shows_snapshots_and_chain_like_qemu_storage_daemon() 
     let (mut child, mut ours) = start(d, &blockdevs);
 
     let qsd_sock = d.join("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=m",
-            qsd_sock.display()
-        ))
-        .args(["--monitor", "chardev=m", "--blockdev", &blockdevs[0]])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("qemu-storage-daemon listens", || qsd_sock.exists());
+    let mut qsd = util::aiod::start_qsd(&qsd_sock, &["--blockdev", &blockdevs[0]]);
     let mut theirs = QmpClient::connect_unix(&qsd_sock);
     theirs.negotiate();
 

@@ -4,6 +4,7 @@
 //! shape are made to fit it by [`super::direct`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use aio::file::{Engine, File, OpenOptions as FileOpen};
 
@@ -42,7 +43,13 @@ impl FileOpenOptions {
 
 /// A host file.
 pub(crate) struct FileDriver {
-    file: File,
+    /// The file as opened.
+    opened: File,
+    /// The file opened again for writing, by a reopen read-write of a
+    /// file opened read-only; kept from then on (the node's read-only
+    /// flag is what refuses writes).
+    rw: OnceLock<File>,
+    opts: FileOpenOptions,
     name: String,
     len: AtomicU64,
     writable: bool,
@@ -77,7 +84,9 @@ impl FileDriver {
             .map_err(|e| Error::open(path, e.to_string()))?;
         let align = Alignment::of(&file);
         Ok(FileDriver {
-            file,
+            opened: file,
+            rw: OnceLock::new(),
+            opts: *opts,
             name: path.to_string(),
             len: AtomicU64::new(len),
             writable,
@@ -93,9 +102,30 @@ impl FileDriver {
         self.writable
     }
 
+    /// The file to do I/O on.
+    fn file(&self) -> &File {
+        self.rw.get().unwrap_or(&self.opened)
+    }
+
+    /// Makes sure there is a file descriptor open for writing.
+    fn reopen_rw(&self) -> Result<()> {
+        if self.writable || self.rw.get().is_some() {
+            return Ok(());
+        }
+        let o = FileOpen::new()
+            .read(true)
+            .write(true)
+            .direct(self.opts.direct)
+            .engine(self.opts.engine);
+        let f = File::open(&self.name, &o).map_err(|e| Error::from_open(&self.name, e))?;
+        // Two reopens racing: the loser's file is closed here.
+        let _ = self.rw.set(f);
+        Ok(())
+    }
+
     async fn read_raw(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let (n, mut buf) = self
-            .file
+            .file()
             .read_at(buf, offset)
             .await
             .map_err(|e| Error::io(&self.name, e))?;
@@ -111,7 +141,7 @@ impl FileDriver {
             .buffer(end - start)
             .map_err(|e| Error::io(&self.name, e))?;
         let (n, mut bounce) = self
-            .file
+            .file()
             .read_at(bounce, start)
             .await
             .map_err(|e| Error::io(&self.name, e))?;
@@ -138,7 +168,7 @@ impl FileDriver {
             .map_err(|e| Error::io(&self.name, e))?;
         if start < offset || end > offset + len {
             let (n, b) = self
-                .file
+                .file()
                 .read_at(bounce, start)
                 .await
                 .map_err(|e| Error::io(&self.name, e))?;
@@ -150,13 +180,13 @@ impl FileDriver {
         // The bounce may reach past the end of the file (the tail of the
         // last block): cut the file back to where the request ends.
         let old_len = self.len();
-        self.file
+        self.file()
             .write_at(bounce, start)
             .await
             .map_err(|e| Error::io(&self.name, e))?;
         let new_len = old_len.max(offset + len);
         if end > new_len {
-            self.file
+            self.file()
                 .set_len(new_len)
                 .await
                 .map_err(|e| Error::io(&self.name, e))?;
@@ -167,7 +197,7 @@ impl FileDriver {
 
     async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
         let end = offset + buf.len() as u64;
-        self.file
+        self.file()
             .write_at(buf, offset)
             .await
             .map_err(|e| Error::io(&self.name, e))?;
@@ -191,7 +221,7 @@ impl FileDriver {
         self.zero_by_writing(offset, a - offset).await?;
         {
             let _held = self.writes.lock(a, b).await;
-            self.file
+            self.file()
                 .write_zeroes(a, b - a)
                 .await
                 .map_err(|e| Error::io(&self.name, e))?;
@@ -247,7 +277,7 @@ impl BlockDriver for FileDriver {
             if !self.align.is_trivial() {
                 return self.write_zeroes_direct(offset, len).await;
             }
-            self.file
+            self.file()
                 .write_zeroes(offset, len)
                 .await
                 .map_err(|e| Error::io(&self.name, e))?;
@@ -268,7 +298,7 @@ impl BlockDriver for FileDriver {
                 }
                 (a, b - a)
             };
-            self.file
+            self.file()
                 .discard(offset, len)
                 .await
                 .map_err(|e| Error::io(&self.name, e))
@@ -279,7 +309,7 @@ impl BlockDriver for FileDriver {
             if self.no_flush {
                 return Ok(());
             }
-            self.file
+            self.file()
                 .flush()
                 .await
                 .map_err(|e| Error::io(&self.name, e))
@@ -287,7 +317,7 @@ impl BlockDriver for FileDriver {
     }
     fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.file
+            self.file()
                 .set_len(len)
                 .await
                 .map_err(|e| Error::io(&self.name, e))?;
@@ -312,6 +342,15 @@ impl BlockDriver for FileDriver {
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
+    }
+    fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if read_only {
+                Ok(())
+            } else {
+                self.reopen_rw()
+            }
+        })
     }
     fn info(&self) -> ImageInfo {
         ImageInfo {

@@ -421,6 +421,21 @@ impl BlockGraph {
 
     fn blockdev_add_inner<'a>(&'a self, args: &'a Value) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
         Box::pin(async move {
+            let node = self.blockdev_add_node(args).await?;
+            if let Some(obj) = args.as_object() {
+                let kept = obj
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "file" | "backing" | "read-only"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                node.set_add_options(kept);
+            }
+            Ok(node)
+        })
+    }
+
+    fn blockdev_add_node<'a>(&'a self, args: &'a Value) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
+        Box::pin(async move {
             let obj = args.as_object().ok_or_else(|| {
                 Error::InvalidArgument("blockdev-add arguments must be an object".into())
             })?;

@@ -23,6 +23,7 @@ mod null;
 mod perm;
 pub mod qcow2;
 mod raw;
+mod reopen;
 mod status;
 
 pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
@@ -33,7 +34,7 @@ pub(crate) use graph::GraphRef;
 pub use graph::{BlockGraph, OpenOptions};
 pub use image_json::{image_info_json, snapshot_info_json};
 pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
-pub use node::{BlockNode, OpBlocker, WriteHook, WriteHookGuard};
+pub use node::{BlockNode, OpBlocker, ReopenOptions, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::CreateOptions;
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
@@ -167,6 +168,15 @@ pub trait BlockDriver: Send + Sync {
                 format!("Driver '{drv}' does not support backing files"),
             ))
         })
+    }
+    /// Switches this layer between read-only and read-write (QEMU's
+    /// `bdrv_reopen` of the `read-only` option); the node has already
+    /// reopened its `file` child read-write (before this, going
+    /// read-write) or will reopen it read-only (after this, going
+    /// read-only). Drivers without state of their own accept.
+    fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
+        let _ = read_only;
+        Box::pin(async { Ok(()) })
     }
     /// Checks metadata consistency; `None` if the format has no checks.
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {

@@ -446,6 +446,20 @@ impl NbdDriver {
 }
 
 impl BlockDriver for NbdDriver {
+    fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if !read_only && self.read_only {
+                return Err(Error::Permission {
+                    node: self.uri.clone(),
+                    reason: format!(
+                        "{}: cannot reopen read-write: opened read-only (or the export is read-only)",
+                        self.uri
+                    ),
+                });
+            }
+            Ok(())
+        })
+    }
     fn driver_name(&self) -> &'static str {
         "nbd"
     }

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 pub struct BlockNode {
     name: String,
     driver: Box<dyn BlockDriver>,
-    read_only: bool,
+    read_only: AtomicBool,
     users: Mutex<Vec<PermUser>>,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -31,6 +31,10 @@ pub struct BlockNode {
     bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
     /// [`RequestPolicy`], packed by [`RequestPolicy::bits`].
     policy: AtomicU8,
+    /// The `blockdev-add` options the node was made with, children
+    /// (`file`, `backing`) and `read-only` left out: what
+    /// `blockdev-reopen` must be given again unchanged.
+    options: Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// QMP's `detect-zeroes`: whether writes of zeroes become zero writes.
@@ -84,6 +88,26 @@ impl RequestPolicy {
                 _ => DetectZeroes::Unmap,
             },
         }
+    }
+}
+
+/// Options of [`BlockNode::reopen`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReopenOptions {
+    /// Refuse writes from now on.
+    pub read_only: bool,
+}
+
+impl ReopenOptions {
+    /// Read-write (the default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets read-only.
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
     }
 }
 
@@ -159,7 +183,7 @@ impl fmt::Debug for BlockNode {
             .field("name", &self.name)
             .field("driver", &self.driver.driver_name())
             .field("filename", &self.driver.filename())
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.read_only())
             .finish()
     }
 }
@@ -176,7 +200,7 @@ impl BlockNode {
         Arc::new(BlockNode {
             name,
             driver,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             users: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -184,7 +208,22 @@ impl BlockNode {
             hooks: Mutex::new(Vec::new()),
             bitmaps: Mutex::new(Vec::new()),
             policy: AtomicU8::new(RequestPolicy::default().bits()),
+            options: Mutex::new(serde_json::Map::new()),
         })
+    }
+
+    /// Records the options the node was added with (see `options`).
+    pub(crate) fn set_add_options(&self, o: serde_json::Map<String, serde_json::Value>) {
+        *self.options.lock().unwrap_or_else(|e| e.into_inner()) = o;
+    }
+
+    /// The options the node was added with, without children and
+    /// `read-only` (empty for nodes opened from an image header).
+    pub(crate) fn add_options(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sets how discards and writes of zeroes are treated.
@@ -213,7 +252,101 @@ impl BlockNode {
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Switches the node between read-only and read-write (QEMU's
+    /// `blockdev-reopen` of `read-only`, and what `block-commit` does to a
+    /// read-only base for the length of the job). Going read-write, the
+    /// `file` child is reopened read-write first; going read-only, the
+    /// node's image is made clean (qcow2: flushed, dirty bit cleared)
+    /// before its `file` child follows.
+    ///
+    /// # Errors
+    ///
+    /// Going read-only while a user holds the write or resize permission
+    /// (`Block node 'N' is in use as writer by USER`), a file that cannot
+    /// be opened for writing, an image that cannot be written (qcow2 with
+    /// subclusters or a dirty bit), an NBD export that is read-only.
+    pub async fn reopen(&self, opts: &ReopenOptions) -> Result<()> {
+        if opts.read_only == self.read_only() {
+            return Ok(());
+        }
+        if opts.read_only {
+            let writer = {
+                let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+                users
+                    .iter()
+                    .find(|u| u.perm.contains(Perm::WRITE) || u.perm.contains(Perm::RESIZE))
+                    .map(|u| u.user.clone())
+            };
+            if let Some(u) = writer {
+                return Err(Error::Permission {
+                    node: self.name.clone(),
+                    reason: format!("Block node '{}' is in use as writer by {u}", self.name),
+                });
+            }
+            self.read_only.store(true, Ordering::Release);
+            let r = self.driver.reopen(true).await;
+            if let Err(e) = r {
+                self.read_only.store(false, Ordering::Release);
+                return Err(e);
+            }
+            if let Some(f) = self.file_child() {
+                f.set_child_perm(&self.name, "file", Perm::CONSISTENT_READ)?;
+                // A failure to reopen the file read-only (someone else
+                // writes it) leaves it as it was, which is harmless.
+                let _ = Box::pin(f.reopen(opts)).await;
+            }
+            return Ok(());
+        }
+        if let Some(f) = self.file_child() {
+            Box::pin(f.reopen(opts)).await?;
+            f.set_child_perm(
+                &self.name,
+                "file",
+                Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            )?;
+        }
+        if let Err(e) = self.driver.reopen(false).await {
+            if let Some(f) = self.file_child() {
+                let _ = f.set_child_perm(&self.name, "file", Perm::CONSISTENT_READ);
+            }
+            return Err(e);
+        }
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether `u` lets another user take `perm`.
+    fn check_shared_by(&self, u: &PermUser, perm: Perm) -> Result<()> {
+        let denied = perm.without(u.shared);
+        if denied.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Permission {
+            node: self.name.clone(),
+            reason: format!(
+                "Conflicts with use by {} as '{}', which does not allow '{}' on {}",
+                u.user, u.role, denied, self.name
+            ),
+        })
+    }
+
+    /// Changes what `user` (in `role`) uses of this node, checked against
+    /// what the other users share.
+    fn set_child_perm(&self, user: &str, role: &str, perm: Perm) -> Result<()> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        for u in users.iter().filter(|u| !(u.user == user && u.role == role)) {
+            self.check_shared_by(u, perm)?;
+        }
+        for u in users
+            .iter_mut()
+            .filter(|u| u.user == user && u.role == role)
+        {
+            u.perm = perm;
+        }
+        Ok(())
     }
 
     /// The virtual size in bytes.
@@ -262,7 +395,7 @@ impl BlockNode {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::Permission {
                 node: self.name.clone(),
                 reason: format!("Block node '{}' is read-only", self.name),
@@ -607,7 +740,7 @@ impl BlockNode {
 
     /// Makes completed writes durable.
     pub async fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Ok(());
         }
         self.driver.flush().await
@@ -714,23 +847,14 @@ impl BlockNode {
         ignore: &[String],
     ) -> Result<PermGuard> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if self.read_only && !(perm.without(Perm::CONSISTENT_READ | Perm::GRAPH_MOD)).is_empty() {
+        if self.read_only() && !(perm.without(Perm::CONSISTENT_READ | Perm::GRAPH_MOD)).is_empty() {
             return Err(Error::Permission {
                 node: self.name.clone(),
                 reason: format!("Block node '{}' is read-only", self.name),
             });
         }
         for u in users.iter().filter(|u| !ignore.contains(&u.user)) {
-            let denied = perm.without(u.shared);
-            if !denied.is_empty() {
-                return Err(Error::Permission {
-                    node: self.name.clone(),
-                    reason: format!(
-                        "Conflicts with use by {} as '{}', which does not allow '{}' on {}",
-                        u.user, u.role, denied, self.name
-                    ),
-                });
-            }
+            self.check_shared_by(u, perm)?;
             let used = u.perm.without(shared);
             if !used.is_empty() {
                 return Err(Error::Permission {

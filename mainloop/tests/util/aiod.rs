@@ -57,6 +57,25 @@ pub fn start_aiod(sock: &Path, extra: &[&str]) -> Child {
     child
 }
 
+/// Starts qemu-storage-daemon with its monitor on `sock` and `extra`
+/// arguments; returns once the socket exists.
+pub fn start_qsd(sock: &Path, extra: &[&str]) -> Child {
+    let mut child = Command::new("qemu-storage-daemon")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=m",
+            sock.display()
+        ))
+        .args(["--monitor", "chardev=m"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, sock);
+    child
+}
+
 /// `base.qcow2` (`size`, its first `data` filled with 0x42) and `top.qcow2`
 /// over it, in `d`.
 pub fn base_and_top(d: &Path, size: &str, data: &str) -> (PathBuf, PathBuf) {

@@ -42,7 +42,7 @@ pub(crate) struct Qcow2 {
     _file_perm: PermGuard,
     backing: Mutex<Option<PermGuard>>,
     header: Mutex<Header>,
-    read_only: bool,
+    read_only: AtomicBool,
     size: AtomicU64,
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
@@ -159,7 +159,7 @@ impl Qcow2 {
             backing: Mutex::new(backing),
             size: AtomicU64::new(header.size),
             header: Mutex::new(header),
-            read_only: !writable,
+            read_only: AtomicBool::new(!writable),
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
@@ -196,7 +196,7 @@ impl Qcow2 {
 
     /// `Could not WHAT of 'FILE': read-only image` on a read-only image.
     fn refuse_read_only(&self, what: &str) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(Error::Permission {
                 node: self.g.name.clone(),
                 reason: format!("Could not {what} of '{}': read-only image", self.g.name),
@@ -354,8 +354,48 @@ impl Qcow2 {
         Ok((st, run.len))
     }
 
+    fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Going read-write: the checks of a read-write open, then the dirty
+    /// bit. Going read-only: what a clean close writes (flush, dirty bit
+    /// cleared).
+    async fn do_reopen(&self, read_only: bool) -> Result<()> {
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        if read_only {
+            self.do_close().await?;
+            self.read_only.store(true, Ordering::Release);
+            return Ok(());
+        }
+        let (extended_l2, incompat) = {
+            let h = self.header();
+            (h.extended_l2(), h.incompatible_features)
+        };
+        if extended_l2 {
+            return Err(Error::open(
+                &self.g.name,
+                "writing images with extended L2 entries (subclusters) is not supported",
+            ));
+        }
+        if incompat & INCOMPAT_DIRTY != 0 {
+            return Err(Error::open(
+                &self.g.name,
+                "the image is dirty (refcounts may be stale); it cannot be reopened read-write",
+            ));
+        }
+        self.read_only.store(false, Ordering::Release);
+        if let Err(e) = self.mark_dirty().await {
+            self.read_only.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn do_close(&self) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         self.g.flush().await?;
@@ -413,6 +453,9 @@ impl BlockDriver for Qcow2 {
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.do_close())
+    }
+    fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_reopen(read_only))
     }
     fn info(&self) -> ImageInfo {
         let h = &*self.header();

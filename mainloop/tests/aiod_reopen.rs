@@ -1,0 +1,85 @@
+//! `blockdev-reopen` over QMP: the same requests to aiod and to
+//! qemu-storage-daemon get the same answers, and the image is clean on
+//! disk after going back to read-only.
+
+mod util;
+
+use serde_json::{json, Value};
+use util::aiod::{create_qcow2, qemu_img, start_aiod, start_qsd, wait_exit};
+use util::QmpClient;
+
+/// `{"return"}` or the error's description, for comparing two daemons.
+fn outcome(c: &mut QmpClient, cmd: &str, args: Value) -> Result<Value, String> {
+    let r = c.execute(cmd, args);
+    match r.get("error") {
+        Some(e) => Err(e["desc"].as_str().unwrap_or_default().to_string()),
+        None => Ok(r["return"].clone()),
+    }
+}
+
+fn dirty(img: &std::path::Path) -> bool {
+    let v: Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        img.to_str().unwrap(),
+    ]))
+    .unwrap();
+    v["dirty-flag"].as_bool().unwrap()
+}
+
+#[test]
+fn blockdev_reopen_answers_like_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut answers = Vec::new();
+    for daemon in ["aiod", "qsd"] {
+        let (base, top) = (
+            d.join(format!("{daemon}-b.qcow2")),
+            d.join(format!("{daemon}-t.qcow2")),
+        );
+        create_qcow2(&base, "1M", None);
+        create_qcow2(&top, "1M", None);
+        let b = json!({"driver": "qcow2", "node-name": "b", "read-only": true,
+            "file": {"driver": "file", "node-name": "bf", "filename": base}})
+        .to_string();
+        let t = json!({"driver": "qcow2", "node-name": "t", "backing": "b",
+            "file": {"driver": "file", "node-name": "tf", "filename": top}})
+        .to_string();
+        let sock = d.join(format!("{daemon}.sock"));
+        let args = ["--blockdev", b.as_str(), "--blockdev", t.as_str()];
+        let mut child = if daemon == "aiod" {
+            start_aiod(&sock, &args)
+        } else {
+            start_qsd(&sock, &args)
+        };
+        let mut c = QmpClient::connect_unix(&sock);
+        c.negotiate();
+        let reopen = |ro: bool| json!({"options": [{"driver": "qcow2", "node-name": "b", "file": "bf", "read-only": ro}]});
+        let mut got = vec![outcome(&mut c, "blockdev-reopen", reopen(false))];
+        // aiod marks a qcow2 image dirty while it is open read-write
+        // (QEMU only does with lazy refcounts).
+        assert_eq!(dirty(&base), daemon == "aiod", "{daemon}: read-write");
+        for args in [
+            json!({"options": [{"driver": "raw", "node-name": "b", "file": "bf"}]}),
+            json!({"options": [{"driver": "qcow2", "node-name": "ghost", "file": "bf"}]}),
+            json!({"options": [{"driver": "qcow2", "node-name": "b"}]}),
+            json!({"options": [{"driver": "qcow2", "node-name": "t", "file": "tf"}]}),
+        ] {
+            got.push(outcome(&mut c, "blockdev-reopen", args));
+        }
+        got.push(outcome(&mut c, "blockdev-reopen", reopen(true)));
+        assert!(!dirty(&base), "{daemon}: read-only again, so clean");
+        answers.push(got);
+        c.execute("quit", Value::Null);
+        assert!(wait_exit(&mut child).success());
+        qemu_img(&["check", base.to_str().unwrap()]);
+    }
+    assert_eq!(answers[0], answers[1], "aiod vs qemu-storage-daemon");
+    assert_eq!(answers[0][0], Ok(json!({})));
+    assert!(
+        answers[0][1..5].iter().all(Result::is_err),
+        "{:?}",
+        answers[0]
+    );
+}

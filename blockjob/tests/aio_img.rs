@@ -407,3 +407,48 @@ fn a_closed_stdout_ends_aio_img_without_a_panic() {
         );
     }
 }
+
+#[test]
+fn create_options_match_qemu_img_create() {
+    let d = tmp();
+    for opts in [
+        "preallocation=metadata,refcount_bits=4",
+        "preallocation=falloc,lazy_refcounts=on",
+        "preallocation=full,cluster_size=4096",
+    ] {
+        let (ours, theirs) = (path(&d, "o.qcow2"), path(&d, "q.qcow2"));
+        let (code, _, err) = aio_img(&["create", "-f", "qcow2", "-o", opts, p(&ours), "1M"]);
+        assert_eq!(code, 0, "{opts}: {err}");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&theirs), "1M"]);
+        let facts = |img: &Path| {
+            let v: serde_json::Value =
+                serde_json::from_str(&qemu_img(&["info", "--output=json", p(img)])).unwrap();
+            (v["format-specific"].clone(), v["cluster-size"].clone())
+        };
+        assert_eq!(facts(&ours), facts(&theirs), "{opts}");
+        let map = |img: &Path| {
+            let v: serde_json::Value =
+                serde_json::from_str(&qemu_img(&["map", "--output=json", p(img)])).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["zero"].clone(), e["data"].clone(), e["length"].clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(map(&ours), map(&theirs), "{opts}");
+        assert_check(&ours);
+    }
+    let (code, _, err) = aio_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=lots",
+        p(&path(&d, "x.qcow2")),
+        "1M",
+    ]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "aio-img: Invalid preallocation mode: 'lots'")
+    );
+}

@@ -97,23 +97,17 @@ fn qcow2_spec(o: &Map<String, Value>) -> Result<CreateSpec, QmpError> {
     if o.get("extended-l2") == Some(&Value::Bool(true)) {
         return Err(unsupported("extended-l2=on"));
     }
-    if o.get("lazy-refcounts") == Some(&Value::Bool(true)) {
-        return Err(unsupported("lazy-refcounts=on"));
-    }
-    if let Some(b) = o.get("refcount-bits").and_then(Value::as_i64) {
-        if b != 16 {
-            return Err(unsupported(&format!("refcount-bits={b} (only 16)")));
-        }
-    }
     if str_of(o, "compression-type") == Some("zstd") {
         return Err(unsupported("compression-type=zstd"));
     }
-    let p = preallocation(o);
-    if p != Preallocation::Off {
-        return Err(unsupported(&format!("preallocation={}", p.as_str())));
-    }
     let backing_fmt = str_of(o, "backing-fmt");
-    let mut opts = CreateOptions::new(u64_of(o, "size").unwrap_or(0));
+    let mut opts = CreateOptions::new(u64_of(o, "size").unwrap_or(0))
+        .preallocation(preallocation(o))
+        .lazy_refcounts(o.get("lazy-refcounts") == Some(&Value::Bool(true)));
+    if let Some(b) = o.get("refcount-bits").and_then(Value::as_i64) {
+        // Out-of-range widths get the creator's error, like QEMU's.
+        opts = opts.refcount_bits(u32::try_from(b).unwrap_or(u32::MAX));
+    }
     match (str_of(o, "backing-file"), backing_fmt) {
         (Some(f), fmt) => opts = opts.backing(f, fmt),
         (None, Some(_)) => {

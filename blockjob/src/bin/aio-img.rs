@@ -1,7 +1,7 @@
 //! `aio-img`: a small `qemu-img` on the blockjob block layer.
 //!
 //! ```text
-//! aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=1.1] FILE [SIZE]
+//! aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=1.1,refcount_bits=N,lazy_refcounts=on,preallocation=MODE] FILE [SIZE]
 //! aio-img info [--backing-chain] [--output=json] FILE
 //! aio-img map [--output=json] FILE
 //! aio-img check FILE
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use blockjob::block::{
     create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CreateOptions, OpenOptions,
-    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+    Preallocation, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::{Error, Result};
 use serde_json::Value;
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     }
 }
 
-const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1] FILE [SIZE]
+const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off,preallocation=off|metadata|falloc|full] FILE [SIZE]
 aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
 aio-img check FILE
@@ -222,6 +222,18 @@ async fn create(args: &[String]) -> Outcome {
                         Some(("cluster_size", v)) => o.cluster_size = parse_size(v)?,
                         Some(("compat", "1.1" | "v3")) => o.version = 3,
                         Some(("compat", "0.10" | "v2")) => o.version = 2,
+                        Some(("refcount_bits", v)) => {
+                            o.refcount_bits = v.parse().map_err(|_| {
+                                Error::InvalidArgument(format!("Invalid refcount_bits '{v}'"))
+                            })?
+                        }
+                        Some(("lazy_refcounts", "on" | "true")) => o.lazy_refcounts = true,
+                        Some(("lazy_refcounts", "off" | "false")) => o.lazy_refcounts = false,
+                        Some(("preallocation", v)) => {
+                            o.preallocation = Preallocation::parse(v).ok_or_else(|| {
+                                Error::InvalidArgument(format!("Invalid preallocation mode: '{v}'"))
+                            })?
+                        }
                         _ => {
                             return Err(Error::InvalidArgument(format!(
                                 "Invalid option '{kv}' for qcow2"

@@ -36,7 +36,7 @@ pub use image_json::{image_info_json, snapshot_info_json};
 pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
 pub use node::{BlockNode, OpBlocker, ReopenOptions, WriteHook, WriteHookGuard};
 pub use perm::{Perm, PermGuard};
-pub use qcow2::CreateOptions;
+pub use qcow2::{CreateOptions, Preallocation};
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};
@@ -177,6 +177,21 @@ pub trait BlockDriver: Send + Sync {
     fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
         let _ = read_only;
         Box::pin(async { Ok(()) })
+    }
+    /// Allocates the whole image up front (a new image's
+    /// `preallocation`); formats without allocation refuse.
+    fn preallocate(&self, mode: Preallocation) -> BoxFuture<'_, Result<()>> {
+        let name = self.filename().to_string();
+        let drv = self.driver_name();
+        Box::pin(async move {
+            Err(Error::unsupported(
+                &name,
+                format!(
+                    "Driver '{drv}' does not support preallocation={}",
+                    mode.as_str()
+                ),
+            ))
+        })
     }
     /// Checks metadata consistency; `None` if the format has no checks.
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {

@@ -762,6 +762,13 @@ impl BlockNode {
         self.driver.block_status(offset, len).await
     }
 
+    /// Allocates the whole image up front (`preallocation` of a new
+    /// image).
+    pub async fn preallocate(&self, mode: super::Preallocation) -> Result<()> {
+        self.check_writable()?;
+        self.driver.preallocate(mode).await
+    }
+
     /// Checks the image's metadata (`None`: the format has no checks).
     pub async fn check(&self) -> Result<Option<CheckReport>> {
         self.driver.check().await

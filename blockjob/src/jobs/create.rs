@@ -6,9 +6,9 @@
 //! successfully or not, as in QEMU.
 //!
 //! Drivers: `file` (a host file of `size` bytes, preallocation `off`,
-//! `falloc` or `full`) and `qcow2` (written into an opened `file` node,
-//! with the options our qcow2 creator supports: version, cluster size,
-//! backing file and format).
+//! `falloc` or `full`) and `qcow2` (written into an opened `file` node:
+//! version, cluster size, backing file and format, refcount width, lazy
+//! refcounts, preallocation).
 
 use std::sync::Arc;
 
@@ -20,32 +20,7 @@ use crate::block::{create_qcow2, BlockGraph, CreateOptions, Perm, PermGuard};
 use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobOptions, JobRegistry, JobType};
 use crate::{Error, Result};
 
-/// QAPI's `PreallocMode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Preallocation {
-    /// A sparse file (the default).
-    #[default]
-    Off,
-    /// Metadata only (qcow2 in QEMU; not supported here).
-    Metadata,
-    /// Space reserved with `fallocate`.
-    Falloc,
-    /// Every byte written.
-    Full,
-}
-
-impl Preallocation {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Preallocation::Off => "off",
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-        }
-    }
-}
+pub use crate::block::Preallocation;
 
 /// What to create (QAPI's `BlockdevCreateOptions`, the drivers we have).
 #[derive(Clone, Debug)]

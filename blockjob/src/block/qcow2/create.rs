@@ -3,8 +3,48 @@
 
 use std::path::Path;
 
-use super::header::{Extension, Header, V3_HEADER_LEN};
+use super::entry::set_refcount;
+use super::header::{Extension, Header, COMPAT_LAZY_REFCOUNTS, V3_HEADER_LEN};
 use crate::{Error, Result};
+
+/// QAPI's `PreallocMode`: what creating an image allocates up front.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Preallocation {
+    /// Nothing: a sparse image (the default).
+    #[default]
+    Off,
+    /// qcow2: every L2 table and data cluster allocated, the data
+    /// clusters marked as reading zeroes; the file grows sparsely.
+    Metadata,
+    /// As `Metadata` with the file's space reserved (`fallocate`).
+    Falloc,
+    /// As `Metadata` with every byte written.
+    Full,
+}
+
+impl Preallocation {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+
+    /// The mode named `s` (`off`, `metadata`, `falloc`, `full`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+}
 
 /// Options for creating a qcow2 image (`qemu-img create -f qcow2 -o ...`).
 #[derive(Clone, Debug)]
@@ -21,6 +61,14 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// qcow2 version: 3 (`compat=1.1`, default) or 2 (`compat=0.10`).
     pub version: u32,
+    /// Refcount width in bits: a power of two from 1 to 64 (default 16;
+    /// other widths need version 3).
+    pub refcount_bits: u32,
+    /// Set the lazy-refcounts compatible feature (version 3). Refcounts
+    /// are still kept up to date here; QEMU may then write lazily.
+    pub lazy_refcounts: bool,
+    /// What to allocate up front.
+    pub preallocation: Preallocation,
 }
 
 impl Default for CreateOptions {
@@ -31,6 +79,9 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
         }
     }
 }
@@ -59,6 +110,21 @@ impl CreateOptions {
         self.version = v;
         self
     }
+    /// Sets the refcount width in bits.
+    pub fn refcount_bits(mut self, bits: u32) -> Self {
+        self.refcount_bits = bits;
+        self
+    }
+    /// Sets the lazy-refcounts feature bit.
+    pub fn lazy_refcounts(mut self, on: bool) -> Self {
+        self.lazy_refcounts = on;
+        self
+    }
+    /// Sets the preallocation mode.
+    pub fn preallocation(mut self, p: Preallocation) -> Self {
+        self.preallocation = p;
+        self
+    }
 }
 
 /// Writes an empty image skeleton of size 0 (cluster 0 header, cluster 1
@@ -84,6 +150,28 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
             o.version
         )));
     }
+    let rb = o.refcount_bits;
+    if !rb.is_power_of_two() || rb > 64 {
+        return Err(Error::InvalidArgument(
+            "Refcount width must be a power of two and may not exceed 64 bits".into(),
+        ));
+    }
+    if o.version < 3 && rb != 16 {
+        return Err(Error::InvalidArgument(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into(),
+        ));
+    }
+    if o.version < 3 && o.lazy_refcounts {
+        return Err(Error::InvalidArgument(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+        ));
+    }
+    if o.preallocation != Preallocation::Off && o.backing_file.is_some() {
+        return Err(Error::InvalidArgument(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+                .into(),
+        ));
+    }
     let mut h = Header {
         version: o.version,
         backing_file_offset: 0,
@@ -98,9 +186,13 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
-        compatible_features: 0,
+        compatible_features: if o.lazy_refcounts {
+            COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
-        refcount_order: 4,
+        refcount_order: rb.trailing_zeros(),
         header_length: V3_HEADER_LEN as u32,
         compression_type: 0,
         extra: Vec::new(),
@@ -122,7 +214,7 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
     buf.extend_from_slice(&table);
     let mut block = vec![0u8; cs as usize];
     for i in 0..3 {
-        block[i * 2..i * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+        set_refcount(&mut block, rb.trailing_zeros(), i, 1);
     }
     buf.extend_from_slice(&block);
     std::fs::write(path, &buf).map_err(|e| Error::open(&name, e.to_string()))?;
@@ -141,7 +233,10 @@ pub(crate) async fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         ..Default::default()
     };
     let node = graph.open_image(path, &opts).await?;
-    let r = node.truncate(o.size).await;
+    let mut r = node.truncate(o.size).await;
+    if r.is_ok() && o.preallocation != Preallocation::Off {
+        r = node.preallocate(o.preallocation).await;
+    }
     let c = node.close().await;
     r.and(c)
 }

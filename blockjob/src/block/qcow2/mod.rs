@@ -21,11 +21,12 @@ mod create;
 pub(crate) mod entry;
 pub(crate) mod header;
 pub(crate) mod meta;
+mod prealloc;
 mod snapshot;
 mod write;
 
 pub(crate) use create::create;
-pub use create::CreateOptions;
+pub use create::{CreateOptions, Preallocation};
 
 use self::entry::Mapping;
 use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
@@ -456,6 +457,9 @@ impl BlockDriver for Qcow2 {
     }
     fn reopen(&self, read_only: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.do_reopen(read_only))
+    }
+    fn preallocate(&self, mode: Preallocation) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_preallocate(mode))
     }
     fn info(&self) -> ImageInfo {
         let h = &*self.header();

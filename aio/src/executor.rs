@@ -446,6 +446,12 @@ impl AioContext {
                 if let Poll::Ready(v) = with_current(self, task, || fut.as_mut().poll(&mut cx)) {
                     return v;
                 }
+                // Woken during its own poll (`yield_now`): let the loop
+                // run once, without sleeping, before polling it again, so
+                // the tasks and bottom halves queued meanwhile get to run.
+                if flag.woken.load(Ordering::Acquire) {
+                    self.poll(false);
+                }
                 continue;
             }
             self.poll(true);

@@ -187,6 +187,21 @@ on_all_backends! {
         assert!(ctx.stats().iterations < 20, "block_on spun: {:?}", ctx.stats());
     }
 
+    fn yield_now_in_block_on_lets_spawned_tasks_run(b: Backend) {
+        let ctx = ctx(b);
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let seen = ctx.block_on(async {
+            let _h = AioContext::current()
+                .unwrap()
+                .spawn(async move { r.store(true, Ordering::SeqCst) });
+            // One yield is one loop iteration: the task runs in it.
+            yield_now().await;
+            ran.load(Ordering::SeqCst)
+        });
+        assert!(seen, "block_on's future yielded without the loop running");
+    }
+
     fn block_on_nested_inside_a_callback(b: Backend) {
         let ctx = ctx(b);
         let sig = Signal::default();

@@ -12,6 +12,7 @@ use std::pin::Pin;
 
 pub(crate) mod bitmap;
 mod direct;
+mod drain;
 mod external_snapshot;
 mod file;
 mod graph;
@@ -27,6 +28,7 @@ mod reopen;
 mod status;
 
 pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
+pub use drain::{DrainOptions, Drained};
 pub use external_snapshot::{
     remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
 };
@@ -34,7 +36,10 @@ pub(crate) use graph::GraphRef;
 pub use graph::{BlockGraph, OpenOptions};
 pub use image_json::{image_info_json, snapshot_info_json};
 pub use internal_snapshot::{SnapshotCreateOptions, SnapshotInfo, SnapshotRef};
-pub use node::{BlockNode, OpBlocker, ReopenOptions, WriteHook, WriteHookGuard};
+pub use node::{
+    BlockNode, DrainListener, DrainListenerGuard, OpBlocker, ReopenOptions, WriteHook,
+    WriteHookGuard,
+};
 pub use perm::{Perm, PermGuard};
 pub use qcow2::{CreateOptions, Preallocation};
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};

@@ -1,7 +1,7 @@
 //! [`BlockNode`]: one layer of the graph.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, DirtyBitmap};
@@ -35,6 +35,59 @@ pub struct BlockNode {
     /// (`file`, `backing`) and `read-only` left out: what
     /// `blockdev-reopen` must be given again unchanged.
     options: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// Requests running through this node's methods.
+    in_flight: AtomicUsize,
+    /// Woken when `in_flight` drops to 0.
+    idle: aio::CoQueue,
+    /// Drained sections this node is in (see `super::drain`).
+    quiesce: AtomicUsize,
+    /// Told when a drained section begins and ends: jobs using the node.
+    drain_listeners: Mutex<Vec<(u64, Arc<dyn DrainListener>)>>,
+}
+
+/// Something that must stop issuing requests on a node while it is
+/// drained: a block job (it pauses at its next pause point).
+pub trait DrainListener: Send + Sync {
+    /// The node's first drained section began.
+    fn drained_begin(&self);
+    /// The node's last drained section ended.
+    fn drained_end(&self);
+}
+
+/// A registered [`DrainListener`]; dropping it unregisters it.
+pub struct DrainListenerGuard {
+    node: Arc<BlockNode>,
+    id: u64,
+}
+
+impl fmt::Debug for DrainListenerGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainListenerGuard")
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl Drop for DrainListenerGuard {
+    fn drop(&mut self) {
+        let mut l = self
+            .node
+            .drain_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        l.retain(|(i, _)| *i != self.id);
+    }
+}
+
+/// One request counted in a node's `in_flight`.
+struct InFlight<'a>(&'a BlockNode);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 /// QMP's `detect-zeroes`: whether writes of zeroes become zero writes.
@@ -209,7 +262,83 @@ impl BlockNode {
             bitmaps: Mutex::new(Vec::new()),
             policy: AtomicU8::new(RequestPolicy::default().bits()),
             options: Mutex::new(serde_json::Map::new()),
+            in_flight: AtomicUsize::new(0),
+            idle: aio::CoQueue::new(),
+            quiesce: AtomicUsize::new(0),
+            drain_listeners: Mutex::new(Vec::new()),
         })
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// Requests now running through this node.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether the node is in a drained section.
+    pub fn is_drained(&self) -> bool {
+        self.quiesce.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits until no request runs through this node.
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            // Queue first, then look: a request ending in between still
+            // wakes this waiter.
+            let w = self.idle.wait();
+            if self.in_flight() == 0 {
+                return;
+            }
+            w.await;
+        }
+    }
+
+    /// Enters a drained section: the first one tells the listeners.
+    pub(crate) fn quiesce_begin(&self) {
+        if self.quiesce.fetch_add(1, Ordering::AcqRel) == 0 {
+            for l in self.drain_listeners() {
+                l.drained_begin();
+            }
+        }
+    }
+
+    /// Leaves a drained section: the last one tells the listeners.
+    pub(crate) fn quiesce_end(&self) {
+        if self.quiesce.fetch_sub(1, Ordering::AcqRel) == 1 {
+            for l in self.drain_listeners() {
+                l.drained_end();
+            }
+        }
+    }
+
+    fn drain_listeners(&self) -> Vec<Arc<dyn DrainListener>> {
+        self.drain_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// Registers `l` to be told about drained sections of this node (a
+    /// listener added while the node is drained is told at once).
+    pub fn add_drain_listener(self: &Arc<Self>, l: Arc<dyn DrainListener>) -> DrainListenerGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.drain_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, l.clone()));
+        if self.is_drained() {
+            l.drained_begin();
+        }
+        DrainListenerGuard {
+            node: self.clone(),
+            id,
+        }
     }
 
     /// Records the options the node was added with (see `options`).
@@ -406,6 +535,7 @@ impl BlockNode {
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     pub async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let _req = self.enter();
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(buf);
@@ -416,6 +546,7 @@ impl BlockNode {
     /// Writes `buf` at `offset` (with `detect-zeroes`, a buffer of zeroes
     /// becomes a zero write).
     pub async fn write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        let _req = self.enter();
         self.check_writable()?;
         if !self.driver.grows_on_write() {
             self.check_range(offset, buf.len() as u64)?;
@@ -437,6 +568,7 @@ impl BlockNode {
     /// by a stream job; QEMU's `BDRV_REQ_WRITE_UNCHANGED`): write hooks do
     /// not see it. An all-zero buffer becomes a zero write.
     pub async fn write_unchanged(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        let _req = self.enter();
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -450,6 +582,7 @@ impl BlockNode {
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _req = self.enter();
         self.check_writable()?;
         if !self.driver.grows_on_write() {
             self.check_range(offset, len)?;
@@ -466,6 +599,7 @@ impl BlockNode {
     /// Discards `len` bytes at `offset`; with `discard=ignore`, succeeds
     /// doing nothing.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _req = self.enter();
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len == 0 || !self.request_policy().discard {
@@ -740,6 +874,7 @@ impl BlockNode {
 
     /// Makes completed writes durable.
     pub async fn flush(&self) -> Result<()> {
+        let _req = self.enter();
         if self.read_only() {
             return Ok(());
         }
@@ -748,6 +883,7 @@ impl BlockNode {
 
     /// Changes the virtual size. Needs the node writable.
     pub async fn truncate(&self, len: u64) -> Result<()> {
+        let _req = self.enter();
         self.check_writable()?;
         self.driver.truncate(len).await
     }
@@ -755,6 +891,7 @@ impl BlockNode {
     /// This layer's status at `offset`: the status and how many bytes
     /// (≥ 1 when `len` ≥ 1) share it.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let _req = self.enter();
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok((BlockStatus::default(), 0));

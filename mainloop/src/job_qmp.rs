@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::block_qmp::BlockState;
 use crate::qmp::{ArgType, IntKind, QmpError, QmpServer, Schema, ServerError};
+use crate::transaction_qmp::{BoxFuture, PreparedAction};
 
 fn on_error() -> ArgType {
     ArgType::enumeration(["report", "ignore", "enospc", "stop", "auto"])
@@ -145,7 +146,7 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
             .map(|_| json!({}))
             .map_err(generic)
     })?;
-    let s = state;
+    let s = state.clone();
     server.register_with_schema("blockdev-backup", backup_schema(), move |a| {
         negative_speed(&a)?;
         let ctx = device_context(&s, &a);
@@ -153,5 +154,29 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
             .map(|_| json!({}))
             .map_err(generic)
     })?;
+    state
+        .actions
+        .register_with_schema("blockdev-backup", backup_schema(), |s, a| async move {
+            negative_speed(&a)?;
+            let ctx = device_context(&s, &a);
+            let job = blockjob::jobs::create_backup(&ctx, &s.graph, &s.jobs, parse(a)?)
+                .map_err(generic)?;
+            Ok(Box::new(BackupAction(job)) as Box<dyn PreparedAction>)
+        })?;
     Ok(())
+}
+
+/// A `blockdev-backup` inside `transaction`: the job is created (and the
+/// point in time fixed) at prepare, started at commit, and dropped
+/// without ever running on abort.
+struct BackupAction(blockjob::job::Job);
+
+impl PreparedAction for BackupAction {
+    fn commit(self: Box<Self>) {
+        self.0.start();
+    }
+    fn abort(self: Box<Self>) -> BoxFuture<()> {
+        self.0.cancel_unstarted();
+        Box::pin(async {})
+    }
 }

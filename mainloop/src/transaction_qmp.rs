@@ -78,13 +78,37 @@ impl TransactionActions {
         Fut: Future<Output = PrepareResult> + Send + 'static,
     {
         let prepare = Arc::new(prepare);
-        let erased: PrepareFn = Arc::new(move |s, args| {
+        self.register_with_schema(name, A::schema(), move |s, args| {
             let prepare = prepare.clone();
-            Box::pin(async move {
+            async move {
                 let a: A = serde_json::from_value(Value::Object(args))
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 prepare(s, a).await
-            })
+            }
+        })
+    }
+
+    /// Registers action type `name` whose `data` is checked against
+    /// `schema` and handed to `prepare` as it is (for actions whose
+    /// command has a hand-written schema, like `blockdev-backup`).
+    ///
+    /// # Errors
+    ///
+    /// `name` is already registered.
+    pub fn register_with_schema<F, Fut>(
+        &self,
+        name: &str,
+        schema: Schema,
+        prepare: F,
+    ) -> Result<(), ServerError>
+    where
+        F: Fn(BlockState, Map<String, Value>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = PrepareResult> + Send + 'static,
+    {
+        let prepare = Arc::new(prepare);
+        let erased: PrepareFn = Arc::new(move |s, args| {
+            let prepare = prepare.clone();
+            Box::pin(async move { prepare(s, args).await })
         });
         let mut t = self.table.lock();
         if t.contains_key(name) {
@@ -93,7 +117,7 @@ impl TransactionActions {
         t.insert(
             name.to_string(),
             Action {
-                schema: A::schema(),
+                schema,
                 prepare: erased,
             },
         );
@@ -216,8 +240,8 @@ pub fn register_transaction(server: &QmpServer, state: &BlockState) -> Result<()
                         ))
                     })?;
                     if grouped {
-                        // None of the registered actions starts a job, so
-                        // none supports grouped completion.
+                        // Grouped completion (jobs that fail together) is
+                        // not implemented, for any action.
                         return Err(QmpError::generic(format!(
                             "Action '{name}' does not support transaction property \
                              completion-mode = grouped"

@@ -5,7 +5,7 @@
 mod util;
 
 use serde_json::{json, Value};
-use util::aiod::{create_qcow2, qemu_img, start_aiod, start_qsd, wait_exit};
+use util::aiod::{create_qcow2, qemu_img, start_daemon, wait_exit};
 use util::QmpClient;
 
 /// `{"return"}` or the error's description, for comparing two daemons.
@@ -47,14 +47,7 @@ fn blockdev_reopen_answers_like_qemu_storage_daemon() {
             "file": {"driver": "file", "node-name": "tf", "filename": top}})
         .to_string();
         let sock = d.join(format!("{daemon}.sock"));
-        let args = ["--blockdev", b.as_str(), "--blockdev", t.as_str()];
-        let mut child = if daemon == "aiod" {
-            start_aiod(&sock, &args)
-        } else {
-            start_qsd(&sock, &args)
-        };
-        let mut c = QmpClient::connect_unix(&sock);
-        c.negotiate();
+        let (mut child, mut c) = start_daemon(daemon, &sock, &[b, t]);
         let reopen = |ro: bool| json!({"options": [{"driver": "qcow2", "node-name": "b", "file": "bf", "read-only": ro}]});
         let mut got = vec![outcome(&mut c, "blockdev-reopen", reopen(false))];
         // aiod marks a qcow2 image dirty while it is open read-write

@@ -462,6 +462,7 @@ impl JobRegistry {
                 finalize_requested: false,
                 should_complete: false,
                 started: false,
+                never_ran: false,
                 kick: None,
                 kicked: false,
                 finished: Vec::new(),
@@ -520,6 +521,9 @@ struct State {
     finalize_requested: bool,
     should_complete: bool,
     started: bool,
+    /// Dropped by [`Job::cancel_unstarted`]: concludes without a
+    /// `BLOCK_JOB_CANCELLED` (QEMU emits none for a job that never ran).
+    never_ran: bool,
     /// The job task's waker while it waits at a pause point, asleep, or in
     /// `pending` (QEMU's `job_enter`).
     kick: Option<Waker>,
@@ -895,6 +899,37 @@ impl Job {
             .detach();
     }
 
+    /// Drops a job that was created but never started (a `transaction`
+    /// failing after it was prepared): CREATED → ABORTING → CONCLUDED (→
+    /// NULL with auto-dismiss) and no `BLOCK_JOB_CANCELLED`, as QEMU's
+    /// cancel of a job that has not started. A started job is
+    /// force-cancelled instead.
+    pub fn cancel_unstarted(&self) {
+        {
+            let mut st = self.shared.state.lock();
+            if !st.started {
+                st.started = true;
+                st.cancelled = true;
+                st.force = true;
+                st.never_ran = true;
+            } else {
+                drop(st);
+                if let Err(e) = self.cancel(true) {
+                    log::warn!("job '{}': {e}", self.shared.id);
+                }
+                return;
+            }
+        }
+        let shared = self.shared.clone();
+        self.shared
+            .ctx
+            .spawn(async move {
+                let ctl = JobControl { shared };
+                finish(&ctl, Err(Error::Cancelled)).await;
+            })
+            .detach();
+    }
+
     /// `cancel` verb. `force` abandons at once; a soft cancel lets the
     /// driver decide (mirror in READY completes without pivoting).
     pub fn cancel(&self, force: bool) -> Result<()> {
@@ -1077,7 +1112,10 @@ async fn finish(ctl: &JobControl, ret: Result<()>) {
             sh.driver.abort();
             sh.driver.clean();
             let cancelled = matches!(e, Error::Cancelled);
-            if cancelled {
+            let never_ran = sh.state.lock().never_ran;
+            if never_ran {
+                // Nothing to report: the job never ran.
+            } else if cancelled {
                 sh.emit(JobEvent::Cancelled {
                     job_type: sh.job_type,
                     device: sh.id.clone(),

@@ -285,6 +285,26 @@ pub fn start_backup(
     registry: &JobRegistry,
     args: BackupArgs,
 ) -> Result<Job> {
+    let job = create_backup(ctx, graph, registry, args)?;
+    job.start();
+    Ok(job)
+}
+
+/// [`start_backup`] without the start: the job is CREATED, the
+/// copy-before-write hook already in place (the point in time is now),
+/// and nothing is copied until [`Job::start`]. For `transaction`, which
+/// starts it on commit or drops it with [`Job::cancel_unstarted`] on
+/// abort.
+///
+/// # Errors
+///
+/// As [`start_backup`].
+pub fn create_backup(
+    ctx: &AioContext,
+    graph: &BlockGraph,
+    registry: &JobRegistry,
+    args: BackupArgs,
+) -> Result<Job> {
     let source = find_device(graph, &args.device)?;
     let target = find_device(graph, &args.target)?;
     source.check_op_blockers()?;
@@ -373,6 +393,5 @@ pub fn start_backup(
         .hooks
         .push(source.add_write_hook(Arc::new(Cbw(state))));
     *driver.held.0.lock() = holds;
-    job.start();
     Ok(job)
 }

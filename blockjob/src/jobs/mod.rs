@@ -25,7 +25,7 @@ pub mod create;
 pub mod mirror;
 pub mod stream;
 
-pub use backup::{start_backup, BackupArgs};
+pub use backup::{create_backup, start_backup, BackupArgs};
 pub use commit::{start_commit, CommitArgs};
 pub use create::{start_create, CreateSpec, Preallocation};
 pub use mirror::{start_mirror, MirrorArgs};

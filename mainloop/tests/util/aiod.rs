@@ -76,6 +76,25 @@ pub fn start_qsd(sock: &Path, extra: &[&str]) -> Child {
     child
 }
 
+/// Starts `daemon` (`"aiod"` or `"qsd"`: qemu-storage-daemon) with
+/// `--blockdev` for each of `blockdevs`, its monitor on `sock`, and
+/// returns it with a negotiated client: the same setup for both, so a
+/// test can compare their answers.
+pub fn start_daemon(daemon: &str, sock: &Path, blockdevs: &[String]) -> (Child, super::QmpClient) {
+    let mut args: Vec<&str> = Vec::new();
+    for b in blockdevs {
+        args.extend(["--blockdev", b.as_str()]);
+    }
+    let child = match daemon {
+        "aiod" => start_aiod(sock, &args),
+        "qsd" => start_qsd(sock, &args),
+        other => panic!("unknown daemon {other}"),
+    };
+    let mut c = super::QmpClient::connect_unix(sock);
+    c.negotiate();
+    (child, c)
+}
+
 /// `base.qcow2` (`size`, its first `data` filled with 0x42) and `top.qcow2`
 /// over it, in `d`.
 pub fn base_and_top(d: &Path, size: &str, data: &str) -> (PathBuf, PathBuf) {

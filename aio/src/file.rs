@@ -170,6 +170,17 @@ impl IoBuf for AlignedBuf {
     }
 }
 
+/// A run of data or of a hole in a file ([`File::extent_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileExtent {
+    /// Data (`true`) or a hole that reads as zeroes.
+    pub data: bool,
+    /// Bytes from the asked offset that are the same kind (0 at the end
+    /// of the file).
+    pub len: u64,
+}
+
 /// A zero-initialised byte buffer whose address is aligned, for `O_DIRECT`.
 ///
 /// ```
@@ -528,6 +539,57 @@ impl File {
             });
         }
         boxed(self.submit(check, move |inner| inner.discard(offset, len)))
+    }
+
+    /// The run of data or hole that `offset` is in (`lseek` with
+    /// `SEEK_DATA` / `SEEK_HOLE`), up to the end of the file. Filesystems
+    /// without hole tracking report everything as data. At or past the
+    /// end, an empty hole.
+    pub fn extent_at(
+        &self,
+        offset: u64,
+    ) -> impl Future<Output = Result<FileExtent>> + Send + 'static {
+        self.submit(Ok(()), move |inner| {
+            let ctx = || {
+                format!(
+                    "lseek(SEEK_DATA/SEEK_HOLE) at {offset} of {}",
+                    inner.path.display()
+                )
+            };
+            let end = (&inner.file).seek(SeekFrom::End(0)).context(ctx)?;
+            if offset >= end {
+                return Ok(FileExtent {
+                    data: false,
+                    len: 0,
+                });
+            }
+            let next_data = match sys::file::seek_data_or_hole(&inner.file, offset, true) {
+                // No hole tracking here: all data.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(offset),
+                r => r.context(ctx)?,
+            };
+            Ok(match next_data {
+                Some(d) if d == offset => {
+                    let hole = match sys::file::seek_data_or_hole(&inner.file, offset, false) {
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(end),
+                        r => r.context(ctx)?,
+                    }
+                    .unwrap_or(end);
+                    FileExtent {
+                        data: true,
+                        len: hole.min(end).saturating_sub(offset).max(1),
+                    }
+                }
+                Some(d) => FileExtent {
+                    data: false,
+                    len: d.min(end) - offset,
+                },
+                None => FileExtent {
+                    data: false,
+                    len: end - offset,
+                },
+            })
+        })
     }
 
     /// The size in bytes (of a file, or of a block device).

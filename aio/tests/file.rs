@@ -918,3 +918,30 @@ fn o_direct_on_a_block_device_uses_its_logical_block_size() {
     drop(f);
 }
 }
+
+both_engines! {
+    fn extent_at_finds_data_and_holes() {
+        let path = TempPath::new("extents");
+        let f = open(&path.0, &rw());
+        run(async {
+            f.set_len(4 * MIB as u64).await.unwrap();
+            f.write_at(vec![7u8; 65536], MIB as u64).await.unwrap();
+            let at = |o: u64| f.extent_at(o);
+            // ext4 tracks holes; a filesystem that does not reports data.
+            let start = at(0).await.unwrap();
+            if start.data {
+                assert_eq!(start.len, 4 * MIB as u64, "all data when holes are not tracked");
+                return;
+            }
+            assert_eq!(start.len, MIB as u64);
+            let data = at(MIB as u64).await.unwrap();
+            assert!(data.data);
+            assert!(data.len >= 65536, "{data:?}");
+            let tail = at(2 * MIB as u64).await.unwrap();
+            assert!(!tail.data);
+            assert_eq!(tail.len, 2 * MIB as u64);
+            let end = at(4 * MIB as u64).await.unwrap();
+            assert_eq!((end.data, end.len), (false, 0));
+        });
+    }
+}

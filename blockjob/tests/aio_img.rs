@@ -452,3 +452,38 @@ fn create_options_match_qemu_img_create() {
         (1, "aio-img: Invalid preallocation mode: 'lots'")
     );
 }
+
+#[test]
+fn map_json_equals_qemu_for_sparse_raw_and_a_qcow2_over_it() {
+    let d = tmp();
+    let raw = path(&d, "s.raw");
+    qemu_img(&["create", "-q", "-f", "raw", p(&raw), "4M"]);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 1M 64k",
+            "-c",
+            "write -P 2 3M 4k",
+            p(&raw),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_same_map(&raw);
+    let top = path(&d, "t.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(&raw),
+        "-F",
+        "raw",
+        p(&top),
+    ]);
+    qemu_io(&top, &["write -P 3 2M 64k".into()]);
+    assert_same_map(&top);
+}

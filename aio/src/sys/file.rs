@@ -1,4 +1,5 @@
-//! Positioned and vectored file I/O, `fallocate`, `fdatasync`, and the
+//! Positioned and vectored file I/O, `fallocate`, `fdatasync`, `lseek`
+//! for data and holes, and the
 //! queries that tell how `O_DIRECT` transfers must be aligned.
 //!
 //! Each wrapper makes exactly one system call: retrying `EINTR`/`EAGAIN`
@@ -88,6 +89,28 @@ pub(crate) fn fallocate(
     let (off, len) = (off_t(offset)?, off_t(len)?);
     // SAFETY: plain integer arguments; no memory is passed.
     syscall!(fallocate(fd.as_raw_fd(), mode, off, len)).map(drop)
+}
+
+/// `lseek(2)` with `SEEK_DATA` (`data`) or `SEEK_HOLE`: the first offset
+/// at or after `offset` that starts data or a hole; `None` where the
+/// kernel says there is none (`ENXIO`: no data up to the end, or
+/// `offset` at or past the end).
+pub(crate) fn seek_data_or_hole(
+    fd: &impl AsRawFd,
+    offset: u64,
+    data: bool,
+) -> io::Result<Option<u64>> {
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: plain integer arguments; no memory is passed.
+    match syscall!(lseek(fd.as_raw_fd(), off_t(offset)?, whence)) {
+        Ok(pos) => Ok(Some(pos as u64)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// `fdatasync(2)`.

@@ -331,13 +331,25 @@ impl BlockDriver for FileDriver {
         len: u64,
     ) -> BoxFuture<'a, Result<(BlockStatus, u64)>> {
         Box::pin(async move {
+            // Holes read as zeroes (QEMU's file-posix: ZERO, not DATA).
+            let e = self
+                .file()
+                .extent_at(offset)
+                .await
+                .map_err(|e| Error::io(&self.name, e))?;
+            let (data, n) = if e.len == 0 {
+                (false, len)
+            } else {
+                (e.data, e.len.min(len))
+            };
             let st = BlockStatus {
                 allocated: true,
-                data: true,
+                data,
+                zero: !data,
                 offset: Some(offset),
                 ..Default::default()
             };
-            Ok((st, len))
+            Ok((st, n))
         })
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {

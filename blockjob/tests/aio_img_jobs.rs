@@ -1,0 +1,490 @@
+//! `aio-img commit|stream|rebase|convert` (the offline job commands)
+//! against `qemu-img`: each result read back by `qemu-img compare` against
+//! a `qemu-img convert` reference of the guest view taken before, checked
+//! by `qemu-img check`, and for commit and rebase compared with what
+//! `qemu-img commit` / `qemu-img rebase` make of a copy of the same chain
+//! (contents and backing links). Plus a commit interrupted by SIGINT, and
+//! bad input.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `make_chain`'s base ← mid ← top in `dir`, with relative backing links
+/// (so that a copy of the directory is a chain of its own).
+fn relative_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (base, mid, top) = make_chain(dir);
+    qemu_img(&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", p(&mid)]);
+    qemu_img(&["rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", p(&top)]);
+    (base, mid, top)
+}
+
+/// Copies the `*.qcow2` files of `from` into a new directory `to`.
+fn copy_images(from: &Path, to: &Path) {
+    std::fs::create_dir(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("readdir") {
+        let f = e.expect("dirent").path();
+        if f.extension().is_some_and(|x| x == "qcow2") {
+            let name = f.file_name().expect("file name");
+            std::fs::copy(&f, to.join(name)).expect("copy image");
+        }
+    }
+}
+
+/// Runs our tool, expecting success.
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = aio_img(args);
+    assert_eq!(code, 0, "aio-img {args:?}: {out}{err}");
+    out
+}
+
+/// `qemu-img info --output=json`'s backing link and its format.
+fn link(img: &Path) -> (Option<String>, Option<String>) {
+    let out = qemu_img(&["info", "--output=json", "-U", p(img)]);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    (s("backing-filename"), s("backing-filename-format"))
+}
+
+/// `qemu-img map --output=json` entries.
+fn map(img: &Path) -> Vec<Value> {
+    let out = qemu_img(&["map", "--output=json", "-U", p(img)]);
+    serde_json::from_str(&out).expect("map json")
+}
+
+/// Bytes `img`'s map says its own layer (depth 0) has data for.
+fn own_data(img: &Path) -> u64 {
+    map(img)
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Whether the qcow2 header's dirty bit (incompatible feature bit 0) is
+/// set.
+fn dirty(img: &Path) -> bool {
+    let h = std::fs::read(img).expect("read image");
+    h[79] & 1 != 0
+}
+
+/// `qemu-img check` passes and the dirty bit is clear.
+fn assert_clean<P: AsRef<Path>>(imgs: impl IntoIterator<Item = P>) {
+    for img in imgs {
+        let img = img.as_ref();
+        assert_check(img);
+        assert!(!dirty(img), "{} left dirty", img.display());
+    }
+}
+
+/// The same chain twice, `ours/` and `theirs/`, and a reference of its
+/// guest view.
+struct Twins {
+    _dir: tempfile::TempDir,
+    ours: PathBuf,
+    theirs: PathBuf,
+    reference: PathBuf,
+}
+
+impl Twins {
+    /// `relative_chain` in `ours/`, then `prepare(ours/)`, copied to
+    /// `theirs/`.
+    fn new(prepare: impl Fn(&Path)) -> Self {
+        let d = tmp();
+        let ours = d.path().join("ours");
+        std::fs::create_dir(&ours).expect("mkdir");
+        let (_, _, top) = relative_chain(&ours);
+        prepare(&ours);
+        let theirs = d.path().join("theirs");
+        copy_images(&ours, &theirs);
+        let reference = snapshot(&top, d.path(), "ref.qcow2");
+        Self {
+            _dir: d,
+            ours,
+            theirs,
+            reference,
+        }
+    }
+
+    /// Runs `aio-img CMD ARGS top.qcow2` in `ours/` and `qemu-img CMD
+    /// ARGS top.qcow2` in `theirs/` (relative names resolve alike).
+    fn run_both(&self, cmd: &str, args: &[&str]) {
+        for (tool, dir) in [
+            (env!("CARGO_BIN_EXE_aio-img"), &self.ours),
+            ("qemu-img", &self.theirs),
+        ] {
+            let a = [&[cmd][..], args, &["top.qcow2"][..]].concat();
+            let out = Command::new(tool)
+                .args(&a)
+                .current_dir(dir)
+                .output()
+                .expect("run tool");
+            assert!(out.status.success(), "{tool} {a:?}: {out:?}");
+        }
+    }
+
+    /// Both copies of each image read the same and have the same link.
+    fn assert_alike(&self, names: &[&str]) {
+        for name in names {
+            let (a, b) = (self.ours.join(name), self.theirs.join(name));
+            assert_same(&a, &b);
+            assert_eq!(link(&a), link(&b), "{name}");
+        }
+    }
+
+    fn ours(&self, name: &str) -> PathBuf {
+        self.ours.join(name)
+    }
+}
+
+const CHAIN: [&str; 3] = ["base.qcow2", "mid.qcow2", "top.qcow2"];
+
+#[test]
+fn commit_into_backing_file_matches_qemu_img_commit() {
+    let t = Twins::new(|_| {});
+    let top = t.ours("top.qcow2");
+    assert_eq!(ok(&["commit", "-p", p(&top)]), "Image committed.\n");
+    qemu_img(&["commit", "-q", p(&t.theirs.join("top.qcow2"))]);
+
+    assert_same(&top, &t.reference);
+    assert_clean(CHAIN.map(|n| t.ours(n)));
+    t.assert_alike(&CHAIN);
+    // Emptied, as qemu-img does: the top reads through to mid.
+    assert_eq!(own_data(&top), 0);
+    assert_eq!(own_data(&t.theirs.join("top.qcow2")), 0);
+}
+
+#[test]
+fn commit_with_base_or_drop_keeps_the_top_like_qemu_img() {
+    // `-b` names the base relative to the top's directory.
+    for args in [&["-q", "-b", "base.qcow2"][..], &["-q", "-d"][..]] {
+        let t = Twins::new(|_| {});
+        let top = t.ours("top.qcow2");
+        let top_data = own_data(&top);
+        t.run_both("commit", args);
+
+        assert_same(&top, &t.reference);
+        assert_eq!(own_data(&top), top_data, "{args:?}: the top is kept");
+        assert_clean(CHAIN.map(|n| t.ours(n)));
+        t.assert_alike(&CHAIN);
+    }
+}
+
+#[test]
+fn stream_with_and_without_base() {
+    let d = tmp();
+    let (base, mid, top) = relative_chain(d.path());
+    let reference = snapshot(&top, d.path(), "ref.qcow2");
+
+    ok(&["stream", "--base", p(&base), p(&top)]);
+    assert_same(&top, &reference);
+    assert_clean([&base, &mid, &top]);
+    // The chain's own (relative) link to base is kept.
+    assert_eq!(
+        link(&top),
+        (Some("base.qcow2".into()), Some("qcow2".into()))
+    );
+
+    ok(&["stream", "-p", p(&top)]);
+    assert_same(&top, &reference);
+    assert_clean([&top]);
+    assert_eq!(link(&top), (None, None));
+    assert_eq!(backing_of(&top), None);
+}
+
+/// Rebases a copy of the chain with qemu-img and one with aio-img, with
+/// the same arguments, and compares.
+fn rebase_both(args: &[&str], prepare: impl Fn(&Path)) {
+    let t = Twins::new(prepare);
+    t.run_both("rebase", args);
+    t.assert_alike(&["top.qcow2"]);
+    let top = t.ours("top.qcow2");
+    assert_same(&top, &t.reference);
+    assert_clean([&top]);
+}
+
+#[test]
+fn rebase_onto_a_lower_layer_matches_qemu_img() {
+    rebase_both(&["-b", "base.qcow2", "-F", "qcow2"], |_| {});
+}
+
+#[test]
+fn rebase_onto_nothing_matches_qemu_img() {
+    rebase_both(&["-b", ""], |_| {});
+}
+
+#[test]
+fn rebase_onto_an_unrelated_image_matches_qemu_img() {
+    rebase_both(&["-b", "other.qcow2", "-F", "qcow2"], |dir| {
+        let other = dir.join("other.qcow2");
+        create(&other, "2M", None);
+        qemu_io(
+            &other,
+            &["write -P 0x11 0 512k".into(), "write -P 0x77 1M 1M".into()],
+        );
+    });
+}
+
+#[test]
+fn rebase_unsafe_only_rewrites_the_link_like_qemu_img() {
+    // Onto a copy of mid: the contents must not change.
+    rebase_both(&["-u", "-b", "copy.qcow2", "-F", "qcow2"], |dir| {
+        std::fs::copy(dir.join("mid.qcow2"), dir.join("copy.qcow2")).expect("copy");
+    });
+    // Onto a file that does not exist: only the link changes.
+    let d = tmp();
+    let (_, _, top) = relative_chain(d.path());
+    let before = own_data(&top);
+    ok(&["rebase", "-u", "-b", "gone.qcow2", "-F", "qcow2", p(&top)]);
+    assert_eq!(
+        link(&top),
+        (Some("gone.qcow2".into()), Some("qcow2".into()))
+    );
+    ok(&["rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", p(&top)]);
+    assert_eq!(own_data(&top), before);
+    assert_check(&top);
+}
+
+#[test]
+fn convert_to_qcow2_and_raw_keeps_contents_and_sparseness() {
+    let d = tmp();
+    let (_, _, top) = make_chain(d.path());
+    let theirs = d.path().join("theirs.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", p(&top), p(&theirs)]);
+
+    let ours = d.path().join("ours.qcow2");
+    ok(&["convert", "-O", "qcow2", "-p", p(&top), p(&ours)]);
+    assert_same(&ours, &top);
+    assert_check(&ours);
+    // Zero ranges (base's zeroed hole, mid's zero write) are left
+    // unallocated: no more data than qemu-img's own convert writes.
+    assert!(own_data(&ours) <= own_data(&theirs));
+    assert!(map(&ours)
+        .iter()
+        .any(|e| e["data"] == false && e["start"] == 3 << 20));
+
+    let small = d.path().join("small.qcow2");
+    ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        p(&top),
+        p(&small),
+    ]);
+    assert_same(&small, &top);
+    assert_check(&small);
+    assert!(qemu_img(&["info", p(&small)]).contains("cluster_size: 4096"));
+
+    let raw = d.path().join("ours.raw");
+    ok(&["convert", "-O", "raw", p(&top), p(&raw)]);
+    assert_same(&raw, &top);
+    assert!(own_data(&raw) <= own_data(&theirs));
+    assert!(map(&raw).iter().any(|e| e["data"] == false));
+
+    // Back from raw (probed), and with -f.
+    let back = d.path().join("back.qcow2");
+    ok(&["convert", "-f", "raw", "-O", "qcow2", p(&raw), p(&back)]);
+    assert_same(&back, &top);
+    assert_eq!(map(&back), map(&ours));
+}
+
+#[test]
+fn convert_with_a_backing_file_copies_the_top_only_like_qemu_img() {
+    let d = tmp();
+    let (_, mid, top) = make_chain(d.path());
+    let theirs = d.path().join("theirs.qcow2");
+    let ours = d.path().join("ours.qcow2");
+    let b = ["-O", "qcow2", "-B", p(&mid), "-F", "qcow2"];
+    qemu_img(&[&["convert"][..], &b[..], &[p(&top), p(&theirs)][..]].concat());
+    ok(&[&["convert"][..], &b[..], &[p(&top), p(&ours)][..]].concat());
+    assert_same(&ours, &top);
+    assert_check(&ours);
+    assert_eq!(link(&ours), link(&theirs));
+    assert_eq!(own_data(&ours), own_data(&theirs));
+}
+
+/// Waits until `f` holds, or fails after a generous deadline (not a timing
+/// assertion: only a guard against hanging).
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigint_stops_a_commit_cleanly_and_running_it_again_finishes() {
+    let d = tmp();
+    let base = path(&d, "base.qcow2");
+    let top = path(&d, "top.qcow2");
+    create(&base, "32M", None);
+    create(&top, "32M", Some(&base));
+    // Base's first half is unallocated: the commit grows the file.
+    qemu_io(&base, &["write -P 0x11 16M 16M".into()]);
+    qemu_io(&top, &["write -P 0x22 0 16M".into()]);
+    let reference = snapshot(&top, d.path(), "ref.qcow2");
+    let base_len = std::fs::metadata(&base).expect("stat").len();
+
+    // 1 MiB/s: the 16 MiB take long enough to be interrupted.
+    let child = Command::new(env!("CARGO_BIN_EXE_aio-img"))
+        .args(["commit", "-s", "1M", p(&top)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn aio-img");
+    // The job is copying once base grows (it is written before any
+    // signal could matter: the signalfd is set up before the images open).
+    wait_until("the commit to write base", || {
+        std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0) > base_len
+    });
+    let pid = child.id().to_string();
+    let kill = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("wait aio-img");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.contains("interrupted") && err.contains("top.qcow2"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(out.stdout.is_empty());
+
+    // Consistent and clean; the top still reads as before.
+    assert_clean([&base, &top]);
+    assert_same(&top, &reference);
+    assert_eq!(backing_of(&top).as_deref(), Some(p(&base)));
+
+    ok(&["commit", p(&top)]);
+    assert_clean([&base, &top]);
+    assert_same(&top, &reference);
+    assert_same(&base, &reference);
+    assert_eq!(own_data(&top), 0);
+}
+
+/// Runs aio-img expecting a one-line error naming `file` (and `want`),
+/// exit code 1, and every image in `dir` unchanged.
+fn assert_refused(dir: &Path, args: &[&str], file: &str, want: &str) {
+    let before = snapshot_bytes(dir);
+    let (code, out, err) = aio_img(args);
+    assert_eq!(code, 1, "{args:?}: {out}{err}");
+    assert!(out.is_empty(), "{args:?}: {out}");
+    assert!(
+        err.starts_with("aio-img: ") && err.trim_end().lines().count() == 1,
+        "{args:?}: {err}"
+    );
+    assert!(err.contains(file) && err.contains(want), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(snapshot_bytes(dir), before, "{args:?} changed an image");
+}
+
+/// Every file in `dir` and its bytes.
+fn snapshot_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("readdir")
+        .map(|e| e.expect("dirent").path())
+        .filter(|f| f.is_file())
+        .map(|f| {
+            let b = std::fs::read(&f).expect("read");
+            (f, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bad_input_is_one_line_exit_1_and_leaves_images_alone() {
+    let d = tmp();
+    let (base, mid, top) = relative_chain(d.path());
+    let (b, m, t) = (p(&base), p(&mid), p(&top));
+    let missing = path(&d, "missing.qcow2");
+    let nope = p(&missing);
+    let junk = path(&d, "junk.img");
+    std::fs::write(&junk, vec![0x5a; 4096]).expect("write junk");
+    let j = p(&junk);
+    // A loop: l1 ← l2 ← l1.
+    let l1 = path(&d, "l1.qcow2");
+    let l2 = path(&d, "l2.qcow2");
+    create(&l1, "1M", None);
+    create(&l2, "1M", Some(&l1));
+    qemu_img(&["rebase", "-u", "-b", "l2.qcow2", "-F", "qcow2", p(&l1)]);
+    let dir = d.path();
+    let no_such = "No such file or directory";
+
+    for cmd in ["commit", "stream", "rebase"] {
+        let mut a = vec![cmd];
+        if cmd == "rebase" {
+            a.extend(["-b", b]);
+        }
+        a.push(nope);
+        assert_refused(dir, &a, nope, no_such);
+        assert_refused(
+            dir,
+            &[&a[..a.len() - 1], &["-f", "qcow2", j]].concat(),
+            j,
+            "not in qcow2 format",
+        );
+        assert_refused(
+            dir,
+            &[&a[..a.len() - 1], &[p(&l2)]].concat(),
+            "l2.qcow2",
+            "Backing file loop",
+        );
+    }
+    let x = path(&d, "x.raw");
+    let x = p(&x);
+    assert_refused(
+        dir,
+        &["convert", "-f", "qcow2", j, x],
+        j,
+        "not in qcow2 format",
+    );
+
+    assert_refused(dir, &["commit", "-b", nope, t], nope, "backing chain");
+    assert_refused(dir, &["commit", "-b", t, t], t, "backing chain");
+    assert_refused(dir, &["stream", "--base", nope, t], nope, "backing chain");
+    assert_refused(dir, &["commit", b], b, "no backing file");
+    assert_refused(dir, &["rebase", "-b", t, m], m, "backing loop");
+    assert_refused(dir, &["rebase", "-b", "missing.qcow2", t], nope, no_such);
+    assert_refused(
+        dir,
+        &["rebase", "-u", "-b", "missing.qcow2", t],
+        t,
+        "backing format",
+    );
+    assert_refused(
+        dir,
+        &["rebase", "-b", b, j],
+        j,
+        "does not support backing files",
+    );
+    assert_refused(dir, &["rebase", t], "-b", "rebase needs");
+    assert_refused(dir, &["convert", nope, x], nope, no_such);
+    assert_refused(
+        dir,
+        &["convert", "-O", "vmdk", t, x],
+        "vmdk",
+        "Unknown file format",
+    );
+    assert_refused(
+        dir,
+        &["convert", "-O", "raw", "-B", b, t, x],
+        x,
+        "backing file",
+    );
+    assert_refused(dir, &["commit", "-s", "fast", t], "fast", "Invalid");
+    assert_refused(dir, &["stream", "-z", t], "-z", "unknown option");
+    assert_clean([&base, &mid, &top]);
+}

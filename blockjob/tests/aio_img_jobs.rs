@@ -478,6 +478,8 @@ fn bad_input_is_one_line_exit_1_and_leaves_images_alone() {
         "vmdk",
         "Unknown file format",
     );
+    assert_refused(dir, &["convert", "-O", "qcow2", t, t], t, "not overwriting");
+    assert_refused(dir, &["convert", "-O", "qcow2", t, b], b, "not overwriting");
     assert_refused(
         dir,
         &["convert", "-O", "raw", "-B", b, t, x],

@@ -69,6 +69,7 @@ pub async fn convert(ctx: &AioContext, src: &str, dst: &str, opts: &ConvertOptio
             o = o.format(f);
         }
         let source = g.open_image(src, &o).await?;
+        refuse_overwriting_source(&source, dst)?;
         create_output(&g, &source, dst, opts).await?;
         let out_fmt = match opts.output_format {
             OutputFormat::Raw => "raw",
@@ -94,6 +95,25 @@ pub async fn convert(ctx: &AioContext, src: &str, dst: &str, opts: &ConvertOptio
     }
     .await;
     close_after(&g, r).await
+}
+
+/// Refuses an output that is the source or one of its backing files
+/// (creating it would destroy what is to be read).
+fn refuse_overwriting_source(source: &Arc<BlockNode>, dst: &str) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(dst) else {
+        return Ok(());
+    };
+    match source
+        .chain()
+        .iter()
+        .find(|n| std::fs::canonicalize(n.filename()).is_ok_and(|c| c == out))
+    {
+        Some(n) => Err(Error::InvalidArgument(format!(
+            "'{dst}' is '{}', which is read for the conversion: not overwriting it",
+            n.filename()
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn create_output(

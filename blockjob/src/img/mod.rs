@@ -19,6 +19,11 @@
 //! - stream, rebase: the top holds part of what it read through its old
 //!   backing chain; its backing link is unchanged.
 //! - convert: the output holds part of the data.
+//!
+//! Each command blocks SIGINT and SIGTERM in the calling thread (and the
+//! threads it spawns afterwards) for the rest of the process, so that they
+//! queue for the command instead of killing it: it is meant for a tool's
+//! main thread.
 
 mod chain;
 mod commit;

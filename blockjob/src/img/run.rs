@@ -109,7 +109,7 @@ pub(crate) async fn run_job(
         log::debug!("removing the signal handler: {e}");
     }
     if let Some(b) = bar {
-        b.finish();
+        b.finish_and_clear();
     }
     if intr.hit.load(Ordering::Acquire) {
         return Err(Error::Failed(format!(

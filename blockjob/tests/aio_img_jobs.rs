@@ -9,8 +9,9 @@
 mod common;
 use common::*;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -320,47 +321,84 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn sigint_stops_a_commit_cleanly_and_running_it_again_finishes() {
-    let d = tmp();
-    let base = path(&d, "base.qcow2");
-    let top = path(&d, "top.qcow2");
-    create(&base, "32M", None);
-    create(&top, "32M", Some(&base));
-    // Base's first half is unallocated: the commit grows the file.
-    qemu_io(&base, &["write -P 0x11 16M 16M".into()]);
-    qemu_io(&top, &["write -P 0x22 0 16M".into()]);
-    let reference = snapshot(&top, d.path(), "ref.qcow2");
-    let base_len = std::fs::metadata(&base).expect("stat").len();
+/// A child process killed (SIGKILL) when the test ends, failed or not.
+struct KillOnDrop(Child);
 
-    // 1 MiB/s: the 16 MiB take long enough to be interrupted.
-    let child = Command::new(env!("CARGO_BIN_EXE_aio-img"))
-        .args(["commit", "-s", "1M", p(&top)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn aio-img");
-    // The job is copying once base grows (it is written before any
-    // signal could matter: the signalfd is set up before the images open).
-    wait_until("the commit to write base", || {
-        std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0) > base_len
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `aio-img ARGS` (a speed-limited job), waits until it has grown
+/// `written`, sends `signal`, and checks the command stops with exit code
+/// 1 and a one-line error naming `name`.
+fn interrupt(args: &[&str], written: &Path, signal: &str, name: &str) {
+    let before = std::fs::metadata(written).expect("stat").len();
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_aio-img"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn aio-img"),
+    );
+    let child = &mut guard.0;
+    // The job is copying once the file grows (the signalfd is set up
+    // before the images are opened).
+    wait_until("the job to write", || {
+        std::fs::metadata(written).map(|m| m.len()).unwrap_or(0) > before
     });
     let pid = child.id().to_string();
     let kill = Command::new("kill")
-        .args(["-INT", &pid])
+        .args([signal, &pid])
         .status()
         .expect("kill");
     assert!(kill.success());
-    let out = child.wait_with_output().expect("wait aio-img");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(
-        err.contains("interrupted") && err.contains("top.qcow2"),
-        "{err}"
-    );
+    // A command that ignored the signal would run on: kill it and fail
+    // instead of hanging.
+    let mut status = None;
+    wait_until("the command to stop", || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let mut err = String::new();
+    let mut out = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).expect("read stderr");
+    }
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).expect("read stdout");
+    }
+    let status = status.expect("exited");
+    assert_eq!(status.code(), Some(1), "{args:?}: stderr: {err}");
+    assert!(err.contains("interrupted") && err.contains(name), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(out.stdout.is_empty());
+    assert!(out.is_empty(), "{out}");
+}
 
+/// base ← top, 32 MiB, filled by one qemu-io command each (absolute
+/// link), and a reference of top's guest view.
+fn base_and_top(d: &tempfile::TempDir, base_io: &str, top_io: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = path(d, "base.qcow2");
+    let top = path(d, "top.qcow2");
+    create(&base, "32M", None);
+    create(&top, "32M", Some(&base));
+    qemu_io(&base, &[base_io.into()]);
+    qemu_io(&top, &[top_io.into()]);
+    let reference = snapshot(&top, d.path(), "ref.qcow2");
+    (base, top, reference)
+}
+
+#[test]
+fn sigint_stops_a_commit_cleanly_and_running_it_again_finishes() {
+    let d = tmp();
+    // Base's first half is unallocated: the commit grows the file.
+    let (base, top, reference) = base_and_top(&d, "write -P 0x11 16M 16M", "write -P 0x22 0 16M");
+
+    // 1 MiB/s: the 16 MiB take long enough to be interrupted.
+    interrupt(&["commit", "-s", "1M", p(&top)], &base, "-INT", p(&top));
     // Consistent and clean; the top still reads as before.
     assert_clean([&base, &top]);
     assert_same(&top, &reference);
@@ -371,6 +409,52 @@ fn sigint_stops_a_commit_cleanly_and_running_it_again_finishes() {
     assert_same(&top, &reference);
     assert_same(&base, &reference);
     assert_eq!(own_data(&top), 0);
+}
+
+#[test]
+fn sigterm_stops_a_stream_with_the_link_unchanged_and_running_it_again_finishes() {
+    let d = tmp();
+    let (base, top, reference) = base_and_top(&d, "write -P 0x11 0 16M", "read 0 512");
+
+    interrupt(&["stream", "-s", "1M", p(&top)], &top, "-TERM", p(&top));
+    assert_clean([&base, &top]);
+    assert_same(&top, &reference);
+    assert_eq!(backing_of(&top).as_deref(), Some(p(&base)));
+
+    ok(&["stream", p(&top)]);
+    assert_clean([&top]);
+    assert_same(&top, &reference);
+    assert_eq!(backing_of(&top), None);
+}
+
+#[test]
+fn stream_across_directories_records_a_link_that_resolves() {
+    // lower/base ← lower/mid ← upper/top, linked relatively.
+    let d = tmp();
+    let lower = d.path().join("lower");
+    std::fs::create_dir(&lower).expect("mkdir");
+    let upper = d.path().join("upper");
+    std::fs::create_dir(&upper).expect("mkdir");
+    let (base, _, mid_top) = relative_chain(&lower);
+    let top = upper.join("top.qcow2");
+    std::fs::rename(&mid_top, &top).expect("move top");
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "../lower/mid.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    let reference = snapshot(&top, d.path(), "ref.qcow2");
+
+    ok(&["stream", "--base", p(&base), p(&top)]);
+    assert_same(&top, &reference);
+    assert_clean([&top]);
+    // mid's "base.qcow2" would not resolve from upper/: the absolute path.
+    let canon = std::fs::canonicalize(&base).expect("canonicalize");
+    assert_eq!(backing_of(&top).as_deref(), Some(p(&canon)));
 }
 
 /// Runs aio-img expecting a one-line error naming `file` (and `want`),

@@ -25,12 +25,12 @@ fn relative_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (base, mid, top)
 }
 
-/// Copies the `*.qcow2` files of `from` into a new directory `to`.
+/// Copies the files of `from` into a new directory `to`.
 fn copy_images(from: &Path, to: &Path) {
     std::fs::create_dir(to).expect("mkdir");
     for e in std::fs::read_dir(from).expect("readdir") {
         let f = e.expect("dirent").path();
-        if f.extension().is_some_and(|x| x == "qcow2") {
+        if f.is_file() {
             let name = f.file_name().expect("file name");
             std::fs::copy(&f, to.join(name)).expect("copy image");
         }
@@ -96,20 +96,10 @@ impl Twins {
     /// `relative_chain` in `ours/`, then `prepare(ours/)`, copied to
     /// `theirs/`.
     fn new(prepare: impl Fn(&Path)) -> Self {
-        let d = tmp();
-        let ours = d.path().join("ours");
-        std::fs::create_dir(&ours).expect("mkdir");
-        let (_, _, top) = relative_chain(&ours);
-        prepare(&ours);
-        let theirs = d.path().join("theirs");
-        copy_images(&ours, &theirs);
-        let reference = snapshot(&top, d.path(), "ref.qcow2");
-        Self {
-            _dir: d,
-            ours,
-            theirs,
-            reference,
-        }
+        Self::with_chain(|dir| {
+            relative_chain(dir);
+            prepare(dir);
+        })
     }
 
     /// Runs `aio-img CMD ARGS top.qcow2` in `ours/` and `qemu-img CMD
@@ -135,6 +125,24 @@ impl Twins {
             let (a, b) = (self.ours.join(name), self.theirs.join(name));
             assert_same(&a, &b);
             assert_eq!(link(&a), link(&b), "{name}");
+        }
+    }
+
+    /// Like [`new`](Self::new) with `make(ours/)` building the chain
+    /// (its top `top.qcow2`) instead of `relative_chain`.
+    fn with_chain(make: impl Fn(&Path)) -> Self {
+        let d = tmp();
+        let ours = d.path().join("ours");
+        std::fs::create_dir(&ours).expect("mkdir");
+        make(&ours);
+        let theirs = d.path().join("theirs");
+        copy_images(&ours, &theirs);
+        let reference = snapshot(&ours.join("top.qcow2"), d.path(), "ref.qcow2");
+        Self {
+            _dir: d,
+            ours,
+            theirs,
+            reference,
         }
     }
 
@@ -174,6 +182,44 @@ fn commit_with_base_or_drop_keeps_the_top_like_qemu_img() {
         assert_clean(CHAIN.map(|n| t.ours(n)));
         t.assert_alike(&CHAIN);
     }
+}
+
+/// raw base ← v2 (compat=0.10, no zero flag) mid ← v2 top, relative
+/// links, with zero writes in both qcow2 layers.
+fn v2_chain_on_raw(dir: &Path) {
+    let base = dir.join("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", p(&base), "4M"]);
+    let io = |img: &Path, fmt: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", fmt]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        assert!(c.arg(img).status().expect("qemu-io").success());
+    };
+    io(&base, "raw", &["write -P 1 0 2M"]);
+    let v2 = ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b"];
+    let mid = dir.join("mid.qcow2");
+    qemu_img(&[&v2[..], &["base.raw", "-F", "raw", p(&mid)]].concat());
+    io(&mid, "qcow2", &["write -P 2 1M 1M", "write -z 0 64k"]);
+    let top = dir.join("top.qcow2");
+    qemu_img(&[&v2[..], &["mid.qcow2", "-F", "qcow2", p(&top)]].concat());
+    io(&top, "qcow2", &["write -P 3 3M 64k", "write -z 1M 64k"]);
+}
+
+#[test]
+fn v2_images_on_a_raw_base_rebase_and_commit_like_qemu_img() {
+    let t = Twins::with_chain(v2_chain_on_raw);
+    t.run_both("rebase", &["-b", "base.raw", "-F", "raw"]);
+    t.assert_alike(&["top.qcow2"]);
+    assert_same(&t.ours("top.qcow2"), &t.reference);
+
+    t.run_both("commit", &["-q"]);
+    t.assert_alike(&["base.raw", "top.qcow2"]);
+    assert_same(&t.ours("top.qcow2"), &t.reference);
+    assert_same(&t.ours("base.raw"), &t.reference);
+    assert_check(&t.ours("top.qcow2"));
+    assert_eq!(own_data(&t.ours("top.qcow2")), 0);
 }
 
 #[test]

@@ -236,7 +236,7 @@ impl Qcow2 {
             h.backing_file = name;
             h.extensions
                 .retain(|e| !matches!(e, header::Extension::BackingFormat(_)));
-            if h.version >= 3 && h.backing_file.is_some() {
+            if h.backing_file.is_some() {
                 if let Some(f) = format {
                     h.extensions.insert(0, header::Extension::BackingFormat(f));
                 }

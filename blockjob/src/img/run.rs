@@ -58,15 +58,14 @@ impl Interrupt {
 }
 
 /// Waits for `job` to end: updates the bar, completes the job once it is
-/// READY (active commit), and cancels it when a signal arrives.
+/// READY (active commit), and cancels it when a signal arrives. `what`
+/// names the command and its image for messages: `commit of 'top.qcow2'`.
 ///
 /// # Errors
 ///
-/// `WHAT: interrupted ...` after a signal; `WHAT: REASON` if the job
-/// failed.
-///
-/// `what` names the command and its image for messages:
-/// `commit of 'top.qcow2'`.
+/// `WHAT: interrupted ...` after a signal (even one that came as the job
+/// was finishing: the caller then skips its own last steps); `WHAT:
+/// REASON` if the job failed.
 pub(crate) async fn run_job(
     ctx: &AioContext,
     job: &Job,
@@ -100,8 +99,14 @@ pub(crate) async fn run_job(
             break info;
         }
         if info.status == JobStatus::Ready && !completing && !intr.hit.load(Ordering::Acquire) {
-            job.complete()?;
             completing = true;
+            if let Err(e) = job.complete() {
+                // Not expected in READY; end the job rather than wait.
+                log::warn!("job '{}': complete: {e}", job.id());
+                if let Err(e) = job.cancel(true) {
+                    log::debug!("cancel: {e}");
+                }
+            }
         }
         ctx.sleep_ns(ClockType::Realtime, TICK_NS).await;
     };
@@ -113,8 +118,7 @@ pub(crate) async fn run_job(
     }
     if intr.hit.load(Ordering::Acquire) {
         return Err(Error::Failed(format!(
-            "{}: interrupted; the images are consistent, run the command again to finish",
-            what
+            "{what}: interrupted; the images are consistent, run the command again to finish"
         )));
     }
     match info.error {

@@ -307,6 +307,7 @@ fn convert_to_qcow2_and_raw_keeps_contents_and_sparseness() {
     let ours = d.path().join("ours.qcow2");
     ok(&["convert", "-O", "qcow2", "-p", p(&top), p(&ours)]);
     assert_same(&ours, &top);
+    assert_same(&ours, &theirs);
     assert_check(&ours);
     // Zero ranges (base's zeroed hole, mid's zero write) are left
     // unallocated: no more data than qemu-img's own convert writes.

@@ -23,6 +23,7 @@
 
 pub mod block;
 mod error;
+pub mod img;
 pub mod job;
 pub mod jobs;
 pub mod nbd;

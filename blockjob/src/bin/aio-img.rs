@@ -7,7 +7,15 @@
 //! aio-img check FILE
 //! aio-img compare FILE1 FILE2
 //! aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+//! aio-img commit [-f FMT] [-b BASE] [-d] [-s SPEED] [-p] [-q] TOP
+//! aio-img stream [-f FMT] [--base BASE] [-s SPEED] [-p] TOP
+//! aio-img rebase [-f FMT] -b NEW [-F FMT] [-u] [-s SPEED] [-p] IMG
+//! aio-img convert [-f FMT] [-O qcow2|raw] [-o cluster_size=N] [-B BACKING [-F FMT]] [-s SPEED] [-p] SRC DST
 //! ```
+//!
+//! `commit`, `stream`, `rebase` and `convert` run as jobs
+//! ([`blockjob::img`]): `-p` shows a progress bar, Ctrl-C stops them
+//! cleanly (exit code 1, images consistent; run again to finish).
 //!
 //! Errors are one line on stderr, `aio-img: ...` naming the file, exit
 //! code 1 (`compare`: 2, as qemu-img). `check` exits 0 when clean, 2 on
@@ -19,6 +27,9 @@ use std::sync::Arc;
 use blockjob::block::{
     create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CreateOptions, OpenOptions,
     Preallocation, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+};
+use blockjob::img::{
+    CommitOptions, ConvertOptions, OutputFormat, RebaseOptions, RunOptions, StreamOptions,
 };
 use blockjob::{Error, Result};
 use serde_json::Value;
@@ -53,7 +64,7 @@ type Outcome = Result<u8>;
 
 fn usage() -> Error {
     Error::InvalidArgument(
-        "usage: aio-img create|info|map|check|compare|snapshot [options] FILE... (see --help)"
+        "usage: aio-img create|info|map|check|compare|snapshot|commit|stream|rebase|convert [options] FILE... (see --help)"
             .into(),
     )
 }
@@ -80,6 +91,10 @@ fn main() -> ExitCode {
         "map" => ctx.block_on(map(rest)),
         "check" => ctx.block_on(check(rest)),
         "snapshot" => ctx.block_on(snapshot(rest)),
+        "commit" => ctx.block_on(commit(&ctx, rest)),
+        "stream" => ctx.block_on(stream(&ctx, rest)),
+        "rebase" => ctx.block_on(rebase(&ctx, rest)),
+        "convert" => ctx.block_on(convert(&ctx, rest)),
         "compare" => match ctx.block_on(compare(rest)) {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -103,7 +118,16 @@ aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
 aio-img check FILE
 aio-img compare FILE1 FILE2
-aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE";
+aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+aio-img commit [-f FMT] [-b BASE] [-d] [-s SPEED] [-p] [-q] TOP
+    commit TOP into its backing file (or BASE), then empty TOP (not with -d or -b)
+aio-img stream [-f FMT] [--base BASE] [-s SPEED] [-p] TOP
+    copy into TOP what it reads from the layers above BASE; BASE (or none) becomes its backing file
+aio-img rebase [-f FMT] -b NEW [-F FMT] [-u] [-s SPEED] [-p] IMG
+    make NEW ('' for none) IMG's backing file, copying what would change (-u: only the link)
+aio-img convert [-f FMT] [-O qcow2|raw] [-o cluster_size=N] [-B BACKING [-F FMT]] [-s SPEED] [-p] SRC DST
+    copy SRC's contents into a new image DST, leaving zero ranges sparse
+SPEED: bytes/s (suffixes k, M, G). -p: progress bar. Ctrl-C stops a job cleanly (exit code 1).";
 
 fn one_line(e: &Error) -> String {
     e.to_string().replace('\n', " ")
@@ -625,4 +649,110 @@ fn qemu_size_to_str(n: u64) -> String {
         t
     };
     format!("{t} {}", U[u])
+}
+
+/// `-f FMT`, `-s SPEED` (or qemu-img's `-r`; bytes/s, size suffixes)
+/// and `-p`.
+fn run_options(flags: &[(String, String)]) -> Result<RunOptions> {
+    let mut o = RunOptions::new();
+    o.format = flag(flags, "-f").map(str::to_string);
+    o.speed = match flag(flags, "-s").or(flag(flags, "-r")) {
+        Some(s) => parse_size(s)?,
+        None => 0,
+    };
+    o.progress = flag(flags, "-p").is_some();
+    Ok(o)
+}
+
+/// The single positional argument a job command takes.
+fn one_image<'a>(pos: &'a [String], cmd: &str) -> Result<&'a str> {
+    match pos {
+        [f] => Ok(f),
+        _ => Err(Error::InvalidArgument(format!(
+            "{cmd} takes one image file name (see --help)"
+        ))),
+    }
+}
+
+async fn commit(ctx: &aio::AioContext, args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-b", "-s", "-r", "-t"])?;
+    check_flags(&flags, &["-f", "-b", "-s", "-r", "-t", "-d", "-p", "-q"])?;
+    let top = one_image(&pos, "commit")?;
+    let mut o = CommitOptions::new();
+    o.base = flag(&flags, "-b").map(str::to_string);
+    o.drop = flag(&flags, "-d").is_some();
+    o.run = run_options(&flags)?;
+    blockjob::img::commit(ctx, top, &o).await?;
+    if flag(&flags, "-q").is_none() {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+async fn stream(ctx: &aio::AioContext, args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "--base", "-s"])?;
+    check_flags(&flags, &["-f", "--base", "-s", "-p", "-q"])?;
+    let top = one_image(&pos, "stream")?;
+    let mut o = StreamOptions::new();
+    o.base = flag(&flags, "--base").map(str::to_string);
+    o.run = run_options(&flags)?;
+    blockjob::img::stream(ctx, top, &o).await?;
+    Ok(0)
+}
+
+async fn rebase(ctx: &aio::AioContext, args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-b", "-F", "-s", "-t", "-T"])?;
+    check_flags(
+        &flags,
+        &["-f", "-b", "-F", "-s", "-t", "-T", "-u", "-p", "-q"],
+    )?;
+    let img = one_image(&pos, "rebase")?;
+    let backing = flag(&flags, "-b").ok_or_else(|| {
+        Error::InvalidArgument("rebase needs -b NEW_BACKING ('' for none)".into())
+    })?;
+    let mut o = RebaseOptions::new(backing);
+    o.backing_format = flag(&flags, "-F").map(str::to_string);
+    o.unsafe_mode = flag(&flags, "-u").is_some();
+    o.run = run_options(&flags)?;
+    blockjob::img::rebase(ctx, img, &o).await?;
+    Ok(0)
+}
+
+async fn convert(ctx: &aio::AioContext, args: &[String]) -> Outcome {
+    let (flags, pos) = parse(args, &["-f", "-O", "-o", "-B", "-F", "-s"])?;
+    check_flags(&flags, &["-f", "-O", "-o", "-B", "-F", "-s", "-p", "-q"])?;
+    let [src, dst] = &pos[..] else {
+        return Err(Error::InvalidArgument(
+            "convert takes a source and a target file name (see --help)".into(),
+        ));
+    };
+    let mut o = ConvertOptions::new();
+    o.output_format = match flag(&flags, "-O").unwrap_or("raw") {
+        "raw" => OutputFormat::Raw,
+        "qcow2" => OutputFormat::Qcow2,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "Unknown file format '{other}'"
+            )))
+        }
+    };
+    for kv in flag(&flags, "-o")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        match kv.split_once('=') {
+            Some(("cluster_size", v)) => o.cluster_size = Some(parse_size(v)?),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "Invalid option '{kv}' for convert"
+                )))
+            }
+        }
+    }
+    o.backing = flag(&flags, "-B").map(str::to_string);
+    o.backing_format = flag(&flags, "-F").map(str::to_string);
+    o.run = run_options(&flags)?;
+    blockjob::img::convert(ctx, src, dst, &o).await?;
+    Ok(0)
 }

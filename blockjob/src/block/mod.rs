@@ -198,6 +198,17 @@ pub trait BlockDriver: Send + Sync {
             ))
         })
     }
+    /// Makes every cluster of this layer unallocated, so that it reads
+    /// its backing file everywhere (QEMU's `bdrv_make_empty`, which
+    /// `qemu-img commit` runs on the committed image). Formats without
+    /// backing files refuse.
+    fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
+        let e = Error::unsupported(
+            self.filename(),
+            format!("Driver '{}' cannot be emptied", self.driver_name()),
+        );
+        Box::pin(async { Err(e) })
+    }
     /// Checks metadata consistency; `None` if the format has no checks.
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async { Ok(None) })

@@ -859,6 +859,32 @@ impl BlockNode {
         self.driver.set_backing(guard, record).await
     }
 
+    /// Rewrites the backing file link in the image without opening the
+    /// file it names (`qemu-img rebase -u`): `file` `None` removes it.
+    /// Only for a node without a backing child (opened with
+    /// `no_backing`): what it reads is unchanged until it is reopened.
+    pub async fn set_backing_link(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        self.check_op_blockers()?;
+        if self.backing().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the backing link of a node with a backing child is changed with set_backing",
+                self.filename()
+            )));
+        }
+        let record = (file.map(str::to_string), format.map(str::to_string));
+        self.driver.set_backing(None, Some(record)).await
+    }
+
+    /// Makes the node empty: every cluster unallocated, so that it reads
+    /// as its backing file (QEMU's `bdrv_make_empty`; `qemu-img commit`
+    /// does it after committing). qcow2 only.
+    pub async fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        self.check_op_blockers()?;
+        self.driver.make_empty().await
+    }
+
     /// Closes this layer and its `file` child but not its backing chain
     /// (a layer dropped from the middle of a chain).
     pub async fn close_layer(&self) -> Result<()> {

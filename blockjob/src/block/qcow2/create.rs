@@ -199,10 +199,10 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
         extensions: Vec::new(),
         backing_file: o.backing_file.clone(),
     };
+    if let Some(f) = &o.backing_format {
+        h.extensions.push(Extension::BackingFormat(f.clone()));
+    }
     if o.version == 3 {
-        if let Some(f) = &o.backing_format {
-            h.extensions.push(Extension::BackingFormat(f.clone()));
-        }
         h.extensions
             .push(Extension::FeatureTable(Header::qemu_feature_table()));
     }

@@ -453,31 +453,33 @@ impl Header {
             b.push(self.compression_type);
             b.extend_from_slice(&[0; 7]);
             b.extend_from_slice(&self.extra);
-            for e in &self.extensions {
-                let (kind, data) = match e {
-                    Extension::BackingFormat(f) => (EXT_BACKING_FORMAT, f.as_bytes().to_vec()),
-                    Extension::FeatureTable(t) => {
-                        let mut d = Vec::with_capacity(t.len() * 48);
-                        for f in t {
-                            let mut ent = [0u8; 48];
-                            ent[0] = f.kind;
-                            ent[1] = f.bit;
-                            let n = f.name.len().min(46);
-                            ent[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
-                            d.extend_from_slice(&ent);
-                        }
-                        (EXT_FEATURE_TABLE, d)
-                    }
-                    Extension::Bitmaps(d) => (EXT_BITMAPS, d.clone()),
-                    Extension::Unknown { kind, data } => (*kind, data.clone()),
-                };
-                b.extend_from_slice(&kind.to_be_bytes());
-                b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-                b.extend_from_slice(&data);
-                b.resize(b.len().div_ceil(8) * 8, 0);
-            }
-            b.extend_from_slice(&[0; 8]); // end of extensions
         }
+        // Version 2 has extensions too, right after its 72-byte header
+        // (QEMU writes the backing format there).
+        for e in &self.extensions {
+            let (kind, data) = match e {
+                Extension::BackingFormat(f) => (EXT_BACKING_FORMAT, f.as_bytes().to_vec()),
+                Extension::FeatureTable(t) => {
+                    let mut d = Vec::with_capacity(t.len() * 48);
+                    for f in t {
+                        let mut ent = [0u8; 48];
+                        ent[0] = f.kind;
+                        ent[1] = f.bit;
+                        let n = f.name.len().min(46);
+                        ent[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                        d.extend_from_slice(&ent);
+                    }
+                    (EXT_FEATURE_TABLE, d)
+                }
+                Extension::Bitmaps(d) => (EXT_BITMAPS, d.clone()),
+                Extension::Unknown { kind, data } => (*kind, data.clone()),
+            };
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&data);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        }
+        b.extend_from_slice(&[0; 8]); // end of extensions
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME as usize {
                 return Err("Backing file name too long".into());

@@ -237,7 +237,7 @@ impl Qcow2 {
             h.backing_file = name;
             h.extensions
                 .retain(|e| !matches!(e, header::Extension::BackingFormat(_)));
-            if h.version >= 3 && h.backing_file.is_some() {
+            if h.backing_file.is_some() {
                 if let Some(f) = format {
                     h.extensions.insert(0, header::Extension::BackingFormat(f));
                 }
@@ -434,10 +434,18 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.do_write(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.do_write_zeroes(offset, len, false))
+        Box::pin(self.do_write_zeroes(offset, len, write::Zeroing::Zero))
     }
     fn discard<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.do_write_zeroes(offset, len, true))
+        Box::pin(self.do_write_zeroes(offset, len, write::Zeroing::Discard))
+    }
+    fn make_empty(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.refuse_read_only("empty")?;
+            let cs = self.g.cs();
+            let end = self.len().div_ceil(cs) * cs;
+            self.do_write_zeroes(0, end, write::Zeroing::Unmap).await
+        })
     }
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.g.flush())

@@ -23,6 +23,18 @@ struct Batch {
     freed: Vec<Freed>,
 }
 
+/// What [`Qcow2::do_write_zeroes`] leaves in whole clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Zeroing {
+    /// Reads as zeroes (zero clusters where the format has them).
+    Zero,
+    /// Discard: zero clusters on v3 (what QEMU's discard leaves), else
+    /// unallocated.
+    Discard,
+    /// Unallocated: the backing file shows through (`bdrv_make_empty`).
+    Unmap,
+}
+
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -194,13 +206,14 @@ impl Qcow2 {
         self.commit(m, b).await
     }
 
-    /// Write-zeroes (`discard` false) or discard (`discard` true).
+    /// Write-zeroes ([`Zeroing::Zero`]), discard or unmap.
     ///
     /// Whole clusters become zero clusters (v3) or unallocated (v2, and
-    /// discard without a backing file); their data clusters are freed.
-    /// Partial clusters are written with zeroes, or for discard left
-    /// alone, as QEMU does.
-    pub(super) async fn do_write_zeroes(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+    /// discard without a backing file; always for unmap); their data
+    /// clusters are freed. Partial clusters are written with zeroes, or
+    /// for discard and unmap left alone, as QEMU does.
+    pub(super) async fn do_write_zeroes(&self, offset: u64, len: u64, mode: Zeroing) -> Result<()> {
+        let discard = mode != Zeroing::Zero;
         let g = &self.g;
         let cs = g.cs();
         let end = offset + len;
@@ -233,7 +246,7 @@ impl Qcow2 {
         for ci in a / cs..z / cs {
             let (old, l2off) = m.l2_entry(g, ci).await?;
             let allocated = old.word != 0;
-            let new = if g.version >= 3 && (has_backing || allocated) {
+            let new = if mode != Zeroing::Unmap && g.version >= 3 && (has_backing || allocated) {
                 ZERO
             } else {
                 0

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::block_qmp::BlockState;
+use crate::block_qmp::{on, BlockState};
 use crate::qmp::{ArgType, IntKind, QmpError, QmpServer, Schema, ServerError};
 use crate::transaction_qmp::{BoxFuture, PreparedAction};
 
@@ -131,12 +131,15 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
             .map_err(generic)
     })?;
     let s = state.clone();
-    server.register_with_schema("block-commit", commit_schema(), move |a| {
-        negative_speed(&a)?;
-        let ctx = device_context(&s, &a);
-        blockjob::jobs::start_commit(&ctx, &s.graph, &s.jobs, parse(a)?)
-            .map(|_| json!({}))
-            .map_err(generic)
+    server.register_async_with_schema("block-commit", commit_schema(), move |a| {
+        let s = s.clone();
+        async move {
+            negative_speed(&a)?;
+            let ctx = device_context(&s, &a);
+            let args = parse(a)?;
+            let main = s.ctx.clone();
+            on(&main, commit(s, ctx, args)).await
+        }
     })?;
     let s = state.clone();
     server.register_with_schema("blockdev-mirror", mirror_schema(), move |a| {
@@ -164,6 +167,50 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
             Ok(Box::new(BackupAction(job)) as Box<dyn PreparedAction>)
         })?;
     Ok(())
+}
+
+/// `block-commit`. A read-only base (a backing file, as after a snapshot)
+/// is reopened read-write for the job, as in QEMU, and read-only again
+/// when the job ends, unless an active commit completed: the base is the
+/// active layer then, and stays read-write.
+async fn commit(
+    s: BlockState,
+    ctx: aio::AioContext,
+    args: blockjob::jobs::CommitArgs,
+) -> Result<Value, QmpError> {
+    use blockjob::block::ReopenOptions;
+    let (dev, top, base) = blockjob::jobs::commit_nodes(&s.graph, &args).map_err(generic)?;
+    let active = std::sync::Arc::ptr_eq(&dev, &top);
+    let reopened = base.read_only();
+    if reopened {
+        base.reopen(&ReopenOptions::new()).await.map_err(generic)?;
+    }
+    let job = match blockjob::jobs::start_commit(&ctx, &s.graph, &s.jobs, args) {
+        Ok(job) => job,
+        Err(e) => {
+            if reopened {
+                if let Err(u) = base.reopen(&ReopenOptions::new().read_only(true)).await {
+                    log::warn!("block-commit: '{}' stays read-write: {u}", base.name());
+                }
+            }
+            return Err(generic(e));
+        }
+    };
+    if reopened {
+        s.ctx
+            .spawn(async move {
+                let info = job.wait_finished().await;
+                // A completed active commit made the base the active layer.
+                let pivoted = active && info.error.is_none();
+                if !pivoted {
+                    if let Err(e) = base.reopen(&ReopenOptions::new().read_only(true)).await {
+                        log::warn!("block-commit: '{}' stays read-write: {e}", base.name());
+                    }
+                }
+            })
+            .detach();
+    }
+    Ok(json!({}))
 }
 
 /// A `blockdev-backup` inside `transaction`: the job is created (and the

@@ -56,6 +56,9 @@ impl PreparedAction for Snapshot {
     fn commit(self: Box<Self>) {
         self.0.commit();
     }
+    fn commit_async(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(self.0.commit_read_only())
+    }
     fn abort(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             if let Err(e) = self.0.abort().await {

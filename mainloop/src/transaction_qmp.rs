@@ -34,6 +34,13 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait PreparedAction: Send {
     /// Makes the action permanent. Cannot fail.
     fn commit(self: Box<Self>);
+    /// [`commit`](Self::commit) with follow-up work that needs I/O (an
+    /// external snapshot reopens the old node read-only); awaited before
+    /// the reply. Cannot fail either: problems are logged.
+    fn commit_async(self: Box<Self>) -> BoxFuture<()> {
+        self.commit();
+        Box::pin(async {})
+    }
     /// Undoes what prepare did. Failures are logged: the transaction's
     /// reply is the error that caused the abort.
     fn abort(self: Box<Self>) -> BoxFuture<()>;
@@ -179,7 +186,7 @@ async fn apply(
         }
     }
     for p in prepared {
-        p.commit();
+        p.commit_async().await;
     }
     Ok(())
 }

@@ -111,6 +111,22 @@ impl PreparedSnapshot {
         );
     }
 
+    /// [`commit`](Self::commit), then reopens the old node read-only, as
+    /// QEMU does: it is a backing file now, and backing files are not
+    /// written. A failure to reopen (a job still writes the node) is
+    /// logged, not returned: the snapshot stands either way (QEMU's
+    /// `external_snapshot_commit` ignores it too).
+    pub async fn commit_read_only(self) {
+        let node = self.node.clone();
+        self.commit();
+        if let Err(e) = node
+            .reopen(&super::ReopenOptions::new().read_only(true))
+            .await
+        {
+            log::warn!("snapshot: '{}' stays read-write: {e}", node.name());
+        }
+    }
+
     /// Undoes prepare: unlinks the overlay (restoring its header), closes
     /// it if prepare opened it, and deletes its file if prepare created it.
     /// Every step is attempted; the first error is returned.
@@ -331,7 +347,7 @@ impl BlockGraph {
         if format == "qcow2" {
             add["backing"] = serde_json::Value::Null;
         }
-        let overlay = match self.blockdev_add(&add).await {
+        let overlay = match self.blockdev_add_inner(&add).await {
             Ok(ov) => ov,
             Err(e) => {
                 remove_created(created.as_deref());

@@ -416,10 +416,15 @@ impl BlockGraph {
     /// `file` may name an existing node; `backing` may name one, be
     /// `null` (no backing) or be absent (from the image header).
     pub async fn blockdev_add(&self, args: &Value) -> Result<Arc<BlockNode>> {
-        self.blockdev_add_inner(args).await
+        let node = self.blockdev_add_inner(args).await?;
+        node.set_added_by_user();
+        Ok(node)
     }
 
-    fn blockdev_add_inner<'a>(&'a self, args: &'a Value) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
+    pub(crate) fn blockdev_add_inner<'a>(
+        &'a self,
+        args: &'a Value,
+    ) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
         Box::pin(async move {
             let node = self.blockdev_add_node(args).await?;
             if let Some(obj) = args.as_object() {

@@ -41,6 +41,8 @@ pub struct BlockNode {
     idle: aio::CoQueue,
     /// Drained sections this node is in (see `super::drain`).
     quiesce: AtomicUsize,
+    /// Added by a top-level `blockdev-add`: only `blockdev-del` removes it.
+    by_user: AtomicBool,
     /// Told when a drained section begins and ends: jobs using the node.
     drain_listeners: Mutex<Vec<(u64, Arc<dyn DrainListener>)>>,
 }
@@ -265,6 +267,7 @@ impl BlockNode {
             in_flight: AtomicUsize::new(0),
             idle: aio::CoQueue::new(),
             quiesce: AtomicUsize::new(0),
+            by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
         })
     }
@@ -339,6 +342,17 @@ impl BlockNode {
             node: self.clone(),
             id,
         }
+    }
+
+    /// Whether the node was added by a top-level `blockdev-add` (not as
+    /// an inline child, nor opened from an image header): jobs that drop
+    /// it from a chain leave it in the graph for `blockdev-del`.
+    pub fn added_by_user(&self) -> bool {
+        self.by_user.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_added_by_user(&self) {
+        self.by_user.store(true, Ordering::Release);
     }
 
     /// Records the options the node was added with (see `options`).

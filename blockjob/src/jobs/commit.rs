@@ -214,22 +214,18 @@ impl JobDriver for ActiveCommitJob {
     }
 }
 
-/// `block-commit`: intermediate commit when `top` is below the device,
-/// active commit (a READY job) when `top` is the device.
+/// The nodes a `block-commit` with `args` works on: the device, the top
+/// and the base, resolved as [`start_commit`] does (node names, file
+/// names, defaults), without checking anything else. A caller that must
+/// prepare the base (reopen it read-write) looks it up here first.
 ///
 /// # Errors
 ///
-/// QEMU's texts: `Cannot find device='X' nor node-name='X'`, `'N' is not
-/// in this backing file chain`, `cannot commit an image into itself`,
-/// `There is no backimg image` (sic), `Node 'X' is busy: ...`, `Job ID
-/// 'J' already in use`. A read-only base (opened from an image header
-/// rather than by `blockdev-add`) is refused: no reopen here.
-pub fn start_commit(
-    ctx: &AioContext,
+/// As [`start_commit`] for missing nodes and nodes outside the chain.
+pub fn commit_nodes(
     graph: &BlockGraph,
-    registry: &JobRegistry,
-    args: CommitArgs,
-) -> Result<Job> {
+    args: &CommitArgs,
+) -> Result<(Arc<BlockNode>, Arc<BlockNode>, Arc<BlockNode>)> {
     let dev = find_device(graph, &args.device)?;
     dev.check_op_blockers()?;
     let in_chain =
@@ -283,6 +279,27 @@ pub fn start_commit(
             .last()
             .ok_or_else(|| Error::Job("There is no backimg image".into()))?,
     };
+    Ok((dev, top, base))
+}
+
+/// `block-commit`: intermediate commit when `top` is below the device,
+/// active commit (a READY job) when `top` is the device.
+///
+/// # Errors
+///
+/// QEMU's texts: `Cannot find device='X' nor node-name='X'`, `'N' is not
+/// in this backing file chain`, `cannot commit an image into itself`,
+/// `There is no backimg image` (sic), `Node 'X' is busy: ...`, `Job ID
+/// 'J' already in use`. A read-only base is refused (`Block node 'B' is
+/// read-only`): the caller reopens it read-write first, as QMP's
+/// `block-commit` does (see [`commit_nodes`]).
+pub fn start_commit(
+    ctx: &AioContext,
+    graph: &BlockGraph,
+    registry: &JobRegistry,
+    args: CommitArgs,
+) -> Result<Job> {
+    let (dev, top, base) = commit_nodes(graph, &args)?;
     let layers = layers_above(&top, Some(&base));
     Holds::check(&layers.iter().chain([&base]).collect::<Vec<_>>())?;
     if Arc::ptr_eq(&top, &base) {

@@ -26,7 +26,7 @@ pub mod mirror;
 pub mod stream;
 
 pub use backup::{create_backup, start_backup, BackupArgs};
-pub use commit::{start_commit, CommitArgs};
+pub use commit::{commit_nodes, start_commit, CommitArgs};
 pub use create::{start_create, CreateSpec, Preallocation};
 pub use mirror::{start_mirror, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};
@@ -256,13 +256,18 @@ pub(crate) fn job_options(
 
 /// Drops `layers` from the graph after a stream or commit: unlinks each
 /// from its backing (releasing its hold on the next), closes it and its
-/// `file` child, and removes both from the graph.
+/// `file` child, and removes both from the graph. A node added with
+/// `blockdev-add` is only unlinked: as in QEMU it stays open and named
+/// until `blockdev-del` (libvirt deletes the dropped layers itself).
 pub(crate) async fn drop_layers(
     graph: &crate::block::GraphRef,
     layers: &[Arc<BlockNode>],
 ) -> Result<()> {
     for l in layers {
         l.set_backing(None, false, None).await?;
+        if l.added_by_user() {
+            continue;
+        }
         l.close_layer().await?;
         if let Some(f) = l.file_child() {
             graph.remove_node(&f);

@@ -563,6 +563,26 @@ impl QmpServer {
         self.insert(name, schema, registry::sync_handler(handler))
     }
 
+    /// [`register_with_schema`](Self::register_with_schema) for an
+    /// asynchronous handler (see [`register_async`](Self::register_async)).
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::DuplicateCommand`] if the name is taken.
+    pub fn register_async_with_schema<R, F, Fut>(
+        &self,
+        name: &str,
+        schema: Schema,
+        handler: F,
+    ) -> Result<(), ServerError>
+    where
+        R: Serialize + 'static,
+        F: Fn(Map<String, Value>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, QmpError>> + Send + 'static,
+    {
+        self.insert(name, schema, registry::async_handler(handler))
+    }
+
     fn insert(&self, name: &str, schema: Schema, handler: Handler) -> Result<(), ServerError> {
         if lock(&self.shared.registry).insert(name, schema, handler) {
             Ok(())

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use aio::{CoMutex, CoQueue};
 
+mod bitmaps;
 mod check;
 mod create;
 pub(crate) mod entry;
@@ -30,6 +31,7 @@ pub use create::CreateOptions;
 use self::entry::Mapping;
 use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 use self::meta::{Geom, Meta};
+use super::bitmap::DirtyBitmap;
 use super::{
     BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard,
     SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
@@ -47,6 +49,8 @@ pub(crate) struct Qcow2 {
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
     in_flight: InFlight,
+    /// The bitmaps read at open, until the node takes them.
+    loaded: Mutex<Vec<DirtyBitmap>>,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -153,6 +157,12 @@ impl Qcow2 {
             snapshot::load(&g, header.nb_snapshots, header.snapshots_offset).await?;
         meta.snapshots = snapshots;
         meta.snapshots_at = (header.snapshots_offset, table_len);
+        let stored = bitmaps::load(&g, &header, !writable).await?;
+        meta.bitmap_dir = stored.dir;
+        meta.bitmaps_at = stored.at;
+        if writable {
+            bitmaps::mark_in_use(&g, &mut meta).await?;
+        }
         let q = Qcow2 {
             g,
             _file_perm: file,
@@ -163,6 +173,7 @@ impl Qcow2 {
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
+            loaded: Mutex::new(stored.bitmaps),
         };
         if writable {
             q.mark_dirty().await?;
@@ -170,21 +181,28 @@ impl Qcow2 {
         Ok(q)
     }
 
-    /// Sets the dirty bit (v3) and clears autoclear bits we do not
-    /// maintain (bitmaps), then flushes.
+    /// Sets the dirty bit (v3) and clears the autoclear bits we do not
+    /// maintain (all but bitmaps, kept when the image has a bitmap
+    /// directory we loaded), then flushes.
     async fn mark_dirty(&self) -> Result<()> {
         if self.g.version < 3 {
             return Ok(());
         }
+        let has_dir = self.meta.lock().await.bitmaps_at.0 != 0;
         let (autoclear, incompat) = {
-            let h = self.header();
+            let mut h = self.header();
+            let keep = if has_dir {
+                header::AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
+            h.autoclear_features &= keep;
             (h.autoclear_features, h.incompatible_features)
         };
-        if autoclear != 0 {
-            self.g
-                .write_file(field::AUTOCLEAR, 0u64.to_be_bytes().to_vec())
-                .await?;
-        }
+        // Always written: `bitmaps::mark_in_use` may have cleared it.
+        self.g
+            .write_file(field::AUTOCLEAR, autoclear.to_be_bytes().to_vec())
+            .await?;
         let v = incompat | INCOMPAT_DIRTY;
         self.g
             .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
@@ -461,6 +479,31 @@ impl BlockDriver for Qcow2 {
     }
     fn supports_snapshots(&self) -> bool {
         true
+    }
+    fn take_stored_bitmaps(&self) -> Vec<DirtyBitmap> {
+        std::mem::take(&mut *self.loaded.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn can_store_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        if self.read_only {
+            return Some(Err("No write access".into()));
+        }
+        Some(bitmaps::check_new(
+            self.g.version,
+            self.g.cs(),
+            self.len(),
+            name,
+            granularity,
+        ))
+    }
+    fn store_bitmaps<'a>(&'a self, list: &'a [Arc<DirtyBitmap>]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_store_bitmaps(list))
+    }
+    fn remove_stored_bitmap<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_remove_stored_bitmap(name))
     }
     fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
         Box::pin(self.do_snapshot_list())

@@ -185,6 +185,14 @@ fn qemu_bitmaps_load_with_their_names_granularities_and_bits() {
     qemu_img(&["bitmap", "--merge", "b0", p(&img), "copy"]);
     qemu_img(&["bitmap", "--add", p(&img), "empty"]);
 
+    // aio-img info lists them as qemu-img info does.
+    let (code, out, err) = common::aio_img(&["info", "--output=json", p(&img)]);
+    assert_eq!(code, 0, "{err}");
+    let ours: Value = serde_json::from_str(&out).unwrap();
+    let bitmaps = &ours["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bitmaps, &info(&img)["format-specific"]["data"]["bitmaps"]);
+    assert_eq!(bitmaps.as_array().map(Vec::len), Some(5));
+
     let want_b0 = vec![(0, 65536), (MIB, 65536), (3 * MIB, 65536)];
     assert_eq!(qemu_dirty(&img, "b0"), want_b0);
     let i = Img::open(&img, true);
@@ -458,4 +466,58 @@ fn corrupt_directories_fail_the_open_and_change_nothing() {
     patch(&img, table, &1u64.to_be_bytes());
     let i = Img::open(&img, true);
     assert_eq!(i.dirty("b0"), vec![(0, MIB)]);
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An image with two bitmaps and data; where its extension, directory
+    /// and first table are.
+    fn base() -> &'static (tempfile::TempDir, std::path::PathBuf, Vec<u64>) {
+        static B: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf, Vec<u64>)> =
+            std::sync::OnceLock::new();
+        B.get_or_init(|| {
+            let d = tmp();
+            let img = d.path().join("base.qcow2");
+            create(&img, "2M");
+            qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+            qemu_img(&["bitmap", "--add", "-g", "512", p(&img), "b1"]);
+            io(&img, &["write 0 64k", "write 1M 4k"]);
+            let (dir, _) = dir_at(&img);
+            let b = std::fs::read(&img).unwrap();
+            let table = u64::from_be_bytes(b[dir as usize..dir as usize + 8].try_into().unwrap());
+            (d, img, vec![112, dir, table])
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Byte changes in the extension, the directory or a table: the
+        /// open succeeds or fails with an error, never panics; a failed
+        /// open leaves the file as it was.
+        #[test]
+        fn corrupted_bitmap_metadata_never_panics(
+            muts in proptest::collection::vec((0usize..3, 0u64..96, any::<u8>()), 1..6),
+            writable in any::<bool>(),
+        ) {
+            let (d, img, at) = base();
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let copy = d.path().join(format!("m{n}.qcow2"));
+            std::fs::copy(img, &copy).unwrap();
+            for (r, off, v) in muts {
+                patch(&copy, at[r] + off, &[v]);
+            }
+            let before = std::fs::read(&copy).unwrap();
+            match Img::try_open(&copy, !writable) {
+                Ok(i) => {
+                    let _ = i.ctx.block_on(i.g.close_all());
+                }
+                Err(_) => prop_assert!(std::fs::read(&copy).unwrap() == before),
+            }
+            let _ = std::fs::remove_file(&copy);
+        }
+    }
 }

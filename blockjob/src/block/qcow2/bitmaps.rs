@@ -157,6 +157,26 @@ impl DirEntry {
     }
 }
 
+/// `qemu-img info`'s `bitmaps`: `[{flags, name, granularity}]`.
+pub(crate) fn info_json(dir: &[DirEntry]) -> serde_json::Value {
+    dir.iter()
+        .map(|e| {
+            let mut flags = Vec::new();
+            if e.in_use() {
+                flags.push("in-use");
+            }
+            if e.flags & FLAG_AUTO != 0 {
+                flags.push("auto");
+            }
+            serde_json::json!({
+                "flags": flags,
+                "name": e.name,
+                "granularity": 1u64 << e.gran_bits,
+            })
+        })
+        .collect()
+}
+
 /// The directory's bytes.
 pub(crate) fn serialize_dir(list: &[DirEntry]) -> Vec<u8> {
     let mut b = Vec::new();
@@ -521,6 +541,7 @@ impl Qcow2 {
             mem.autoclear_features = h.autoclear_features;
         }
         let (old_off, old_len) = std::mem::replace(&mut m.bitmaps_at, at);
+        self.set_dir_view(&entries);
         m.bitmap_dir = entries;
         if old_off != 0 && old_len != 0 {
             m.free(g, old_off, old_len.div_ceil(cs)).await?;

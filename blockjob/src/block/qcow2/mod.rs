@@ -51,6 +51,8 @@ pub(crate) struct Qcow2 {
     in_flight: InFlight,
     /// The bitmaps read at open, until the node takes them.
     loaded: Mutex<Vec<DirtyBitmap>>,
+    /// A copy of the bitmap directory for `info` (the truth is in `meta`).
+    dir_view: Mutex<Vec<bitmaps::DirEntry>>,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -174,7 +176,9 @@ impl Qcow2 {
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
             loaded: Mutex::new(stored.bitmaps),
+            dir_view: Mutex::new(Vec::new()),
         };
+        q.set_dir_view(&q.meta.lock().await.bitmap_dir);
         if writable {
             q.mark_dirty().await?;
         }
@@ -210,6 +214,11 @@ impl Qcow2 {
         self.g.flush().await?;
         self.dirty_set.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Updates the copy of the bitmap directory `info` shows.
+    pub(crate) fn set_dir_view(&self, dir: &[bitmaps::DirEntry]) {
+        *self.dir_view.lock().unwrap_or_else(|e| e.into_inner()) = dir.to_vec();
     }
 
     /// `Could not WHAT of 'FILE': read-only image` on a read-only image.
@@ -451,6 +460,10 @@ impl BlockDriver for Qcow2 {
                 "lazy-refcounts".into(),
                 serde_json::Value::from(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0),
             ));
+            let dir = self.dir_view.lock().unwrap_or_else(|e| e.into_inner());
+            if !dir.is_empty() {
+                specific.push(("bitmaps".into(), bitmaps::info_json(&dir)));
+            }
         }
         specific.push((
             "refcount-bits".into(),
@@ -488,16 +501,13 @@ impl BlockDriver for Qcow2 {
         name: &str,
         granularity: u64,
     ) -> Option<std::result::Result<(), String>> {
-        if self.read_only {
+        // QEMU's checks, then ours: QEMU accepts a persistent bitmap on a
+        // read-only node and loses it at close.
+        let r = bitmaps::check_new(self.g.version, self.g.cs(), self.len(), name, granularity);
+        if r.is_ok() && self.read_only {
             return Some(Err("No write access".into()));
         }
-        Some(bitmaps::check_new(
-            self.g.version,
-            self.g.cs(),
-            self.len(),
-            name,
-            granularity,
-        ))
+        Some(r)
     }
     fn store_bitmaps<'a>(&'a self, list: &'a [Arc<DirtyBitmap>]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_store_bitmaps(list))

@@ -24,9 +24,21 @@ fn blockdev(name: &str, file: &Path, read_only: bool) -> String {
     .to_string()
 }
 
+/// A daemon killed if a failing test leaves it running.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `aiod` or `qemu-storage-daemon` serving QMP on `d/NAME.sock` with
 /// `blockdevs`; aiod also exports `disk` writable over NBD on `d/nbd.sock`.
-fn start(d: &Path, qsd: bool, blockdevs: &[String]) -> (Child, QmpClient) {
+fn start(d: &Path, qsd: bool, blockdevs: &[String]) -> (Daemon, QmpClient) {
     let sock = d.join(if qsd { "qsd.sock" } else { "qmp.sock" });
     let _ = std::fs::remove_file(&sock);
     let mut cmd = if qsd {
@@ -55,11 +67,12 @@ fn start(d: &Path, qsd: bool, blockdevs: &[String]) -> (Child, QmpClient) {
     if !qsd {
         cmd.args(["--export", "type=nbd,id=e0,node-name=disk,writable=on"]);
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Daemon(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("QMP socket", || sock.exists());
     let mut c = QmpClient::connect_unix(&sock);
     c.negotiate();
@@ -99,9 +112,9 @@ fn info_bitmaps(img: &Path) -> Value {
     i["format-specific"]["data"]["bitmaps"].clone()
 }
 
-fn signal(child: &Child, sig: &str) {
+fn signal(child: &Daemon, sig: &str) {
     let st = Command::new("kill")
-        .args([sig, &child.id().to_string()])
+        .args([sig, &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
@@ -232,7 +245,7 @@ fn persistent_bitmaps_survive_a_clean_shutdown_and_qsd_reads_the_same_bits() {
     assert_eq!(bitmaps(&mut c, "disk"), listed);
 
     signal(&child, "-TERM");
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
     assert_eq!(
         info_bitmaps(&img),
         json!([
@@ -260,13 +273,13 @@ fn persistent_bitmaps_survive_a_clean_shutdown_and_qsd_reads_the_same_bits() {
         sha256_of(4 * MIB, 4096, &[(2 * MIB, 512)])
     );
     q.ok("quit", json!({}));
-    assert!(wait_exit(&mut qsd).success());
+    assert!(wait_exit(&mut qsd.0).success());
 
     // And so do we, after QSD stored them again.
     let (mut child, mut c) = start(d, false, &[blockdev("disk", &img, false)]);
     assert_eq!(bitmaps(&mut c, "disk"), loaded);
     c.ok("quit", json!({}));
-    assert!(wait_exit(&mut child).success());
+    assert!(wait_exit(&mut child.0).success());
     let check = qemu_img(&["check", img.to_str().unwrap()]);
     assert!(check.contains("No errors were found"), "{check}");
 }
@@ -289,7 +302,7 @@ fn a_killed_aiod_leaves_bitmaps_in_use_and_they_come_back_inconsistent() {
     qemu_io(d, &["write 0 4k"]);
     assert_eq!(bitmaps(&mut c, "disk")[0]["count"], json!(65536));
     signal(&child, "-KILL");
-    let _ = wait_exit(&mut child);
+    let _ = wait_exit(&mut child.0);
     assert_eq!(
         info_bitmaps(&img),
         json!([{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}])
@@ -304,7 +317,7 @@ fn a_killed_aiod_leaves_bitmaps_in_use_and_they_come_back_inconsistent() {
     let (mut qsd, mut q) = start(d, true, &[blockdev("disk", &copy, false)]);
     assert_eq!(bitmaps(&mut q, "disk"), inconsistent);
     q.ok("quit", json!({}));
-    assert!(wait_exit(&mut qsd).success());
+    assert!(wait_exit(&mut qsd.0).success());
 
     let (mut child, mut c) = start(d, false, &devs);
     assert_eq!(bitmaps(&mut c, "disk"), inconsistent);
@@ -338,7 +351,38 @@ fn a_killed_aiod_leaves_bitmaps_in_use_and_they_come_back_inconsistent() {
     // Gone from the image at once.
     assert_eq!(info_bitmaps(&img), Value::Null);
     c.ok("quit", json!({}));
-    assert!(wait_exit(&mut child).success());
+    assert!(wait_exit(&mut child.0).success());
+    let check = qemu_img(&["check", img.to_str().unwrap()]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+#[test]
+fn blockdev_del_stores_the_bitmaps_of_a_node_added_over_qmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (img, disk) = (d.join("q.qcow2"), d.join("disk.qcow2"));
+    for f in [&img, &disk] {
+        qemu_img(&["create", "-q", "-f", "qcow2", f.to_str().unwrap(), "1M"]);
+    }
+    let (mut child, mut c) = start(d, false, &[blockdev("disk", &disk, false)]);
+    let dev: Value = serde_json::from_str(&blockdev("q", &img, false)).unwrap();
+    c.ok("blockdev-add", dev);
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "kept", "persistent": true, "granularity": 512}),
+    );
+    assert_eq!(
+        info_bitmaps(&img),
+        Value::Null,
+        "stored at close, not before"
+    );
+    c.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_eq!(
+        info_bitmaps(&img),
+        json!([{"flags": ["auto"], "name": "kept", "granularity": 512}])
+    );
+    c.ok("quit", json!({}));
+    assert!(wait_exit(&mut child.0).success());
     let check = qemu_img(&["check", img.to_str().unwrap()]);
     assert!(check.contains("No errors were found"), "{check}");
 }

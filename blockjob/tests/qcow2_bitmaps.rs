@@ -270,10 +270,12 @@ fn stored_bitmaps_read_back_by_qemu_and_by_us() {
     assert_clean(&img);
     assert_eq!(
         qemu_bitmaps(&img),
+        // Stored ones keep their place, new ones follow newest first (as
+        // qemu-storage-daemon orders them).
         vec![
+            ("q".into(), 65536, vec!["auto".into()]),
             ("p1".into(), 4096, vec![]),
             ("p0".into(), 65536, vec!["auto".into()]),
-            ("q".into(), 65536, vec!["auto".into()]),
         ]
     );
     let p0 = vec![(0, 65536), (5 * MIB, 65536), (7 * MIB, 65536)];

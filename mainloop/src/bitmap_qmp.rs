@@ -249,6 +249,14 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
         |s: BlockState, a: BitmapArgs| async move {
             let n = node(&s, &a.node)?;
             let (at, b) = n.take_bitmap(&a.name).map_err(generic)?;
+            // Out of the image now, as QEMU does; an abort puts it back in
+            // memory and the close stores it again.
+            let (n2, b2) = (n.clone(), b.clone());
+            let unstore = async move { n2.unstore_bitmap(&b2).await.map_err(generic) };
+            if let Err(e) = on_node(&s, &a.node, unstore).await {
+                n.restore_bitmap(at, b);
+                return Err(e);
+            }
             Ok(Box::new(Removed(n, at, b)) as Box<dyn PreparedAction>)
         },
     )?;

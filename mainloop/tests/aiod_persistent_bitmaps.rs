@@ -376,6 +376,46 @@ fn blockdev_del_stores_the_bitmaps_of_a_node_added_over_qmp() {
         Value::Null,
         "stored at close, not before"
     );
+    c.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "gone", "persistent": true, "disabled": true}),
+    );
+    c.ok("blockdev-del", json!({"node-name": "q"}));
+    let both = json!([
+        {"flags": [], "name": "gone", "granularity": 65536},
+        {"flags": ["auto"], "name": "kept", "granularity": 512},
+    ]);
+    assert_eq!(info_bitmaps(&img), both);
+
+    // transaction: a remove takes the bitmap out of the image at once; an
+    // abort puts it back on the node and the close stores it again.
+    let dev: Value = serde_json::from_str(&blockdev("q", &img, false)).unwrap();
+    c.ok("blockdev-add", dev);
+    let remove = |name: &str| {
+        json!({"type": "block-dirty-bitmap-remove",
+                                     "data": {"node": "q", "name": name}})
+    };
+    let failing = json!({"actions": [
+        remove("gone"),
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "q", "name": "nx"}},
+    ]});
+    assert_eq!(
+        c.err("transaction", failing),
+        generic("Dirty bitmap 'nx' not found")
+    );
+    assert_eq!(bitmaps(&mut c, "q").as_array().map(Vec::len), Some(2));
+    c.ok("blockdev-del", json!({"node-name": "q"}));
+    // Stored again, after the one that stayed in the image (QEMU's order).
+    let mut after = both.as_array().unwrap().clone();
+    after.reverse();
+    assert_eq!(info_bitmaps(&img), Value::Array(after));
+    let dev: Value = serde_json::from_str(&blockdev("q", &img, false)).unwrap();
+    c.ok("blockdev-add", dev);
+    c.ok("transaction", json!({"actions": [remove("gone")]}));
+    assert_eq!(
+        info_bitmaps(&img),
+        json!([{"flags": ["in-use", "auto"], "name": "kept", "granularity": 512}])
+    );
     c.ok("blockdev-del", json!({"node-name": "q"}));
     assert_eq!(
         info_bitmaps(&img),

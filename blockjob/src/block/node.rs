@@ -402,8 +402,8 @@ impl BlockNode {
     /// Removes a bitmap from the node like
     /// [`remove_bitmap`](Self::remove_bitmap) and returns it with its
     /// place in the list, for [`restore_bitmap`](Self::restore_bitmap).
-    /// The image is not changed now: a persistent bitmap leaves it when
-    /// the node is closed.
+    /// The image is not changed (see [`unstore_bitmap`](Self::unstore_bitmap);
+    /// else a persistent bitmap leaves it when the node is closed).
     ///
     /// # Errors
     ///
@@ -415,6 +415,20 @@ impl BlockNode {
         let i = list.iter().position(|x| Arc::ptr_eq(x, &b)).unwrap_or(0);
         list.retain(|x| !Arc::ptr_eq(x, &b));
         Ok((i, b))
+    }
+
+    /// Takes a persistent bitmap out of the image only (a `transaction`
+    /// removing it, after [`take_bitmap`](Self::take_bitmap); if the
+    /// transaction aborts, the bitmap put back is stored again at close).
+    ///
+    /// # Errors
+    ///
+    /// The image could not be updated.
+    pub async fn unstore_bitmap(&self, b: &DirtyBitmap) -> Result<()> {
+        if !b.persistent() {
+            return Ok(());
+        }
+        self.driver.remove_stored_bitmap(b.name()).await
     }
 
     /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at

@@ -555,6 +555,8 @@ impl Qcow2 {
     /// Stores the node's persistent bitmaps (clean close): consistent ones
     /// get new tables and data, inconsistent ones keep their entry (still
     /// `in_use`), entries of bitmaps no longer on the node go.
+    ///
+    /// A failure part way leaves the image as it was plus leaked clusters.
     pub(super) async fn do_store_bitmaps(&self, list: &[Arc<DirtyBitmap>]) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -564,10 +566,21 @@ impl Qcow2 {
         if persistent.is_empty() && m.bitmap_dir.is_empty() {
             return Ok(());
         }
+        // The directory keeps its order (stored bitmaps in place, new ones
+        // appended in the node's order), as QEMU's store does.
         let old = m.bitmap_dir.clone();
+        let mut order: Vec<&Arc<DirtyBitmap>> = Vec::with_capacity(persistent.len());
+        for e in &old {
+            order.extend(persistent.iter().copied().find(|b| b.name() == e.name));
+        }
+        for b in &persistent {
+            if !old.iter().any(|e| e.name == b.name()) {
+                order.push(b);
+            }
+        }
         let mut kept = HashSet::new();
-        let mut new = Vec::with_capacity(persistent.len());
-        for b in persistent {
+        let mut new = Vec::with_capacity(order.len());
+        for b in order {
             if b.inconsistent() {
                 if let Some(e) = old.iter().find(|e| e.name == b.name()) {
                     kept.insert(e.name.clone());

@@ -386,7 +386,33 @@ fn corrupt_directories_fail_the_open_and_change_nothing() {
         let b = std::fs::read(&good).unwrap();
         u64::from_be_bytes(b[dir as usize..dir as usize + 8].try_into().unwrap())
     };
+    let hdr = |at: usize| {
+        let b = std::fs::read(&good).unwrap();
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    };
+    let (l1, reftable) = (hdr(40), hdr(48));
     let cases: Vec<(u64, Vec<u8>, &str)> = vec![
+        (
+            table,
+            l1.to_be_bytes().to_vec(),
+            "also used by other metadata",
+        ),
+        (
+            dir,
+            reftable.to_be_bytes().to_vec(),
+            "also used by other metadata",
+        ),
+        (
+            table,
+            table.to_be_bytes().to_vec(),
+            "also used by other metadata",
+        ),
+        // A cluster inside the file that nothing has allocated.
+        (
+            table,
+            (64u64 << 20).to_be_bytes().to_vec(),
+            "has refcount 0",
+        ),
         (dir + 16, vec![2], "doesn't satisfy the constraints"),
         (dir + 17, vec![40], "doesn't satisfy the constraints"),
         (
@@ -430,6 +456,9 @@ fn corrupt_directories_fail_the_open_and_change_nothing() {
     for (i, (off, bytes, want)) in cases.into_iter().enumerate() {
         let img = d.path().join(format!("bad{i}.qcow2"));
         std::fs::copy(&good, &img).unwrap();
+        // Room for the unallocated cluster of the refcount-0 case.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.set_len(65 << 20).unwrap();
         patch(&img, off, &bytes);
         let before = std::fs::read(&img).unwrap();
         for ro in [true, false] {

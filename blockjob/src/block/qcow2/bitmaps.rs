@@ -6,8 +6,9 @@
 //! the image). The directory and every table are validated (QEMU's
 //! constraints: aligned offsets inside the file, granularity 2^9..2^31,
 //! names of 1..=1023 bytes of UTF-8, no extra data, no unknown flags,
-//! tables big enough for the disk); anything wrong fails the open with a
-//! message, never a panic. A bitmap flagged `in_use` is loaded as
+//! tables big enough for the disk, table and data clusters allocated and
+//! clear of the other metadata and of each other, since storing frees
+//! them); anything wrong fails the open with a message, never a panic. A bitmap flagged `in_use` is loaded as
 //! inconsistent (no bits). Opening read-write sets `in_use` on the others
 //! in place, with the autoclear bit dropped while the directory is
 //! rewritten, so a crash leaves them flagged.
@@ -19,6 +20,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use super::entry::OFFSET_MASK;
 use super::header::{field, Extension, Header, AUTOCLEAR_BITMAPS};
 use super::meta::{to_bytes, words, Geom, Meta};
 use super::Qcow2;
@@ -309,7 +311,7 @@ pub(crate) struct Loaded {
 }
 
 /// Reads the bitmaps of an image being opened (see the module docs).
-pub(crate) async fn load(g: &Geom, h: &Header, read_only: bool) -> Result<Loaded> {
+pub(crate) async fn load(g: &Geom, h: &Header, m: &mut Meta, read_only: bool) -> Result<Loaded> {
     let mut out = Loaded {
         dir: Vec::new(),
         at: (0, 0),
@@ -340,31 +342,98 @@ pub(crate) async fn load(g: &Geom, h: &Header, read_only: bool) -> Result<Loaded
     let buf = g.read_file(ext.dir_offset, ext.dir_size).await?;
     out.dir = parse_dir(&buf, ext.nb, g.cs(), h.size).map_err(bad)?;
     out.at = (ext.dir_offset, ext.dir_size);
+    let mut used = fixed_clusters(g, m, out.at);
     for e in &out.dir {
         let gran = 1u64 << e.gran_bits;
         let enabled = e.flags & FLAG_AUTO != 0;
-        if e.in_use() {
-            out.bitmaps.push(DirtyBitmap::stored(
-                &e.name, h.size, gran, enabled, None, read_only,
-            ));
-            continue;
-        }
-        let bits = read_data(g, e, h.size).await.map_err(|r| {
+        let could_not = |r: String| {
             bad(format!(
                 "Could not read bitmap '{}' from image: {r}",
                 e.name
             ))
-        })?;
+        };
+        // Every table is checked, in use or not: removing or storing the
+        // bitmap frees what it names.
+        let table = read_table(g, e).await.map_err(could_not)?;
+        claim_clusters(g, m, e, &table, &mut used)
+            .await
+            .map_err(could_not)?;
+        let bits = if e.in_use() {
+            None
+        } else {
+            Some(read_data(g, e, &table, h.size).await.map_err(could_not)?)
+        };
         out.bitmaps.push(DirtyBitmap::stored(
             &e.name,
             h.size,
             gran,
             enabled,
-            Some(&bits),
+            bits.as_deref(),
             read_only,
         ));
     }
     Ok(out)
+}
+
+/// The clusters of the image's other metadata: header, L1 table, L2
+/// tables of the active L1, refcount table and blocks, snapshot table and
+/// snapshot L1 tables, and the bitmap directory at `dir`.
+fn fixed_clusters(g: &Geom, m: &Meta, dir: (u64, u64)) -> HashSet<u64> {
+    let cs = g.cs();
+    let mut set = HashSet::new();
+    let mut add = |off: u64, len: u64| {
+        if let Some(last) = off
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .map(|e| (e - 1) / cs)
+        {
+            set.extend(off / cs..=last);
+        }
+    };
+    add(0, cs);
+    add(m.l1_offset, m.l1.len() as u64 * 8);
+    add(m.reftable_offset, m.reftable.len() as u64 * 8);
+    for &e in m.reftable.iter().chain(m.l1.iter()) {
+        add(e & OFFSET_MASK, if e & OFFSET_MASK != 0 { cs } else { 0 });
+    }
+    add(m.snapshots_at.0, m.snapshots_at.1);
+    for sn in &m.snapshots {
+        add(sn.l1_offset, u64::from(sn.l1_size) * 8);
+    }
+    add(dir.0, dir.1);
+    set
+}
+
+/// Checks that a bitmap's table and data clusters are allocated and used
+/// by nothing else seen so far (other metadata, other bitmaps), and
+/// records them in `used`.
+async fn claim_clusters(
+    g: &Geom,
+    m: &mut Meta,
+    e: &DirEntry,
+    table: &[u64],
+    used: &mut HashSet<u64>,
+) -> std::result::Result<(), String> {
+    let cs = g.cs();
+    let table_clusters = (u64::from(e.table_size) * 8).div_ceil(cs);
+    let first = e.table_offset / cs;
+    let data = table.iter().map(|w| w & TABLE_OFFSET).filter(|&o| o != 0);
+    let all: Vec<(u64, &str)> = (first..first + table_clusters)
+        .map(|c| (c, "table"))
+        .chain(data.map(|o| (o / cs, "data")))
+        .collect();
+    for (c, what) in all {
+        if !used.insert(c) {
+            return Err(format!(
+                "{what} cluster {:#x} is also used by other metadata",
+                c * cs
+            ));
+        }
+        if m.refcount(g, c).await.map_err(|x| x.to_string())? == 0 {
+            return Err(format!("{what} cluster {:#x} has refcount 0", c * cs));
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks a bitmap table.
@@ -390,7 +459,12 @@ async fn read_table(g: &Geom, e: &DirEntry) -> std::result::Result<Vec<u64>, Str
 }
 
 /// A consistent bitmap's data bytes.
-async fn read_data(g: &Geom, e: &DirEntry, size: u64) -> std::result::Result<Vec<u8>, String> {
+async fn read_data(
+    g: &Geom,
+    e: &DirEntry,
+    t: &[u64],
+    size: u64,
+) -> std::result::Result<Vec<u8>, String> {
     if size.div_ceil(1 << e.gran_bits) > MAX_BITS {
         return Err(format!(
             "more than {MAX_BITS} bits; this implementation does not load bitmaps that large"
@@ -405,9 +479,8 @@ async fn read_data(g: &Geom, e: &DirEntry, size: u64) -> std::result::Result<Vec
             bytes.div_ceil(cs)
         ));
     }
-    let t = read_table(g, e).await?;
     let mut out = Vec::with_capacity(bytes as usize);
-    for &w in &t {
+    for &w in t {
         let off = w & TABLE_OFFSET;
         let chunk = if off == 0 {
             vec![if w & TABLE_ALL_ONES != 0 { 0xff } else { 0 }; cs as usize]

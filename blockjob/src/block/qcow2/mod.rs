@@ -159,7 +159,7 @@ impl Qcow2 {
             snapshot::load(&g, header.nb_snapshots, header.snapshots_offset).await?;
         meta.snapshots = snapshots;
         meta.snapshots_at = (header.snapshots_offset, table_len);
-        let stored = bitmaps::load(&g, &header, !writable).await?;
+        let stored = bitmaps::load(&g, &header, &mut meta, !writable).await?;
         meta.bitmap_dir = stored.dir;
         meta.bitmaps_at = stored.at;
         if writable {

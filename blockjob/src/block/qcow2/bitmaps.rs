@@ -8,10 +8,12 @@
 //! names of 1..=1023 bytes of UTF-8, no extra data, no unknown flags,
 //! tables big enough for the disk, table and data clusters allocated and
 //! clear of the other metadata and of each other, since storing frees
-//! them); anything wrong fails the open with a message, never a panic. A bitmap flagged `in_use` is loaded as
-//! inconsistent (no bits). Opening read-write sets `in_use` on the others
-//! in place, with the autoclear bit dropped while the directory is
-//! rewritten, so a crash leaves them flagged.
+//! them; and our own limit of 2^28 bits per bitmap, held a byte each);
+//! anything wrong fails the open with a message, never a panic. A bitmap
+//! flagged `in_use` is loaded as inconsistent (no bits). Opening
+//! read-write sets `in_use` on the others in place, with the autoclear bit
+//! dropped while the directory is rewritten, so a crash leaves them
+//! flagged.
 //!
 //! Close (and removal): new data clusters, new tables and a new directory
 //! are written and flushed first, then one header write switches to them,
@@ -352,6 +354,11 @@ pub(crate) async fn load(g: &Geom, h: &Header, m: &mut Meta, read_only: bool) ->
                 e.name
             ))
         };
+        if h.size.div_ceil(gran) > MAX_BITS {
+            return Err(could_not(format!(
+                "more than {MAX_BITS} bits; this implementation does not load bitmaps that large"
+            )));
+        }
         // Every table is checked, in use or not: removing or storing the
         // bitmap frees what it names.
         let table = read_table(g, e).await.map_err(could_not)?;
@@ -465,11 +472,6 @@ async fn read_data(
     t: &[u64],
     size: u64,
 ) -> std::result::Result<Vec<u8>, String> {
-    if size.div_ceil(1 << e.gran_bits) > MAX_BITS {
-        return Err(format!(
-            "more than {MAX_BITS} bits; this implementation does not load bitmaps that large"
-        ));
-    }
     let bytes = e.data_bytes(size);
     let cs = g.cs();
     if bytes.div_ceil(cs) != u64::from(e.table_size) {

@@ -552,3 +552,45 @@ mod props {
         }
     }
 }
+
+#[test]
+fn no_room_for_the_extension_fails_the_store_and_writes_nothing() {
+    let d = tmp();
+    // 512-byte clusters and a 360-byte backing file name: the header has
+    // room for it but not for the bitmaps extension as well.
+    let sub = d.path().join("a".repeat(200));
+    std::fs::create_dir(&sub).unwrap();
+    let base = sub.join("b".repeat(159));
+    std::fs::File::create(&base)
+        .and_then(|f| f.set_len(MIB))
+        .unwrap();
+    let img = d.path().join("top.qcow2");
+    let name = format!("{}/{}", "a".repeat(200), "b".repeat(159));
+    assert_eq!(name.len(), 360);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        &name,
+        "-F",
+        "raw",
+        p(&img),
+        "1M",
+    ]);
+    let i = Img::open(&img, false);
+    let mut o = BitmapAddOptions::default();
+    o.persistent = true;
+    i.n.add_bitmap("b0", &o).unwrap();
+    i.write(0, 4096);
+    let e = i.ctx.block_on(i.g.close_all()).unwrap_err();
+    assert!(
+        e.to_string().contains("storing the bitmap directory"),
+        "{e}"
+    );
+    assert_clean(&img);
+    assert_eq!(qemu_bitmaps(&img), vec![]);
+}

@@ -564,6 +564,26 @@ impl Qcow2 {
         }
     }
 
+    /// The header as on disk with the bitmaps extension `ext` (or none)
+    /// and the autoclear bit to match, and its bytes.
+    async fn header_with(&self, ext: Option<Ext>) -> Result<(Header, Vec<u8>)> {
+        let g = &self.g;
+        let buf = g.read_file(0, g.cs()).await?;
+        let mut h = Header::parse(&buf, false).map_err(|r| Error::corrupt(&g.name, r))?;
+        h.extensions.retain(|e| !matches!(e, Extension::Bitmaps(_)));
+        match ext {
+            None => h.autoclear_features &= !AUTOCLEAR_BITMAPS,
+            Some(x) => {
+                h.extensions.push(Extension::Bitmaps(x.to_bytes()));
+                h.autoclear_features |= AUTOCLEAR_BITMAPS;
+            }
+        }
+        let out = h.serialize().map_err(|r| {
+            Error::unsupported(&g.name, format!("storing the bitmap directory: {r}"))
+        })?;
+        Ok((h, out))
+    }
+
     /// Makes `entries` the directory: written to new clusters, flushed,
     /// switched to with one header write, flushed; then the old directory
     /// and the bitmaps of `drop` are freed.
@@ -582,25 +602,13 @@ impl Qcow2 {
             (m.alloc_write(g, &bytes).await?, bytes.len() as u64)
         };
         g.flush().await?;
-        let buf = g.read_file(0, cs).await?;
-        let mut h = Header::parse(&buf, false).map_err(|r| Error::corrupt(&g.name, r))?;
-        h.extensions.retain(|e| !matches!(e, Extension::Bitmaps(_)));
-        if entries.is_empty() {
-            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
-        } else {
-            let ext = Ext {
-                nb: entries.len() as u32,
-                dir_size: at.1,
-                dir_offset: at.0,
-            };
-            h.extensions.push(Extension::Bitmaps(ext.to_bytes()));
-            h.autoclear_features |= AUTOCLEAR_BITMAPS;
-        }
-        let out = h
-            .serialize()
-            .map_err(|r| Error::unsupported(&g.name, format!("storing the bitmap directory: {r}")));
-        let out = match out {
-            Ok(o) => o,
+        let ext = (!entries.is_empty()).then_some(Ext {
+            nb: entries.len() as u32,
+            dir_size: at.1,
+            dir_offset: at.0,
+        });
+        let (h, out) = match self.header_with(ext).await {
+            Ok(x) => x,
             Err(e) => {
                 if at.0 != 0 {
                     m.free(g, at.0, at.1.div_ceil(cs)).await?;
@@ -643,6 +651,15 @@ impl Qcow2 {
         }
         // The directory keeps its order (stored bitmaps in place, new ones
         // appended in the node's order), as QEMU's store does.
+        // Nothing is written if the header has no room for the extension.
+        if !persistent.is_empty() {
+            let probe = Ext {
+                nb: 1,
+                dir_size: 0,
+                dir_offset: 0,
+            };
+            self.header_with(Some(probe)).await?;
+        }
         let old = m.bitmap_dir.clone();
         let mut order: Vec<&Arc<DirtyBitmap>> = Vec::with_capacity(persistent.len());
         for e in &old {

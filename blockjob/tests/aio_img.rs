@@ -344,6 +344,10 @@ fn fuzzed_headers_and_tables_error_never_panic_never_write() {
         p(&img),
         "256k",
     ]);
+    // Persistent bitmaps: QEMU stores their directory, tables and data at
+    // the end of the file when qemu-io closes the image.
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", p(&img), "b1"]);
     qemu_io(
         &img,
         &[
@@ -367,6 +371,12 @@ fn fuzzed_headers_and_tables_error_never_panic_never_write() {
         let mut b = good.clone();
         for _ in 0..(next() % 6 + 1) {
             let i = (next() % meta_len as u64) as usize;
+            // The header and first tables, or the last 8 clusters.
+            let i = if next() % 2 == 0 {
+                i
+            } else {
+                good.len() - 1 - i
+            };
             b[i] = next() as u8;
         }
         std::fs::write(&f, &b).unwrap();

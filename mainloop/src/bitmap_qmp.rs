@@ -3,9 +3,14 @@
 //! (as qemu-storage-daemon answers them), and the `dirty-bitmaps` member of
 //! `query-named-block-nodes`.
 //!
-//! Bitmaps live in memory; `persistent: true` is refused the way QEMU
-//! refuses it on a node that cannot store bitmaps. Bitmap operations take
-//! a short lock on the node's bitmap list and run on the QMP thread.
+//! `persistent: true` is accepted on qcow2 (v3, read-write) nodes: the
+//! bitmap is stored in the image when the node is closed, and
+//! `block-dirty-bitmap-remove` takes a persistent bitmap out of the image
+//! at once (on the node's context). Other nodes refuse it with QEMU's
+//! texts. Bitmaps found in the image at open are listed with
+//! `persistent: true`, and with `inconsistent: true` when the image had
+//! them `in_use` (not saved cleanly). The other operations take a short
+//! lock on the node's bitmap list and run on the QMP thread.
 
 use std::sync::Arc;
 
@@ -13,6 +18,7 @@ use blockjob::block::{BitmapAddOptions, BitmapUndo, BlockNode, DirtyBitmap};
 use serde_json::{json, Value};
 
 use crate::block_qmp::BlockState;
+use crate::internal_snapshot_qmp::on_node;
 use crate::qmp::{QmpError, QmpServer, ServerError};
 use crate::transaction_qmp::{BoxFuture, PrepareResult, PreparedAction};
 
@@ -25,7 +31,7 @@ crate::qmp_args! {
         pub name: String,
         /// Bytes per bit (power of two, 512 B..2 GiB).
         pub granularity: Option<u32>,
-        /// Store in the image (refused: not supported).
+        /// Store in the image (qcow2 v3 nodes).
         pub persistent: Option<bool>,
         /// Start disabled.
         pub disabled: Option<bool>,
@@ -67,14 +73,18 @@ pub fn dirty_bitmaps_json(node: &BlockNode) -> Option<Value> {
         list.iter()
             .map(|b| {
                 let i = b.info();
-                json!({
+                let mut v = json!({
                     "name": i.name,
                     "recording": i.recording,
                     "persistent": i.persistent,
                     "busy": i.busy,
                     "granularity": i.granularity,
                     "count": i.count,
-                })
+                });
+                if i.inconsistent {
+                    v["inconsistent"] = json!(true);
+                }
+                v
             })
             .collect(),
     ))
@@ -109,15 +119,10 @@ pub(crate) fn add(
     a: &BitmapAddArgs,
 ) -> Result<(Arc<BlockNode>, Arc<DirtyBitmap>), QmpError> {
     let n = node_for_add(s, &a.node)?;
-    if a.persistent == Some(true) {
-        return Err(QmpError::generic(format!(
-            "Can't store persistent bitmaps to {}: Operation not supported",
-            a.node
-        )));
-    }
     let mut opts = BitmapAddOptions::default();
     opts.granularity = a.granularity.map(u64::from);
     opts.disabled = a.disabled.unwrap_or(false);
+    opts.persistent = a.persistent.unwrap_or(false);
     let b = n.add_bitmap(&a.name, &opts).map_err(generic)?;
     Ok((n, b))
 }
@@ -200,11 +205,13 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
         add(&s, &a).map(|_| json!({}))
     })?;
     let s = state.clone();
-    server.register("block-dirty-bitmap-remove", move |a: BitmapArgs| {
-        node(&s, &a.node)?
-            .remove_bitmap(&a.name)
-            .map(|_| json!({}))
-            .map_err(generic)
+    server.register_async("block-dirty-bitmap-remove", move |a: BitmapArgs| {
+        let s = s.clone();
+        async move {
+            let n = node(&s, &a.node)?;
+            let remove = async move { n.remove_bitmap(&a.name).await.map_err(generic) };
+            on_node(&s, &a.node, remove).await.map(|_| json!({}))
+        }
     })?;
     let s = state.clone();
     server.register("block-dirty-bitmap-clear", move |a: BitmapArgs| {
@@ -242,6 +249,14 @@ pub fn register_bitmap_commands(server: &QmpServer, state: BlockState) -> Result
         |s: BlockState, a: BitmapArgs| async move {
             let n = node(&s, &a.node)?;
             let (at, b) = n.take_bitmap(&a.name).map_err(generic)?;
+            // Out of the image now, as QEMU does; an abort puts it back in
+            // memory and the close stores it again.
+            let (n2, b2) = (n.clone(), b.clone());
+            let unstore = async move { n2.unstore_bitmap(&b2).await.map_err(generic) };
+            if let Err(e) = on_node(&s, &a.node, unstore).await {
+                n.restore_bitmap(at, b);
+                return Err(e);
+            }
             Ok(Box::new(Removed(n, at, b)) as Box<dyn PreparedAction>)
         },
     )?;

@@ -59,7 +59,7 @@ fn node(s: &BlockState, device: &str) -> Result<Arc<BlockNode>, QmpError> {
 }
 
 /// Runs `f` on the context of `device`'s node and awaits it.
-async fn on_node<T: Send + 'static>(
+pub(crate) async fn on_node<T: Send + 'static>(
     s: &BlockState,
     device: &str,
     f: impl std::future::Future<Output = Result<T, QmpError>> + Send + 'static,

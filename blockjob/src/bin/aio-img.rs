@@ -343,14 +343,36 @@ async fn info_human(n: &Arc<BlockNode>) -> String {
     if !i.specific.is_empty() {
         s += "Format specific information:\n";
         for (k, v) in &i.specific {
-            let v = match v {
-                Value::String(x) => x.clone(),
-                v => v.to_string(),
-            };
-            s += &format!("    {}: {v}\n", k.replace('-', " "));
+            human_value(&mut s, 4, &k.replace('-', " "), v);
         }
     }
     s
+}
+
+/// One `key: value` line, or for lists and objects (qcow2 `bitmaps`) a
+/// `key:` line and the members below it, indented as `qemu-img info`
+/// prints them (`[0]: ...`; `flags`, `name`, `granularity` first).
+fn human_value(s: &mut String, indent: usize, key: &str, v: &Value) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Array(a) => {
+            *s += &format!("{pad}{key}:\n");
+            for (i, x) in a.iter().enumerate() {
+                human_value(s, indent + 4, &format!("[{i}]"), x);
+            }
+        }
+        Value::Object(o) => {
+            *s += &format!("{pad}{key}:\n");
+            let first = ["flags", "name", "granularity"];
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort_by_key(|k| first.iter().position(|f| f == k).unwrap_or(first.len()));
+            for k in keys {
+                human_value(s, indent + 4, k, &o[k]);
+            }
+        }
+        Value::String(x) => *s += &format!("{pad}{key}: {x}\n"),
+        v => *s += &format!("{pad}{key}: {v}\n"),
+    }
 }
 
 fn human_size(n: u64) -> String {

@@ -5,8 +5,18 @@
 //! bitmap of QMP's `block-dirty-bitmap-*` commands: registered on a
 //! [`BlockNode`](super::BlockNode), it marks every write, zero write and
 //! discard through the node while it is enabled (QEMU's "recording").
-//! Bitmaps live in memory only; persistent (qcow2) bitmaps are not
-//! supported.
+//!
+//! Persistent bitmaps (qcow2 only, image version 3): a bitmap added with
+//! [`BitmapAddOptions::persistent`], or found in the image's bitmaps
+//! extension when it is opened, is stored in the image when the node is
+//! closed cleanly (`qcow2/bitmaps.rs`). Opening an image read-write marks
+//! its stored bitmaps `in_use` on disk at once, as QEMU does, so a crash
+//! leaves them flagged; a bitmap found `in_use` when the image is opened
+//! is *inconsistent*: it is listed (`inconsistent: true`), records
+//! nothing, and can only be removed. Bitmaps of a read-only image are
+//! read-only (they cannot be cleared, enabled, disabled, merged into or
+//! removed). Removing a persistent bitmap removes it from the image at
+//! once.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +59,25 @@ impl Bits {
     pub(crate) fn set(&self, off: u64, len: u64, on: bool) {
         let r = self.span(off, len);
         self.bits.lock()[r].iter_mut().for_each(|b| *b = on);
+    }
+
+    /// The bits, bit `i` in bit `i % 8` of byte `i / 8`.
+    fn to_bytes(&self) -> Vec<u8> {
+        let bits = self.bits.lock();
+        let mut out = vec![0u8; bits.len().div_ceil(8)];
+        for (i, _) in bits.iter().enumerate().filter(|(_, &b)| b) {
+            out[i / 8] |= 1 << (i % 8);
+        }
+        out
+    }
+
+    /// Sets the bits from bytes laid out as [`to_bytes`](Self::to_bytes)
+    /// writes them (bits past the end are ignored).
+    fn load_bytes(&self, bytes: &[u8]) {
+        let mut bits = self.bits.lock();
+        for (i, b) in bits.iter_mut().enumerate() {
+            *b = bytes.get(i / 8).is_some_and(|x| x & (1 << (i % 8)) != 0);
+        }
     }
 
     /// Dirty bytes, the last granule cut at the end of the range.
@@ -131,6 +160,8 @@ pub struct BitmapAddOptions {
     pub granularity: Option<u64>,
     /// Start disabled (not recording).
     pub disabled: bool,
+    /// Store the bitmap in the image (qcow2 v3) when the node is closed.
+    pub persistent: bool,
 }
 
 /// What `query-named-block-nodes` reports of a bitmap (QEMU's
@@ -144,8 +175,11 @@ pub struct BitmapInfo {
     pub recording: bool,
     /// In use by an operation (an NBD export) that forbids changing it.
     pub busy: bool,
-    /// Stored in the image (always false here).
+    /// Stored in the image.
     pub persistent: bool,
+    /// Found `in_use` in the image: its bits are lost; it can only be
+    /// removed.
+    pub inconsistent: bool,
     /// Bytes per bit.
     pub granularity: u64,
     /// Dirty bytes (dirty bits times the granularity).
@@ -158,6 +192,21 @@ pub struct DirtyBitmap {
     bits: Bits,
     enabled: AtomicBool,
     busy: AtomicBool,
+    persistent: bool,
+    inconsistent: bool,
+    readonly: AtomicBool,
+}
+
+/// What an operation on a bitmap must not meet (QEMU's
+/// `bdrv_dirty_bitmap_check` flags).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Check {
+    /// Busy, read-only or inconsistent: changing a bitmap.
+    Change,
+    /// Busy or read-only: removing it.
+    Remove,
+    /// Busy or inconsistent: reading it (merge source, export).
+    Read,
 }
 
 impl std::fmt::Debug for DirtyBitmap {
@@ -186,7 +235,52 @@ impl DirtyBitmap {
             bits: Bits::new(size, gran),
             enabled: AtomicBool::new(enabled),
             busy: AtomicBool::new(false),
+            persistent: false,
+            inconsistent: false,
+            readonly: AtomicBool::new(false),
         }
+    }
+
+    /// A persistent bitmap as stored in an image: `bits` are its bytes
+    /// (bit `i` is bit `i % 8` of byte `i / 8`), `None` when the image
+    /// flags it `in_use` (inconsistent: no bits, not recording).
+    pub(crate) fn stored(
+        name: &str,
+        size: u64,
+        gran: u64,
+        enabled: bool,
+        bits: Option<&[u8]>,
+        readonly: bool,
+    ) -> Self {
+        let mut b = Self::new(name, size, gran, enabled && bits.is_some());
+        b.persistent = true;
+        b.inconsistent = bits.is_none();
+        b.readonly = AtomicBool::new(readonly);
+        if let Some(bytes) = bits {
+            b.bits.load_bytes(bytes);
+        }
+        b
+    }
+
+    /// Makes a new bitmap persistent (before it is registered).
+    pub(crate) fn set_persistent(&mut self) {
+        self.persistent = true;
+    }
+
+    /// Whether the bitmap is stored in the image.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Whether the image had the bitmap `in_use` when it was opened.
+    pub fn inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    /// The bits as stored in an image: bit `i` is bit `i % 8` of byte
+    /// `i / 8`; `ceil(ceil(size / granularity) / 8)` bytes.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        self.bits.to_bytes()
     }
 
     /// The bitmap name.
@@ -236,7 +330,8 @@ impl DirtyBitmap {
             name: self.name.clone(),
             recording: self.enabled(),
             busy: self.busy(),
-            persistent: false,
+            persistent: self.persistent,
+            inconsistent: self.inconsistent,
             granularity: self.granularity(),
             count: self.count(),
         }
@@ -265,11 +360,30 @@ impl DirtyBitmap {
         }
     }
 
-    /// The error QEMU gives when a busy bitmap would be changed.
-    pub(crate) fn check_not_busy(&self) -> Result<()> {
+    /// The errors QEMU gives, in its order, when `what` may not be done
+    /// to the bitmap.
+    /// Makes a stored bitmap read-only or writable with its node (a
+    /// reopen of the image).
+    pub(crate) fn set_readonly(&self, on: bool) {
+        self.readonly.store(on, Ordering::Release);
+    }
+
+    pub(crate) fn check(&self, what: Check) -> Result<()> {
         if self.busy() {
             return Err(Error::InvalidArgument(format!(
                 "Bitmap '{}' is currently in use by another operation and cannot be used",
+                self.name
+            )));
+        }
+        if self.readonly.load(Ordering::Acquire) && !matches!(what, Check::Read) {
+            return Err(Error::InvalidArgument(format!(
+                "Bitmap '{}' is readonly and cannot be modified",
+                self.name
+            )));
+        }
+        if self.inconsistent && !matches!(what, Check::Remove) {
+            return Err(Error::InvalidArgument(format!(
+                "Bitmap '{}' is inconsistent and cannot be used",
                 self.name
             )));
         }
@@ -379,6 +493,35 @@ mod tests {
         }
         assert!(check_granularity(512).is_ok());
         assert!(check_granularity(1 << 31).is_ok());
+    }
+
+    #[test]
+    fn bytes_when_round_tripped_then_same_bits_lsb_first() {
+        let b = DirtyBitmap::new("b0", 20 * 512, 512, true);
+        b.mark(0, 1);
+        b.mark(9 * 512, 512);
+        b.mark(19 * 512, 1);
+        assert_eq!(b.to_bytes(), vec![0b0000_0001, 0b0000_0010, 0b0000_1000]);
+        let c = DirtyBitmap::stored("b0", 20 * 512, 512, true, Some(&b.to_bytes()), false);
+        assert_eq!(c.extents(0, 20 * 512), b.extents(0, 20 * 512));
+        assert!(c.persistent() && !c.inconsistent() && c.enabled());
+    }
+
+    #[test]
+    fn check_when_inconsistent_or_readonly_then_qemu_texts() {
+        let b = DirtyBitmap::stored("b", 4096, 512, true, None, false);
+        assert!(!b.enabled());
+        assert_eq!(
+            b.check(Check::Change).unwrap_err().to_string(),
+            "Bitmap 'b' is inconsistent and cannot be used"
+        );
+        assert!(b.check(Check::Remove).is_ok());
+        let r = DirtyBitmap::stored("r", 4096, 512, true, Some(&[]), true);
+        assert_eq!(
+            r.check(Check::Remove).unwrap_err().to_string(),
+            "Bitmap 'r' is readonly and cannot be modified"
+        );
+        assert!(r.check(Check::Read).is_ok());
     }
 
     #[test]

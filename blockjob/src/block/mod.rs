@@ -217,6 +217,35 @@ pub trait BlockDriver: Send + Sync {
     fn supports_snapshots(&self) -> bool {
         false
     }
+    /// The persistent bitmaps found in the image when it was opened, in
+    /// the image's order; the node takes them once.
+    fn take_stored_bitmaps(&self) -> Vec<bitmap::DirtyBitmap> {
+        Vec::new()
+    }
+    /// Whether a new persistent bitmap `name` could be stored: `None` if
+    /// the format stores none, else why not (QEMU's texts).
+    fn can_store_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        let _ = (name, granularity);
+        None
+    }
+    /// Stores the node's persistent bitmaps (clean close) and drops the
+    /// stored ones not in `list`.
+    fn store_bitmaps<'a>(
+        &'a self,
+        list: &'a [std::sync::Arc<bitmap::DirtyBitmap>],
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = list;
+        Box::pin(async { Ok(()) })
+    }
+    /// Removes a stored bitmap from the image (nothing if not stored).
+    fn remove_stored_bitmap<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
+    }
     /// The internal snapshots, in table order.
     fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
         no_snapshots(self.filename(), self.driver_name())

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::bitmap::{self, BitmapAddOptions, BitmapUndo, DirtyBitmap};
+use super::bitmap::{self, BitmapAddOptions, BitmapUndo, Check, DirtyBitmap};
 use super::perm::PermUser;
 use super::{
     BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard,
@@ -252,6 +252,13 @@ fn after_write(hooks: &[Arc<dyn WriteHook>], offset: u64, len: u64) {
 impl BlockNode {
     /// Wraps a driver instance.
     pub(crate) fn new(name: String, driver: Box<dyn BlockDriver>, read_only: bool) -> Arc<Self> {
+        // Newest first: the image's last bitmap heads the list, as in QEMU.
+        let stored: Vec<Arc<DirtyBitmap>> = driver
+            .take_stored_bitmaps()
+            .into_iter()
+            .rev()
+            .map(Arc::new)
+            .collect();
         Arc::new(BlockNode {
             name,
             driver,
@@ -261,7 +268,7 @@ impl BlockNode {
             closed: AtomicBool::new(false),
             blockers: Mutex::new(Vec::new()),
             hooks: Mutex::new(Vec::new()),
-            bitmaps: Mutex::new(Vec::new()),
+            bitmaps: Mutex::new(stored),
             policy: AtomicU8::new(RequestPolicy::default().bits()),
             options: Mutex::new(serde_json::Map::new()),
             in_flight: AtomicUsize::new(0),
@@ -429,12 +436,16 @@ impl BlockNode {
                     reason: format!("Block node '{}' is in use as writer by {u}", self.name),
                 });
             }
+            // Persistent bitmaps go into the image now, as at a close
+            // (QEMU stores them on a reopen read-only too).
+            self.store_bitmaps().await?;
             self.read_only.store(true, Ordering::Release);
             let r = self.driver.reopen(true).await;
             if let Err(e) = r {
                 self.read_only.store(false, Ordering::Release);
                 return Err(e);
             }
+            self.set_stored_bitmaps_readonly(true);
             if let Some(f) = self.file_child() {
                 f.set_child_perm(&self.name, "file", Perm::CONSISTENT_READ)?;
                 // A failure to reopen the file read-only (someone else
@@ -458,7 +469,14 @@ impl BlockNode {
             return Err(e);
         }
         self.read_only.store(false, Ordering::Release);
+        self.set_stored_bitmaps_readonly(false);
         Ok(())
+    }
+
+    fn set_stored_bitmaps_readonly(&self, on: bool) {
+        for b in self.bitmaps().iter().filter(|b| b.persistent()) {
+            b.set_readonly(on);
+        }
     }
 
     /// Whether `u` lets another user take `perm`.
@@ -652,14 +670,15 @@ impl BlockNode {
     ///
     /// # Errors
     ///
-    /// QEMU's texts: `Bitmap already exists: NAME`, `Bitmap name cannot be
-    /// empty`, `Granularity must be power of 2 and at least 512`.
+    /// QEMU's texts, in its order: `Bitmap name cannot be empty`,
+    /// `Granularity must be power of 2 and at least 512`, for a
+    /// persistent bitmap `Can't store persistent bitmaps to NODE:
+    /// Operation not supported` (not qcow2) or `Can't make bitmap 'NAME'
+    /// persistent in 'NODE': REASON` (qcow2 v2, read-only: `No write
+    /// access`, limits), `Bitmap already exists: NAME`.
     pub fn add_bitmap(&self, name: &str, opts: &BitmapAddOptions) -> Result<Arc<DirtyBitmap>> {
         if name.is_empty() {
             return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
-        }
-        if name.len() > 1023 {
-            return Err(Error::InvalidArgument("Bitmap name is too long".into()));
         }
         let gran = match opts.granularity {
             Some(g) => {
@@ -672,13 +691,37 @@ impl BlockNode {
                 .map(|c| c.max(4096))
                 .unwrap_or(bitmap::DEFAULT_GRANULARITY),
         };
+        if opts.persistent {
+            match self.driver.can_store_bitmap(name, gran) {
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "Can't store persistent bitmaps to {}: Operation not supported",
+                        self.name
+                    )))
+                }
+                Some(Err(r)) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "Can't make bitmap '{name}' persistent in '{}': {r}",
+                        self.name
+                    )))
+                }
+                Some(Ok(())) => {}
+            }
+        }
+        if name.len() > 1023 {
+            return Err(Error::InvalidArgument("Bitmap name is too long".into()));
+        }
         let mut list = self.bitmaps_locked();
         if list.iter().any(|b| b.name() == name) {
             return Err(Error::InvalidArgument(format!(
                 "Bitmap already exists: {name}"
             )));
         }
-        let b = Arc::new(DirtyBitmap::new(name, self.len(), gran, !opts.disabled));
+        let mut b = DirtyBitmap::new(name, self.len(), gran, !opts.disabled);
+        if opts.persistent {
+            b.set_persistent();
+        }
+        let b = Arc::new(b);
         list.insert(0, b.clone());
         Ok(b)
     }
@@ -696,14 +739,20 @@ impl BlockNode {
             .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))
     }
 
-    /// Removes a bitmap (`block-dirty-bitmap-remove`); returns it.
+    /// Removes a bitmap (`block-dirty-bitmap-remove`), and a persistent
+    /// one from the image too; returns it.
     ///
     /// # Errors
     ///
-    /// Not found, or busy (held by an NBD export).
-    pub fn remove_bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+    /// Not found, busy (held by an NBD export), read-only (a stored
+    /// bitmap of a read-only image), or the image could not be updated
+    /// (the bitmap then stays).
+    pub async fn remove_bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
         let b = self.bitmap(name)?;
-        b.check_not_busy()?;
+        b.check(Check::Remove)?;
+        if b.persistent() {
+            self.driver.remove_stored_bitmap(name).await?;
+        }
         self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, &b));
         Ok(b)
     }
@@ -713,20 +762,36 @@ impl BlockNode {
         self.bitmaps_locked().retain(|x| !Arc::ptr_eq(x, b));
     }
 
-    /// Removes a bitmap like [`remove_bitmap`](Self::remove_bitmap) and
-    /// returns it with its place in the list, for
-    /// [`restore_bitmap`](Self::restore_bitmap).
+    /// Removes a bitmap from the node like
+    /// [`remove_bitmap`](Self::remove_bitmap) and returns it with its
+    /// place in the list, for [`restore_bitmap`](Self::restore_bitmap).
+    /// The image is not changed (see [`unstore_bitmap`](Self::unstore_bitmap);
+    /// else a persistent bitmap leaves it when the node is closed).
     ///
     /// # Errors
     ///
-    /// Not found, or busy.
+    /// Not found, busy, or read-only.
     pub fn take_bitmap(&self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
         let b = self.bitmap(name)?;
-        b.check_not_busy()?;
+        b.check(Check::Remove)?;
         let mut list = self.bitmaps_locked();
         let i = list.iter().position(|x| Arc::ptr_eq(x, &b)).unwrap_or(0);
         list.retain(|x| !Arc::ptr_eq(x, &b));
         Ok((i, b))
+    }
+
+    /// Takes a persistent bitmap out of the image only (a `transaction`
+    /// removing it, after [`take_bitmap`](Self::take_bitmap); if the
+    /// transaction aborts, the bitmap put back is stored again at close).
+    ///
+    /// # Errors
+    ///
+    /// The image could not be updated.
+    pub async fn unstore_bitmap(&self, b: &DirtyBitmap) -> Result<()> {
+        if !b.persistent() {
+            return Ok(());
+        }
+        self.driver.remove_stored_bitmap(b.name()).await
     }
 
     /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at
@@ -745,7 +810,7 @@ impl BlockNode {
     /// Not found, or busy.
     pub fn clear_bitmap(&self, name: &str) -> Result<BitmapUndo> {
         let b = self.bitmap(name)?;
-        b.check_not_busy()?;
+        b.check(Check::Change)?;
         let undo = b.undo_point(true);
         b.clear();
         Ok(undo)
@@ -760,7 +825,7 @@ impl BlockNode {
     /// Not found, or busy.
     pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<BitmapUndo> {
         let b = self.bitmap(name)?;
-        b.check_not_busy()?;
+        b.check(Check::Change)?;
         let undo = b.undo_point(false);
         b.set_enabled(enabled);
         Ok(undo)
@@ -788,7 +853,10 @@ impl BlockNode {
                 )));
             }
         }
-        t.check_not_busy()?;
+        t.check(Check::Change)?;
+        for s in sources {
+            s.check(Check::Read)?;
+        }
         let undo = t.undo_point(true);
         for s in sources {
             for e in s.extents(0, s.size()).into_iter().filter(|e| e.dirty) {
@@ -905,11 +973,21 @@ impl BlockNode {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let r = self.driver.close().await;
+        let r = self.store_bitmaps().await;
+        let r = r.and(self.driver.close().await);
         if let Some(f) = self.file_child() {
             f.close().await?;
         }
         r
+    }
+
+    /// Stores the persistent bitmaps in the image (before a close).
+    async fn store_bitmaps(&self) -> Result<()> {
+        let list = self.bitmaps();
+        self.driver.store_bitmaps(&list).await.map_err(|e| {
+            log::error!("{}: storing persistent bitmaps: {e}", self.name);
+            e
+        })
     }
 
     /// Makes completed writes durable.
@@ -925,6 +1003,11 @@ impl BlockNode {
     pub async fn truncate(&self, len: u64) -> Result<()> {
         let _req = self.enter();
         self.check_writable()?;
+        if self.bitmaps_locked().iter().any(|b| b.persistent()) {
+            return Err(Error::InvalidArgument(
+                "Can't resize an image which has bitmaps".into(),
+            ));
+        }
         self.driver.truncate(len).await
     }
 
@@ -992,7 +1075,8 @@ impl BlockNode {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let r = self.driver.close().await;
+        let r = self.store_bitmaps().await;
+        let r = r.and(self.driver.close().await);
         let mut children: Vec<Arc<BlockNode>> = Vec::new();
         children.extend(self.file_child());
         children.extend(self.backing());

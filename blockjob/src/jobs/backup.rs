@@ -9,7 +9,8 @@
 //! exactly once and always with its data as of job start.
 //!
 //! Not implemented (refused): `bitmap` / `incremental` sync and the
-//! `bitmap` argument (no persistent dirty bitmaps yet), `compress`,
+//! `bitmap` argument (persistent bitmaps load as ordinary dirty bitmaps;
+//! incremental backup is still to come), `compress`,
 //! `discard-source`.
 
 use std::sync::Arc;

@@ -757,11 +757,7 @@ fn export_bitmaps(node: &BlockNode, opts: &ExportOptions) -> Result<Vec<Arc<Dirt
         let b = node
             .bitmap(name)
             .map_err(|_| Error::InvalidArgument(format!("Bitmap '{name}' is not found")))?;
-        if b.busy() {
-            return Err(Error::InvalidArgument(format!(
-                "Bitmap '{name}' is currently in use by another operation and cannot be used"
-            )));
-        }
+        b.check(crate::block::bitmap::Check::Read)?;
         if !opts.writable && !node.read_only() && b.enabled() {
             return Err(Error::InvalidArgument(format!(
                 "Enabled bitmap '{name}' incompatible with readonly export"

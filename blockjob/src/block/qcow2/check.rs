@@ -52,6 +52,14 @@ impl Qcow2 {
         }
         let (st_off, st_len) = m.snapshots_at;
         inc("snapshot table", st_off, st_len, &mut corrupt);
+        for (what, r) in self.bitmap_clusters(&m).await {
+            match r {
+                Ok(v) => v
+                    .into_iter()
+                    .for_each(|(off, len)| inc(&what, off, len, &mut corrupt)),
+                Err(e) => corrupt.push(format!("ERROR {what}: {e}")),
+            }
+        }
         let mut l1s = vec![(m.l1.clone(), true)];
         for sn in m.snapshots.clone() {
             let len = u64::from(sn.l1_size) * 8;

@@ -44,6 +44,8 @@ pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Every incompatible bit this implementation knows.
 pub(crate) const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Compatible feature bit 0: lazy refcounts.
 pub(crate) const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -707,12 +709,24 @@ mod tests {
                 h.l1_table_offset = 3 << 12;
                 h.refcount_table_offset = 1 << 12;
                 h.l1_size = 512;
+                h.autoclear_features = AUTOCLEAR_BITMAPS;
+                let mut ext = 1u32.to_be_bytes().to_vec();
+                ext.extend_from_slice(&[0; 4]);
+                ext.extend_from_slice(&32u64.to_be_bytes());
+                ext.extend_from_slice(&(4u64 << 12).to_be_bytes());
+                h.extensions.push(Extension::Bitmaps(ext));
                 let mut b = h.serialize().unwrap();
                 for (i, v) in muts {
                     if i < b.len() { b[i] = v; }
                 }
                 b.truncate(cut);
-                let _ = Header::parse(&b, writable);
+                if let Ok(h) = Header::parse(&b, writable) {
+                    for e in &h.extensions {
+                        if let Extension::Bitmaps(d) = e {
+                            let _ = super::super::super::bitmaps::Ext::parse(d, h.cluster_size());
+                        }
+                    }
+                }
             }
         }
     }

@@ -130,6 +130,10 @@ pub(crate) struct Meta {
     pub(crate) snapshots: Vec<super::snapshot::Snapshot>,
     /// Where the snapshot table is (0: none) and its length in bytes.
     pub(crate) snapshots_at: (u64, u64),
+    /// The persistent bitmaps' directory, as on disk.
+    pub(crate) bitmap_dir: Vec<super::bitmaps::DirEntry>,
+    /// Where the bitmap directory is (0: none) and its length in bytes.
+    pub(crate) bitmaps_at: (u64, u64),
 }
 
 /// Reference count changes by host cluster index, applied in order.
@@ -172,6 +176,8 @@ impl Meta {
             end_cluster: g.file.len().div_ceil(g.cs()),
             snapshots: Vec::new(),
             snapshots_at: (0, 0),
+            bitmap_dir: Vec::new(),
+            bitmaps_at: (0, 0),
         })
     }
 
@@ -539,6 +545,17 @@ impl Meta {
             }
             return Ok(c * g.cs());
         }
+    }
+
+    /// Allocates enough clusters for `bytes`, writes them (zero padded
+    /// to whole clusters, not flushed) and returns their offset.
+    pub(crate) async fn alloc_write(&mut self, g: &Geom, bytes: &[u8]) -> Result<u64> {
+        let clusters = (bytes.len() as u64).div_ceil(g.cs()).max(1);
+        let off = self.alloc(g, clusters).await?;
+        let mut b = bytes.to_vec();
+        b.resize((clusters * g.cs()) as usize, 0);
+        g.write_file(off, b).await?;
+        Ok(off)
     }
 
     /// Decrements the refcounts of `n` clusters at byte offset `off`.

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use aio::{CoMutex, CoQueue};
 
+mod bitmaps;
 mod check;
 mod create;
 pub(crate) mod entry;
@@ -31,6 +32,7 @@ pub use create::{CreateOptions, Preallocation};
 use self::entry::Mapping;
 use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 use self::meta::{Geom, Meta};
+use super::bitmap::DirtyBitmap;
 use super::{
     BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard,
     SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
@@ -48,6 +50,10 @@ pub(crate) struct Qcow2 {
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
     in_flight: InFlight,
+    /// The bitmaps read at open, until the node takes them.
+    loaded: Mutex<Vec<DirtyBitmap>>,
+    /// A copy of the bitmap directory for `info` (the truth is in `meta`).
+    dir_view: Mutex<Vec<bitmaps::DirEntry>>,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -154,6 +160,12 @@ impl Qcow2 {
             snapshot::load(&g, header.nb_snapshots, header.snapshots_offset).await?;
         meta.snapshots = snapshots;
         meta.snapshots_at = (header.snapshots_offset, table_len);
+        let stored = bitmaps::load(&g, &header, &mut meta, !writable).await?;
+        meta.bitmap_dir = stored.dir;
+        meta.bitmaps_at = stored.at;
+        if writable {
+            bitmaps::mark_in_use(&g, &mut meta).await?;
+        }
         let q = Qcow2 {
             g,
             _file_perm: file,
@@ -164,28 +176,38 @@ impl Qcow2 {
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
+            loaded: Mutex::new(stored.bitmaps),
+            dir_view: Mutex::new(Vec::new()),
         };
+        q.set_dir_view(&q.meta.lock().await.bitmap_dir);
         if writable {
             q.mark_dirty().await?;
         }
         Ok(q)
     }
 
-    /// Sets the dirty bit (v3) and clears autoclear bits we do not
-    /// maintain (bitmaps), then flushes.
+    /// Sets the dirty bit (v3) and clears the autoclear bits we do not
+    /// maintain (all but bitmaps, kept when the image has a bitmap
+    /// directory we loaded), then flushes.
     async fn mark_dirty(&self) -> Result<()> {
         if self.g.version < 3 {
             return Ok(());
         }
+        let has_dir = self.meta.lock().await.bitmaps_at.0 != 0;
         let (autoclear, incompat) = {
-            let h = self.header();
+            let mut h = self.header();
+            let keep = if has_dir {
+                header::AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
+            h.autoclear_features &= keep;
             (h.autoclear_features, h.incompatible_features)
         };
-        if autoclear != 0 {
-            self.g
-                .write_file(field::AUTOCLEAR, 0u64.to_be_bytes().to_vec())
-                .await?;
-        }
+        // Always written: `bitmaps::mark_in_use` may have cleared it.
+        self.g
+            .write_file(field::AUTOCLEAR, autoclear.to_be_bytes().to_vec())
+            .await?;
         let v = incompat | INCOMPAT_DIRTY;
         self.g
             .write_file(field::INCOMPATIBLE, v.to_be_bytes().to_vec())
@@ -193,6 +215,11 @@ impl Qcow2 {
         self.g.flush().await?;
         self.dirty_set.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Updates the copy of the bitmap directory `info` shows.
+    pub(crate) fn set_dir_view(&self, dir: &[bitmaps::DirEntry]) {
+        *self.dir_view.lock().unwrap_or_else(|e| e.into_inner()) = dir.to_vec();
     }
 
     /// `Could not WHAT of 'FILE': read-only image` on a read-only image.
@@ -388,11 +415,22 @@ impl Qcow2 {
             ));
         }
         self.read_only.store(false, Ordering::Release);
-        if let Err(e) = self.mark_dirty().await {
-            self.read_only.store(true, Ordering::Release);
-            return Err(e);
+        let r = async {
+            // Stored bitmaps are now being changed: `in_use` in the image,
+            // as at a read-write open (which clears the autoclear bit;
+            // setting the dirty bit writes it again).
+            {
+                let mut m = self.meta.lock().await;
+                bitmaps::mark_in_use(&self.g, &mut m).await?;
+                self.set_dir_view(&m.bitmap_dir);
+            }
+            self.mark_dirty().await
         }
-        Ok(())
+        .await;
+        if r.is_err() {
+            self.read_only.store(true, Ordering::Release);
+        }
+        r
     }
 
     async fn do_close(&self) -> Result<()> {
@@ -488,6 +526,10 @@ impl BlockDriver for Qcow2 {
                 "lazy-refcounts".into(),
                 serde_json::Value::from(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0),
             ));
+            let dir = self.dir_view.lock().unwrap_or_else(|e| e.into_inner());
+            if !dir.is_empty() {
+                specific.push(("bitmaps".into(), bitmaps::info_json(&dir)));
+            }
         }
         specific.push((
             "refcount-bits".into(),
@@ -517,6 +559,28 @@ impl BlockDriver for Qcow2 {
     }
     fn supports_snapshots(&self) -> bool {
         true
+    }
+    fn take_stored_bitmaps(&self) -> Vec<DirtyBitmap> {
+        std::mem::take(&mut *self.loaded.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn can_store_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        // QEMU's checks, then ours: QEMU accepts a persistent bitmap on a
+        // read-only node and loses it at close.
+        let r = bitmaps::check_new(self.g.version, self.g.cs(), self.len(), name, granularity);
+        if r.is_ok() && self.is_read_only() {
+            return Some(Err("No write access".into()));
+        }
+        Some(r)
+    }
+    fn store_bitmaps<'a>(&'a self, list: &'a [Arc<DirtyBitmap>]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_store_bitmaps(list))
+    }
+    fn remove_stored_bitmap<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.do_remove_stored_bitmap(name))
     }
     fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
         Box::pin(self.do_snapshot_list())

@@ -360,11 +360,7 @@ impl Qcow2 {
         let off = if list.is_empty() {
             0
         } else {
-            let clusters = (bytes.len() as u64).div_ceil(cs);
-            let off = m.alloc(g, clusters).await?;
-            let mut b = bytes.clone();
-            b.resize((clusters * cs) as usize, 0);
-            g.write_file(off, b).await?;
+            let off = m.alloc_write(g, &bytes).await?;
             g.flush().await?;
             off
         };

@@ -107,3 +107,53 @@ fn keep_external_clients_and_late_listeners() {
         drop(guard);
     });
 }
+
+#[test]
+fn a_job_pauses_while_its_node_is_drained_and_goes_on_after() {
+    use aio::ClockType;
+    use blockjob::jobs::{start_stream, StreamArgs};
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want = dir.path().join("want.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", p(&top), p(&want)]);
+    let ctx = aio::AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    add_chain(&ctx, &g, &base, &mid, &top);
+    let (reg, log) = registry(ClockType::Virtual);
+    let mut args = StreamArgs::new("s", "top");
+    args.speed = 1 << 20;
+    let job = start_stream(&ctx, &g, &reg, args).unwrap();
+    vstep(&ctx, &job, 1_000_000_000);
+    let before = job.info().current;
+    assert!(before > 0 && before < 4 << 20, "{before}");
+    // Drain the bottom of the chain: the whole chain above it is drained,
+    // and the job, which uses it, parks.
+    let basen = g.find("base").unwrap();
+    let drained = ctx
+        .block_on(g.drained_begin(&basen, &DrainOptions::new()))
+        .unwrap();
+    vstep(&ctx, &job, 10_000_000_000);
+    assert!(job.info().paused);
+    assert_eq!(job.info().current, before, "no progress while drained");
+    assert!(
+        events(&log).ends_with("created running paused"),
+        "{}",
+        events(&log)
+    );
+    drop(drained);
+    let info = loop {
+        vstep(&ctx, &job, 1_000_000_000);
+        let i = job.info();
+        if i.status == blockjob::job::JobStatus::Null {
+            break i;
+        }
+    };
+    assert_eq!(info.current, 4 << 20);
+    assert_eq!(
+        events(&log),
+        "created running paused running waiting pending BLOCK_JOB_COMPLETED concluded null"
+    );
+    ctx.block_on(g.close_all()).unwrap();
+    assert_same(&top, &want);
+    assert_check(&top);
+}

@@ -225,6 +225,13 @@ impl fmt::Debug for OpBlocker {
     }
 }
 
+impl OpBlocker {
+    /// The blocked node.
+    pub fn node(&self) -> &Arc<BlockNode> {
+        &self.node
+    }
+}
+
 impl Drop for OpBlocker {
     fn drop(&mut self) {
         let mut b = self.node.blockers.lock().unwrap_or_else(|e| e.into_inner());

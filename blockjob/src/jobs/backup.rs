@@ -393,6 +393,7 @@ pub fn create_backup(
     holds
         .hooks
         .push(source.add_write_hook(Arc::new(Cbw(state))));
+    holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     Ok(job)
 }

@@ -363,6 +363,7 @@ pub fn start_commit(
             holds.block(n, JobType::Commit);
         }
         holds.hooks.push(top.add_write_hook(bitmap));
+        holds.pause_on_drain(&job);
         *driver.held.0.lock() = holds;
         job.start();
         return Ok(job);
@@ -393,6 +394,7 @@ pub fn start_commit(
     for n in nodes {
         holds.block(n, JobType::Commit);
     }
+    holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     job.start();
     Ok(job)

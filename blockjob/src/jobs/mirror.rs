@@ -385,6 +385,7 @@ pub fn start_mirror(
     holds.block(&source, JobType::Mirror);
     holds.block(&target, JobType::Mirror);
     holds.hooks.push(source.add_write_hook(bitmap));
+    holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     job.start();
     Ok(job)

@@ -15,8 +15,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::block::{BlockGraph, BlockNode, OpBlocker, PermGuard, WriteHookGuard};
-use crate::job::{ErrorAction, IoOperation, JobControl, JobOptions, JobType};
+use crate::block::{
+    BlockGraph, BlockNode, DrainListener, DrainListenerGuard, OpBlocker, PermGuard, WriteHookGuard,
+};
+use crate::job::{ErrorAction, IoOperation, Job, JobControl, JobOptions, JobType};
 use crate::{Error, Result};
 
 pub mod backup;
@@ -207,6 +209,21 @@ pub(crate) struct Holds {
     pub(crate) blockers: Vec<OpBlocker>,
     pub(crate) perms: Vec<PermGuard>,
     pub(crate) hooks: Vec<WriteHookGuard>,
+    pub(crate) drains: Vec<DrainListenerGuard>,
+}
+
+/// Pauses a job while a node it uses is drained (QEMU's
+/// `child_job_drained_begin`): an internal pause, so the job parks at its
+/// next pause point and `query-jobs` shows it paused.
+struct PauseWhileDrained(Job);
+
+impl DrainListener for PauseWhileDrained {
+    fn drained_begin(&self) {
+        self.0.pause_internal();
+    }
+    fn drained_end(&self) {
+        self.0.resume_internal();
+    }
 }
 
 impl Holds {
@@ -219,6 +236,14 @@ impl Holds {
     pub(crate) fn block(&mut self, node: &Arc<BlockNode>, t: JobType) {
         self.blockers
             .push(node.op_block(format!("block device is in use by block job: {t}")));
+    }
+
+    /// Makes `job` pause while any node it blocks is drained.
+    pub(crate) fn pause_on_drain(&mut self, job: &Job) {
+        let l: Arc<dyn DrainListener> = Arc::new(PauseWhileDrained(job.clone()));
+        for b in &self.blockers {
+            self.drains.push(b.node().add_drain_listener(l.clone()));
+        }
     }
 }
 

@@ -351,6 +351,7 @@ pub fn start_stream(
         holds.block(n, JobType::Stream);
     }
     holds.hooks.push(top.add_write_hook(driver.ser.clone()));
+    holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     job.start();
     Ok(job)

@@ -69,6 +69,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The OS error number behind an [`Error::Io`] (e.g. `ENOSPC` for a
+    /// full disk), if the OS gave one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
     /// An [`Error::Io`] for `file`.
     pub(crate) fn io(file: &str, source: aio::Error) -> Self {
         Error::Io {

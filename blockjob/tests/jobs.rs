@@ -121,6 +121,25 @@ fn a_job_that_succeeds_goes_through_qsd_s_sequence() {
 }
 
 #[test]
+fn events_still_flow_after_the_registry_handle_is_dropped() {
+    let (ctx, reg, log) = setup(ClockType::Realtime);
+    let job = reg
+        .create(
+            &ctx,
+            JobOptions::new("s1"),
+            Arc::new(CopyDriver::new(4, 4096)),
+        )
+        .unwrap();
+    drop(reg);
+    job.start();
+    ctx.block_on(job.wait_finished());
+    assert_eq!(
+        events(&log),
+        "created running waiting pending BLOCK_JOB_COMPLETED concluded null"
+    );
+}
+
+#[test]
 fn completed_event_carries_qemu_s_payload() {
     let (ctx, reg, _) = setup(ClockType::Realtime);
     let payload = Arc::new(Mutex::new(None));

@@ -470,6 +470,7 @@ impl BlockGraph {
                 "null-co" => &["size"],
                 "raw" => &["file"],
                 "qcow2" => &["file", "backing"],
+                "blkdebug" => &["image", "inject-error"],
                 "nbd" => &["server", "export", "reconnect-delay"],
                 other => {
                     return Err(Error::InvalidArgument(format!(
@@ -545,6 +546,42 @@ impl BlockGraph {
                         Box::new(NullDriver::new(size)),
                         read_only,
                     ))?;
+                    node.set_request_policy(common.policy);
+                    Ok(node)
+                }
+                "blkdebug" => {
+                    let rules = super::blkdebug::parse_rules(obj.get("inject-error"))?;
+                    let image = match obj.get("image") {
+                        Some(Value::String(n)) => self.find(n).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "Cannot find device='{n}' nor node-name='{n}'"
+                            ))
+                        })?,
+                        Some(v @ Value::Object(_)) => {
+                            let mut v = v.clone();
+                            if let Some(o) = v.as_object_mut() {
+                                if read_only {
+                                    o.entry("read-only").or_insert(Value::Bool(true));
+                                }
+                            }
+                            self.blockdev_add_inner(&v).await?
+                        }
+                        _ => {
+                            return Err(Error::InvalidArgument(
+                                "Parameter 'image' is missing".into(),
+                            ))
+                        }
+                    };
+                    let name = node_name.unwrap_or_else(|| self.auto_name());
+                    self.check_name(&name)?;
+                    let writable = !read_only && !image.read_only();
+                    let mut perm = Perm::CONSISTENT_READ;
+                    if writable {
+                        perm |= Perm::WRITE | Perm::RESIZE;
+                    }
+                    let guard = image.attach(&name, "image", perm, Perm::ALL)?;
+                    let d = super::blkdebug::BlkdebugDriver::new(guard, rules);
+                    let node = self.add(BlockNode::new(name, Box::new(d), !writable))?;
                     node.set_request_policy(common.policy);
                     Ok(node)
                 }

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub(crate) mod bitmap;
+mod blkdebug;
 mod direct;
 mod drain;
 mod external_snapshot;

@@ -384,7 +384,9 @@ type Subscriber = Arc<dyn Fn(&JobEvent) + Send + Sync>;
 
 struct RegistryInner {
     jobs: Mutex<BTreeMap<String, Arc<Shared>>>,
-    subscribers: Mutex<Vec<Subscriber>>,
+    /// Shared with every job, so a job's events still reach the
+    /// subscribers after the registry handle is dropped.
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
     clock: ClockType,
 }
 
@@ -409,7 +411,7 @@ impl JobRegistry {
         Self {
             inner: Arc::new(RegistryInner {
                 jobs: Mutex::new(BTreeMap::new()),
-                subscribers: Mutex::new(Vec::new()),
+                subscribers: Arc::new(Mutex::new(Vec::new())),
                 clock,
             }),
         }
@@ -444,6 +446,7 @@ impl JobRegistry {
             driver,
             ctx: ctx.clone(),
             registry: Arc::downgrade(&self.inner),
+            subscribers: self.inner.subscribers.clone(),
             clock: self.inner.clock,
             state: Mutex::new(State {
                 status: JobStatus::Undefined,
@@ -538,6 +541,7 @@ struct Shared {
     driver: Arc<dyn JobDriver>,
     ctx: AioContext,
     registry: Weak<RegistryInner>,
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
     clock: ClockType,
     state: Mutex<State>,
 }
@@ -547,10 +551,7 @@ impl Shared {
         if !self.job_type.is_block_job() && !matches!(ev, JobEvent::StatusChange { .. }) {
             return;
         }
-        let Some(reg) = self.registry.upgrade() else {
-            return;
-        };
-        let subs: Vec<Subscriber> = reg.subscribers.lock().clone();
+        let subs: Vec<Subscriber> = self.subscribers.lock().clone();
         for s in subs {
             s(&ev);
         }

@@ -181,11 +181,13 @@ pub(crate) async fn handle_io_error(
     op: IoOperation,
     err: Error,
 ) -> Result<()> {
+    let nospace = err.raw_os_error() == Some(libc::ENOSPC);
     let action = match policy {
         OnError::Ignore => ErrorAction::Ignore,
         OnError::Stop => ErrorAction::Stop,
-        // Our errors carry no errno: ENOSPC cannot be told apart, so
-        // `enospc` and `auto` report.
+        // QEMU: `enospc` stops on a full disk and reports anything else;
+        // for jobs `auto` means the same.
+        OnError::Enospc | OnError::Auto if nospace => ErrorAction::Stop,
         OnError::Report | OnError::Enospc | OnError::Auto => ErrorAction::Report,
     };
     log::warn!("job {}: {err}", job.id());

@@ -91,8 +91,9 @@ impl Qcow2 {
         super::entry::host_range(word, self.g.cluster_bits)
     }
 
-    /// Applies a batch: flush (refcounts and data), L2 writes, flush, L1
-    /// entries, then frees replaced clusters.
+    /// Applies a batch: flush (refcounts and data), L2 writes (new tables
+    /// whole, changed entries of existing tables one write per run of
+    /// neighbours), flush, L1 entries, then frees replaced clusters.
     async fn commit(&self, m: &mut Meta, b: Batch) -> Result<()> {
         let g = &self.g;
         if b.new_l2.is_empty() && b.entries.is_empty() {
@@ -104,10 +105,34 @@ impl Qcow2 {
             let bytes = to_bytes(t);
             g.write_file(off, bytes).await?;
         }
-        for &(off, i, v) in &b.entries {
-            g.write_file(off + i * 8, v.to_be_bytes().to_vec()).await?;
+        let mut entries = b.entries;
+        // Stable: of two changes of one entry the later one wins below.
+        entries.sort_by_key(|&(off, i, _)| (off, i));
+        let mut k = 0;
+        while k < entries.len() {
+            let (off, i0, _) = entries[k];
+            let mut words: Vec<u64> = Vec::new();
+            let mut next = i0;
+            while k < entries.len() && entries[k].0 == off && entries[k].1 <= next {
+                let (_, i, v) = entries[k];
+                if i < next {
+                    // A second change of the entry just recorded.
+                    if let Some(w) = words.last_mut() {
+                        *w = v;
+                    }
+                } else {
+                    words.push(v);
+                    next = i + 1;
+                }
+                k += 1;
+            }
+            g.write_file(off + i0 * 8, to_bytes(&words)).await?;
         }
-        g.flush().await?;
+        if !b.new_l2.is_empty() || !b.freed.is_empty() {
+            // New tables are on disk before the L1 names them; tables no
+            // longer name the clusters freed below.
+            g.flush().await?;
+        }
         for &(l1i, off) in &b.new_l2 {
             m.set_l1(g, l1i, off | COPIED).await?;
         }
@@ -139,14 +164,19 @@ impl Qcow2 {
         Ok(out)
     }
 
-    pub(super) async fn do_write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    pub(super) async fn do_write(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
         let g = &self.g;
         let total = buf.len() as u64;
         let mut pos = 0u64;
         while pos < total {
             let mut m = self.meta.lock().await;
             let run = m.lookup(g, offset + pos, total - pos).await?;
-            let chunk = buf[pos as usize..(pos + run.len) as usize].to_vec();
+            // One run covering the whole request takes the buffer as is.
+            let chunk = if pos == 0 && run.len == total {
+                std::mem::take(&mut buf)
+            } else {
+                buf[pos as usize..(pos + run.len) as usize].to_vec()
+            };
             if let Mapping::Data { host } = run.map {
                 if run.entry.word & COPIED != 0 {
                     let _io = self.in_flight.enter();
@@ -164,32 +194,55 @@ impl Qcow2 {
 
     /// Writes `data` at `offset` into newly allocated clusters, copying
     /// the rest of partially written clusters from their old contents.
-    async fn write_alloc(&self, m: &mut Meta, offset: u64, data: Vec<u8>) -> Result<()> {
+    /// The clusters under one L2 table are allocated as one contiguous
+    /// run and written with one write.
+    async fn write_alloc(&self, m: &mut Meta, offset: u64, mut data: Vec<u8>) -> Result<()> {
         let g = &self.g;
         let cs = g.cs();
         let end = offset + data.len() as u64;
+        let last = (end - 1) / cs;
         let mut b = Batch::default();
         let mut ci = offset / cs;
-        while ci * cs < end {
-            let cstart = ci * cs;
-            let s = offset.max(cstart);
-            let e = end.min(cstart + cs);
-            let (old, _) = m.l2_entry(g, ci).await?;
-            let content = if s == cstart && e == cstart + cs {
-                data[(s - offset) as usize..(e - offset) as usize].to_vec()
+        while ci <= last {
+            let group_last = last.min((ci / g.l2_entries() + 1) * g.l2_entries() - 1);
+            let n = group_last - ci + 1;
+            let gstart = ci * cs;
+            let gend = (group_last + 1) * cs;
+            let mut olds = Vec::with_capacity(n as usize);
+            for c in ci..=group_last {
+                olds.push(m.l2_entry(g, c).await?.0.word);
+            }
+            let content = if offset == gstart && end == gend {
+                // Aligned and whole: the caller's buffer.
+                std::mem::take(&mut data)
             } else {
-                let mut c = self.cluster_content(m, ci).await?;
-                c.resize(cs as usize, 0);
-                c[(s - cstart) as usize..(e - cstart) as usize]
-                    .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
-                c
+                let mut out = Vec::with_capacity((n * cs) as usize);
+                for c in ci..=group_last {
+                    let cstart = c * cs;
+                    let s = offset.max(cstart);
+                    let e = end.min(cstart + cs);
+                    let part = &data[(s - offset) as usize..(e - offset) as usize];
+                    if s == cstart && e == cstart + cs {
+                        out.extend_from_slice(part);
+                    } else {
+                        let mut old = self.cluster_content(m, c).await?;
+                        old.resize(cs as usize, 0);
+                        old[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(part);
+                        out.extend_from_slice(&old);
+                    }
+                }
+                out
             };
             let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
-            let host = m.alloc(g, 1).await?;
+            let host = m.alloc(g, n).await?;
             g.write_file(host, content).await?;
-            self.set_entry(m, &mut b, l2off, l2i, host | COPIED).await?;
-            b.freed.extend(self.old_host(old.word));
-            ci += 1;
+            for (k, old) in olds.into_iter().enumerate() {
+                let k = k as u64;
+                self.set_entry(m, &mut b, l2off, l2i + k, (host + k * cs) | COPIED)
+                    .await?;
+                b.freed.extend(self.old_host(old));
+            }
+            ci = group_last + 1;
         }
         self.commit(m, b).await
     }

@@ -24,6 +24,7 @@ pub mod commit;
 pub mod create;
 pub mod mirror;
 pub mod stream;
+mod window;
 
 pub use backup::{start_backup, BackupArgs};
 pub use commit::{start_commit, CommitArgs};

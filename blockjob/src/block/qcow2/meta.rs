@@ -46,10 +46,15 @@ impl Geom {
         Error::corrupt(&self.name, reason)
     }
     pub(crate) async fn read_file(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read_file_into(offset, vec![0u8; len as usize]).await
+    }
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub(crate) async fn read_file_into(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
         let flen = self.file.len();
         if offset.checked_add(len).is_none_or(|e| e > flen) {
             // Reads past the end read zeroes, as in QEMU.
-            let mut buf = vec![0u8; len as usize];
+            buf.fill(0);
             if offset < flen {
                 let n = (flen - offset) as usize;
                 let head = self.file.read(offset, vec![0; n]).await?;
@@ -57,7 +62,7 @@ impl Geom {
             }
             return Ok(buf);
         }
-        self.file.read(offset, vec![0; len as usize]).await
+        self.file.read(offset, buf).await
     }
     pub(crate) async fn write_file(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
         self.file.write(offset, buf).await

@@ -263,17 +263,24 @@ impl Qcow2 {
         b.as_ref().map(|p| p.node().clone())
     }
 
-    /// Reads `len` bytes at `offset` from the backing chain (zeroes where
-    /// there is none or past its end).
-    pub(crate) async fn read_backing(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        if let Some(b) = self.backing_node() {
-            let blen = b.len();
-            if offset < blen {
-                let n = (blen - offset).min(len);
-                let part = b.read(offset, vec![0; n as usize]).await?;
-                buf[..n as usize].copy_from_slice(&part);
-            }
+    /// Reads `buf.len()` bytes at `offset` from the backing chain into
+    /// `buf` (zeroes where there is none or past its end); a backing node
+    /// covering the whole range reads straight into it.
+    pub(crate) async fn read_backing(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
+        let Some(b) = self.backing_node() else {
+            buf.fill(0);
+            return Ok(buf);
+        };
+        let blen = b.len();
+        if offset + len <= blen {
+            return b.read(offset, buf).await;
+        }
+        buf.fill(0);
+        if offset < blen {
+            let n = (blen - offset).min(len);
+            let part = b.read(offset, vec![0; n as usize]).await?;
+            buf[..n as usize].copy_from_slice(&part);
         }
         Ok(buf)
     }
@@ -297,14 +304,24 @@ impl Qcow2 {
 
     /// Reads a run as mapped.
     async fn read_run(&self, offset: u64, len: u64, map: Mapping) -> Result<Vec<u8>> {
+        self.read_run_into(offset, map, vec![0; len as usize]).await
+    }
+
+    /// Reads a run as mapped into `buf` (its length is the run's).
+    async fn read_run_into(&self, offset: u64, map: Mapping, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
         match map {
-            Mapping::Unallocated => self.read_backing(offset, len).await,
-            Mapping::Zero { .. } => Ok(vec![0; len as usize]),
-            Mapping::Data { host } => self.g.read_file(host, len).await,
+            Mapping::Unallocated => self.read_backing(offset, buf).await,
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(buf)
+            }
+            Mapping::Data { host } => self.g.read_file_into(host, buf).await,
             Mapping::Compressed { host, len: clen } => {
                 let c = self.read_compressed(host, clen).await?;
                 let start = (offset % self.g.cs()) as usize;
-                Ok(c[start..start + len as usize].to_vec())
+                buf.copy_from_slice(&c[start..start + len as usize]);
+                Ok(buf)
             }
         }
     }
@@ -318,11 +335,11 @@ impl Qcow2 {
                 let run = m.lookup(&self.g, offset + pos, total - pos).await?;
                 (run, self.in_flight.enter())
             };
-            let data = self.read_run(offset + pos, run.len, run.map).await?;
-            if pos == 0 && run.len == total && data.len() == buf.len() {
-                // One run: its buffer is the answer.
-                return Ok(data);
+            if pos == 0 && run.len == total {
+                // One run: read straight into the caller's buffer.
+                return self.read_run_into(offset, run.map, buf).await;
             }
+            let data = self.read_run(offset + pos, run.len, run.map).await?;
             buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
             pos += run.len;
         }

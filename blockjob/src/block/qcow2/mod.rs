@@ -47,6 +47,7 @@ pub(crate) struct Qcow2 {
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
     in_flight: InFlight,
+    allocating: write::Allocating,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -163,6 +164,7 @@ impl Qcow2 {
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
+            allocating: write::Allocating::default(),
         };
         if writable {
             q.mark_dirty().await?;

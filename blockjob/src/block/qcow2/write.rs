@@ -23,6 +23,48 @@ struct Batch {
     freed: Vec<Freed>,
 }
 
+/// Guest ranges whose clusters a write is allocating with the metadata
+/// lock released (data being written, not mapped yet); other writes to
+/// them wait, so the clusters a mapping replaces are never ones a request
+/// is writing in place.
+#[derive(Default)]
+pub(super) struct Allocating {
+    ranges: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Woken when a range ends.
+    pub(super) done: aio::CoQueue,
+}
+
+/// One range in [`Allocating`]; dropping it ends it (call with the lock
+/// held, so no write looks in between).
+pub(super) struct AllocClaim<'a>(&'a Allocating, (u64, u64));
+
+impl Allocating {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(super) fn overlaps(&self, off: u64, len: u64) -> bool {
+        self.list()
+            .iter()
+            .any(|&(o, l)| o < off + len && off < o + l)
+    }
+    fn claim(&self, off: u64, len: u64) -> AllocClaim<'_> {
+        self.list().push((off, len));
+        AllocClaim(self, (off, len))
+    }
+}
+
+impl Drop for AllocClaim<'_> {
+    fn drop(&mut self) {
+        {
+            let mut l = self.0.list();
+            if let Some(i) = l.iter().position(|&r| r == self.1) {
+                l.swap_remove(i);
+            }
+        }
+        self.0.done.notify_all();
+    }
+}
+
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -171,6 +213,13 @@ impl Qcow2 {
         while pos < total {
             let mut m = self.meta.lock().await;
             let run = m.lookup(g, offset + pos, total - pos).await?;
+            if self.allocating.overlaps(offset + pos, run.len) {
+                // Clusters being allocated by another request: after it.
+                let w = self.allocating.done.wait();
+                drop(m);
+                w.await;
+                continue;
+            }
             // One run covering the whole request takes the buffer as is.
             let chunk = if pos == 0 && run.len == total {
                 std::mem::take(&mut buf)
@@ -186,7 +235,32 @@ impl Qcow2 {
                     continue;
                 }
             }
-            self.write_alloc(&mut m, offset + pos, chunk).await?;
+            let at = offset + pos;
+            if at % g.cs() == 0 && run.len % g.cs() == 0 {
+                // Whole clusters: allocate them, write the data without
+                // the lock (other requests go on meanwhile), then map them.
+                let n = run.len / g.cs();
+                let host = m.alloc(g, n).await?;
+                let io = self.in_flight.enter();
+                let claim = self.allocating.claim(at, run.len);
+                drop(m);
+                let r = g.write_file(host, chunk).await;
+                // Not counted while waiting for the lock: a snapshot
+                // operation holding it waits for the requests counted.
+                drop(io);
+                let mut m = self.meta.lock().await;
+                if let Err(e) = r {
+                    drop(claim);
+                    m.free(g, host, n).await?;
+                    return Err(e);
+                }
+                let r = self.map_new(&mut m, at / g.cs(), n, host).await;
+                drop(claim);
+                r?;
+                pos += run.len;
+                continue;
+            }
+            self.write_alloc(&mut m, at, chunk).await?;
             pos += run.len;
         }
         Ok(())
@@ -243,6 +317,27 @@ impl Qcow2 {
                 b.freed.extend(self.old_host(old));
             }
             ci = group_last + 1;
+        }
+        self.commit(m, b).await
+    }
+
+    /// Maps guest clusters `ci..ci + n` (in one L2 table) to the newly
+    /// allocated and written host clusters at `host`, freeing what they
+    /// mapped before — read now, under the lock: a request that changed
+    /// them while the data was written came first.
+    async fn map_new(&self, m: &mut Meta, ci: u64, n: u64, host: u64) -> Result<()> {
+        let g = &self.g;
+        let mut b = Batch::default();
+        let mut olds = Vec::with_capacity(n as usize);
+        for c in ci..ci + n {
+            olds.push(m.l2_entry(g, c).await?.0.word);
+        }
+        let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
+        for (k, old) in olds.into_iter().enumerate() {
+            let k = k as u64;
+            self.set_entry(m, &mut b, l2off, l2i + k, (host + k * g.cs()) | COPIED)
+                .await?;
+            b.freed.extend(self.old_host(old));
         }
         self.commit(m, b).await
     }

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use blockjob::block::{create_qcow2, BlockGraph, CreateOptions, OpenOptions};
+use blockjob::block::BlockGraph;
 
 const CS: u64 = 64 << 10;
 
@@ -15,12 +15,8 @@ fn overlapping_whole_cluster_writes_at_once_pass_check() {
     let dir = tmp();
     let img = dir.path().join("c.qcow2");
     let ctx = aio::AioContext::new().unwrap();
-    ctx.block_on(create_qcow2(&img, &CreateOptions::new(8 << 20)))
-        .unwrap();
     let g = BlockGraph::new();
-    let n = ctx
-        .block_on(g.open_image(&img, &OpenOptions::new()))
-        .unwrap();
+    let n = fresh_qcow2(&ctx, &g, &img, 8 << 20);
     // Task i writes clusters i and i + 1 (two tasks per cluster), plus a
     // partial write into cluster i + 40 racing with a whole-cluster one.
     let hs: Vec<_> = (0..32u64)

@@ -48,6 +48,7 @@ pub(crate) struct Qcow2 {
     dirty_set: AtomicBool,
     in_flight: InFlight,
     allocating: write::Allocating,
+    maps: write::MapQueue,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -165,6 +166,7 @@ impl Qcow2 {
             dirty_set: AtomicBool::new(false),
             in_flight: InFlight::default(),
             allocating: write::Allocating::default(),
+            maps: write::MapQueue::default(),
         };
         if writable {
             q.mark_dirty().await?;

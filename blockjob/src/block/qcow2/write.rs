@@ -65,6 +65,56 @@ impl Drop for AllocClaim<'_> {
     }
 }
 
+/// Runs of clusters written with the lock released, waiting to be
+/// mapped; the first of their requests to get the lock maps them all.
+#[derive(Default)]
+pub(super) struct MapQueue {
+    st: std::sync::Mutex<MapState>,
+}
+
+#[derive(Default)]
+struct MapState {
+    next: u64,
+    queued: Vec<QueuedMap>,
+    /// Outcomes of runs mapped by another request (error text on failure).
+    done: std::collections::HashMap<u64, std::result::Result<(), String>>,
+}
+
+/// Guest clusters `ci..ci + n` to map to host clusters from `host`.
+struct QueuedMap {
+    id: u64,
+    ci: u64,
+    n: u64,
+    host: u64,
+}
+
+impl MapQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn push(&self, ci: u64, n: u64, host: u64) -> u64 {
+        let mut st = self.lock();
+        st.next += 1;
+        let id = st.next;
+        st.queued.push(QueuedMap { id, ci, n, host });
+        id
+    }
+    /// The outcome of run `id` if another request mapped it.
+    fn result(&self, id: u64) -> Option<std::result::Result<(), String>> {
+        self.lock().done.remove(&id)
+    }
+    fn take(&self) -> Vec<QueuedMap> {
+        std::mem::take(&mut self.lock().queued)
+    }
+    /// Records the outcome of `runs` for their requests.
+    fn finish(&self, runs: &[QueuedMap], r: std::result::Result<(), String>) {
+        let mut st = self.lock();
+        for q in runs {
+            st.done.insert(q.id, r.clone());
+        }
+    }
+}
+
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -248,13 +298,30 @@ impl Qcow2 {
                 // Not counted while waiting for the lock: a snapshot
                 // operation holding it waits for the requests counted.
                 drop(io);
-                let mut m = self.meta.lock().await;
                 if let Err(e) = r {
+                    let mut m = self.meta.lock().await;
                     drop(claim);
                     m.free(g, host, n).await?;
                     return Err(e);
                 }
-                let r = self.map_new(&mut m, at / g.cs(), n, host).await;
+                let id = self.maps.push(at / g.cs(), n, host);
+                let mut m = self.meta.lock().await;
+                let r = match self.maps.result(id) {
+                    // Mapped by another request's batch meanwhile.
+                    Some(r) => r.map_err(|msg| {
+                        let source = aio::Error::Io {
+                            context: "mapping newly written clusters".into(),
+                            source: std::io::Error::other(msg),
+                        };
+                        Error::io(&g.name, source)
+                    }),
+                    None => {
+                        let r = self.map_pending(&mut m).await;
+                        // Our own outcome is `r`.
+                        self.maps.result(id);
+                        r
+                    }
+                };
                 drop(claim);
                 r?;
                 pos += run.len;
@@ -321,25 +388,37 @@ impl Qcow2 {
         self.commit(m, b).await
     }
 
-    /// Maps guest clusters `ci..ci + n` (in one L2 table) to the newly
-    /// allocated and written host clusters at `host`, freeing what they
-    /// mapped before — read now, under the lock: a request that changed
-    /// them while the data was written came first.
-    async fn map_new(&self, m: &mut Meta, ci: u64, n: u64, host: u64) -> Result<()> {
+    /// Maps every queued run of newly written clusters (this request's
+    /// and those of requests still waiting for the lock) in one batch:
+    /// one flush before the L2 tables change, neighbouring entries
+    /// written together (QEMU gets the same effect from its writeback
+    /// metadata cache). What a run's clusters mapped before is read now,
+    /// under the lock, and freed: a request that changed them while the
+    /// data was written came first.
+    async fn map_pending(&self, m: &mut Meta) -> Result<()> {
         let g = &self.g;
-        let mut b = Batch::default();
-        let mut olds = Vec::with_capacity(n as usize);
-        for c in ci..ci + n {
-            olds.push(m.l2_entry(g, c).await?.0.word);
+        let runs = self.maps.take();
+        let r = async {
+            let mut b = Batch::default();
+            for q in &runs {
+                let mut olds = Vec::with_capacity(q.n as usize);
+                for c in q.ci..q.ci + q.n {
+                    olds.push(m.l2_entry(g, c).await?.0.word);
+                }
+                let (l2off, l2i) = self.l2_for(m, &mut b, q.ci).await?;
+                for (k, old) in olds.into_iter().enumerate() {
+                    let k = k as u64;
+                    let v = (q.host + k * g.cs()) | COPIED;
+                    self.set_entry(m, &mut b, l2off, l2i + k, v).await?;
+                    b.freed.extend(self.old_host(old));
+                }
+            }
+            self.commit(m, b).await
         }
-        let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
-        for (k, old) in olds.into_iter().enumerate() {
-            let k = k as u64;
-            self.set_entry(m, &mut b, l2off, l2i + k, (host + k * g.cs()) | COPIED)
-                .await?;
-            b.freed.extend(self.old_host(old));
-        }
-        self.commit(m, b).await
+        .await;
+        let shared = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.maps.finish(&runs, shared);
+        r
     }
 
     /// Write-zeroes (`discard` false) or discard (`discard` true).

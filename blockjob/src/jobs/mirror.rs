@@ -72,7 +72,8 @@ pub struct MirrorArgs {
     /// clusters.
     #[serde(default)]
     pub granularity: Option<u32>,
-    /// Copy buffer size (default 16 MiB); one iteration copies at most
+    /// Copy buffer size (default 16 MiB): the bytes in flight at most (in
+    /// at most 16 operations); one operation copies at most
     /// `max(buf-size / 16, 1 MiB)` of contiguous dirty data.
     #[serde(default)]
     pub buf_size: Option<i64>,

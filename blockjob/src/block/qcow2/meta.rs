@@ -507,7 +507,7 @@ impl Meta {
     /// A free run of `n` clusters: the first run of `n` free clusters from
     /// the hint, or a run that starts in the free tail of the image and
     /// continues past its end. Moves the hint to the first free cluster
-    /// seen.
+    /// seen (the caller moves it past what it allocates).
     async fn find_free(&mut self, g: &Geom, n: u64) -> Result<u64> {
         let mut c = self.free_hint;
         let mut first_free = None;
@@ -575,9 +575,10 @@ impl Meta {
             }
             self.put_refcounts(g, c, n, 1).await?;
             self.end_cluster = self.end_cluster.max(c + n);
-            if c == self.free_hint {
-                self.free_hint = c + n;
-            }
+            // As QEMU's free_cluster_index: the next search starts after
+            // this run (holes too small for it are not scanned again until
+            // a free lowers the hint).
+            self.free_hint = c + n;
             return Ok(c * g.cs());
         }
     }

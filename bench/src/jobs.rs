@@ -7,7 +7,8 @@
 //! `BLOCK_JOB_COMPLETED` (mirror: to `BLOCK_JOB_READY`, then
 //! `block-job-complete`, to `BLOCK_JOB_COMPLETED`). The two daemons
 //! alternate round by round; the table shows medians in MiB/s of the
-//! image's size, and aiod / QSD.
+//! image's size, aiod / QSD, and each daemon's peak RSS (`VmHWM` when the
+//! job completed, the largest of the rounds).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -246,8 +247,22 @@ fn setup(job: &str, dir: &Path, mib: u64) -> Result<(Vec<Value>, &'static str, V
     })
 }
 
-/// One timed run: seconds from the command to `BLOCK_JOB_COMPLETED`.
-fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<f64, String> {
+/// The peak resident set size of process `pid` in KiB (`VmHWM`), if
+/// /proc tells.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    st.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One timed run: seconds from the command to `BLOCK_JOB_COMPLETED`, and
+/// the daemon's peak RSS (KiB, 0 if unknown) at that point.
+fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<(f64, u64), String> {
     let (blockdevs, cmd, args) = setup(job, dir, mib)?;
     let mut d = Running::start(which, aiod, dir, &blockdevs)?;
     let start = Instant::now();
@@ -258,6 +273,7 @@ fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<f
     }
     let ev = d.wait_event("BLOCK_JOB_COMPLETED")?;
     let secs = start.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(d.child.id()).unwrap_or(0);
     if let Some(e) = ev["data"].get("error") {
         return Err(format!("{} {job}: {e}", which.label()));
     }
@@ -268,7 +284,7 @@ fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<f
             let _ = std::fs::remove_file(f.path());
         }
     }
-    Ok(secs)
+    Ok((secs, rss))
 }
 
 /// Runs the benchmark; the table (or JSON lines) goes to stdout.
@@ -296,6 +312,7 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
     let mut rows = Vec::new();
     for job in JOBS {
         let (mut a, mut q) = (Vec::new(), Vec::new());
+        let (mut a_rss, mut q_rss) = (0u64, 0u64);
         for round in 0..rounds {
             // Alternate which daemon goes first.
             let order = if round % 2 == 0 {
@@ -304,16 +321,23 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
                 [Daemon::Qsd, Daemon::Aiod]
             };
             for which in order {
-                let secs = once(which, &aiod, job, dir.path(), mib)?;
+                let (secs, rss) = once(which, &aiod, job, dir.path(), mib)?;
                 let rate = mib as f64 / secs;
                 eprintln!(
-                    "  {job:<7} round {} {:<20} {rate:>8.0} MiB/s",
+                    "  {job:<7} round {} {:<20} {rate:>8.0} MiB/s  peak RSS {:>4} MiB",
                     round + 1,
-                    which.label()
+                    which.label(),
+                    rss >> 10
                 );
                 match which {
-                    Daemon::Aiod => a.push(rate),
-                    Daemon::Qsd => q.push(rate),
+                    Daemon::Aiod => {
+                        a.push(rate);
+                        a_rss = a_rss.max(rss);
+                    }
+                    Daemon::Qsd => {
+                        q.push(rate);
+                        q_rss = q_rss.max(rss);
+                    }
                 }
             }
         }
@@ -323,19 +347,25 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
                 "{}",
                 json!({"bench": "jobs", "job": job, "size_mib": mib, "rounds": rounds,
                     "aiod_mib_per_s": a.round(), "qsd_mib_per_s": q.round(),
-                    "aiod_vs_qsd": (a / q * 1000.0).round() / 1000.0})
+                    "aiod_vs_qsd": (a / q * 1000.0).round() / 1000.0,
+                    "aiod_peak_rss_kib": a_rss, "qsd_peak_rss_kib": q_rss})
             );
         }
-        rows.push((job, a, q));
+        rows.push((job, a, q, a_rss, q_rss));
     }
     if !opts.json {
         println!("jobs: {mib} MiB qcow2 on /dev/shm, no speed limit, median of {rounds}");
         println!(
-            "{:<8} {:>12} {:>12} {:>10}",
-            "job", "aiod MiB/s", "QSD MiB/s", "aiod/QSD"
+            "{:<8} {:>12} {:>12} {:>10} {:>14} {:>13}",
+            "job", "aiod MiB/s", "QSD MiB/s", "aiod/QSD", "aiod RSS MiB", "QSD RSS MiB"
         );
-        for (job, a, q) in rows {
-            println!("{job:<8} {a:>12.0} {q:>12.0} {:>9.2}x", a / q);
+        for (job, a, q, ar, qr) in rows {
+            println!(
+                "{job:<8} {a:>12.0} {q:>12.0} {:>9.2}x {:>14} {:>13}",
+                a / q,
+                ar >> 10,
+                qr >> 10
+            );
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `blockdev-backup`: the target is the source as of job start (checked
 //! with `qemu-img compare` against a copy made before), even when the
-//! guest writes during the job; sync `top` and `none`; refusals.
+//! guest writes during the job, also racing many copies in flight; sync
+//! `top` and `none`; refusals, `x-perf` ones included.
 
 mod common;
 
@@ -47,17 +48,71 @@ fn full_backup_copies_the_whole_view() {
     assert_check(&tgt);
 }
 
+/// A point-in-time setup: the chain's top as a node, an empty target
+/// node `name`, and a copy of the top's view made before anything runs.
+struct Pit {
+    ctx: AioContext,
+    g: BlockGraph,
+    src: std::sync::Arc<blockjob::block::BlockNode>,
+    top: std::path::PathBuf,
+    tgt: std::path::PathBuf,
+    want: std::path::PathBuf,
+}
+
+impl Pit {
+    fn new(dir: &tempfile::TempDir, name: &str) -> Pit {
+        let (base, mid, top) = make_chain(dir.path());
+        let want = snapshot(&top, dir.path(), "want.qcow2");
+        let tgt = dir.path().join(format!("{name}.qcow2"));
+        create(&tgt, "4M", None);
+        let ctx = AioContext::new().unwrap();
+        let g = BlockGraph::new();
+        let src = add_chain(&ctx, &g, &base, &mid, &top);
+        add_target(&ctx, &g, name, &tgt);
+        Pit {
+            ctx,
+            g,
+            src,
+            top,
+            tgt,
+            want,
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parts(
+        self,
+    ) -> (
+        AioContext,
+        BlockGraph,
+        std::sync::Arc<blockjob::block::BlockNode>,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        (self.ctx, self.g, self.src, self.top, self.tgt, self.want)
+    }
+}
+
+/// Closes everything, then checks the target is `want` and both images
+/// pass `qemu-img check`.
+fn close_and_compare(
+    ctx: &AioContext,
+    g: &BlockGraph,
+    tgt: &std::path::Path,
+    want: &std::path::Path,
+    top: &std::path::Path,
+) {
+    ctx.block_on(g.close_all()).unwrap();
+    assert_same(tgt, want);
+    assert_check(tgt);
+    assert_check(top);
+}
+
 #[test]
 fn guest_writes_during_backup_do_not_reach_the_target() {
     let dir = tmp();
-    let (base, mid, top) = make_chain(dir.path());
-    let want = snapshot(&top, dir.path(), "want.qcow2");
-    let tgt = dir.path().join("pit.qcow2");
-    create(&tgt, "4M", None);
-    let ctx = AioContext::new().unwrap();
-    let g = BlockGraph::new();
-    let src = add_chain(&ctx, &g, &base, &mid, &top);
-    add_target(&ctx, &g, "pit", &tgt);
+    let (ctx, g, src, top, tgt, want) = Pit::new(&dir, "pit").parts();
     let (reg, log) = registry(ClockType::Virtual);
     let mut a = BackupArgs::new("backup1", "top", "pit", SyncMode::Full);
     a.speed = 1 << 20;
@@ -83,10 +138,7 @@ fn guest_writes_during_backup_do_not_reach_the_target() {
         now.iter().all(|&b| b == 0xe2),
         "the guest write landed in the source"
     );
-    ctx.block_on(g.close_all()).unwrap();
-    assert_same(&tgt, &want);
-    assert_check(&tgt);
-    assert_check(&top);
+    close_and_compare(&ctx, &g, &tgt, &want, &top);
 }
 
 #[test]
@@ -185,6 +237,19 @@ fn backup_refusals() {
     let mut a = BackupArgs::new("b", "top", "t1", SyncMode::Incremental);
     a.bitmap = Some("bm0".into());
     assert_eq!(err(a), "Bitmap 'bm0' could not be found");
+    let perf = |v| err(args("b", "t1", v));
+    assert_eq!(
+        perf(serde_json::json!({"max-workers": 0})),
+        "max-workers must be between 1 and 2147483647"
+    );
+    assert_eq!(
+        perf(serde_json::json!({"max-chunk": -1})),
+        "max-chunk must be zero (which means no limit) or positive"
+    );
+    assert_eq!(
+        perf(serde_json::json!({"max-chunk": 4096})),
+        "Required max-chunk (4096) is less than backup cluster size (65536)"
+    );
     let a: BackupArgs = serde_json::from_value(serde_json::json!(
         {"job-id": "ctl0", "device": "top", "target": "t1", "sync": "full", "speed": 4194304}))
     .unwrap();
@@ -200,4 +265,47 @@ fn backup_refusals() {
     job.cancel(true).unwrap();
     ctx.block_on(job.wait_finished());
     ctx.block_on(g.close_all()).unwrap();
+}
+
+fn args(job: &str, target: &str, perf: serde_json::Value) -> BackupArgs {
+    serde_json::from_value(serde_json::json!(
+        {"job-id": job, "device": "top", "target": target, "sync": "full", "x-perf": perf}))
+    .unwrap()
+}
+
+/// Starts a backup with `perf` and, in the same breath, a guest write to
+/// every 64 KiB cluster (in reverse order, one task each); the target
+/// must be the view before the writes.
+fn racing_guest_writes(perf: serde_json::Value) {
+    let dir = tmp();
+    let (ctx, g, src, top, tgt, want) = Pit::new(&dir, "t").parts();
+    let (reg, _log) = registry(ClockType::Realtime);
+    let job = start_backup(&ctx, &g, &reg, args("b", "t", perf)).unwrap();
+    let writes: Vec<_> = (0..64u64)
+        .rev()
+        .map(|c| {
+            let src = src.clone();
+            // Unaligned, across the cluster's end into the next one.
+            let at = c * (64 << 10) + 1000;
+            let len = ((64 << 10) as u64).min((4 << 20) - at) as usize;
+            ctx.spawn(async move { src.write(at, vec![0xd0 + (c % 16) as u8; len]).await })
+        })
+        .collect();
+    for w in writes {
+        ctx.block_on(w).unwrap().unwrap();
+    }
+    let info = ctx.block_on(job.wait_finished());
+    assert!(info.error.is_none(), "{:?}", info.error);
+    assert_eq!((info.current, info.total), (4 << 20, 4 << 20));
+    close_and_compare(&ctx, &g, &tgt, &want, &top);
+}
+
+#[test]
+fn guest_writes_racing_64_workers_do_not_reach_the_target() {
+    racing_guest_writes(serde_json::json!({}));
+}
+
+#[test]
+fn guest_writes_racing_one_small_worker_do_not_reach_the_target() {
+    racing_guest_writes(serde_json::json!({"max-workers": 1, "max-chunk": 65536}));
 }

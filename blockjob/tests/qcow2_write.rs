@@ -237,12 +237,8 @@ fn concurrent_writes_from_tasks_pass_check() {
     let dir = tmp();
     let img = dir.path().join("c.qcow2");
     let ctx = aio::AioContext::new().unwrap();
-    ctx.block_on(create_qcow2(&img, &CreateOptions::new(8 << 20)))
-        .unwrap();
     let g = BlockGraph::new();
-    let n = ctx
-        .block_on(g.open_image(&img, &OpenOptions::new()))
-        .unwrap();
+    let n = fresh_qcow2(&ctx, &g, &img, 8 << 20);
     let hs: Vec<_> = (0..16u64)
         .map(|i| {
             let n = n.clone();

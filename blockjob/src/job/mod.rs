@@ -815,6 +815,24 @@ impl JobControl {
         self.pause_point().await;
     }
 
+    /// Whether a pause is requested (and no cancel): a job with I/O in
+    /// flight settles it before its pause point, so a paused job has none.
+    pub fn pause_requested(&self) -> bool {
+        let st = self.shared.state.lock();
+        st.pause_count > 0 && !st.cancelled
+    }
+
+    /// Accounts `bytes` about to be copied against the speed limit without
+    /// sleeping; true when the job must sleep (with
+    /// [`rate_limit(0)`](Self::rate_limit)) before it copies more. Jobs
+    /// with several requests in flight account each at issue, and settle
+    /// them before sleeping.
+    pub fn over_limit(&self, bytes: u64) -> bool {
+        let now = self.shared.ctx.clock_now(self.shared.clock);
+        let mut st = self.shared.state.lock();
+        st.limit.calculate_delay(now, bytes) > 0
+    }
+
     /// Accounts `bytes` done against the speed limit and sleeps as long as
     /// the limit demands, re-checking after early wake-ups until the delay
     /// is zero (QEMU's 2022 fix) or the job is cancelled. Always ends with a

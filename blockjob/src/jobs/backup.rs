@@ -4,20 +4,25 @@
 //!
 //! A copy-before-write hook on the source node copies a cluster's old
 //! data to the target before a guest write changes it; the background
-//! loop copies every cluster not yet copied. Both go through one
-//! per-cluster "done" map under one `CoMutex`, so each cluster is copied
-//! exactly once and always with its data as of job start.
+//! loop copies every cluster not yet copied, up to `x-perf.max-workers`
+//! (64) copies of at most 1 MiB in flight. Both claim clusters in one
+//! per-cluster state map (to copy, being copied, copied), so each cluster
+//! is copied exactly once and always with its data as of job start: a
+//! guest write to a cluster being copied waits for that copy.
 //!
 //! Not implemented (refused): `bitmap` / `incremental` sync and the
 //! `bitmap` argument (persistent bitmaps load as ordinary dirty bitmaps;
 //! incremental backup is still to come), `compress`,
 //! `discard-source`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use aio::{AioContext, CoMutex};
+use aio::{AioContext, CoQueue};
+use parking_lot::Mutex;
 use serde::Deserialize;
 
+use super::window::{CopyResult, Window};
 use super::{
     check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held, Holds, OnError,
     SyncMode,
@@ -28,6 +33,12 @@ use crate::{Error, Result};
 
 /// QEMU's `BLOCK_COPY_CLUSTER_SIZE_DEFAULT`: 64 KiB.
 pub const DEFAULT_CLUSTER: u64 = 64 << 10;
+/// QEMU's `BLOCK_COPY_MAX_WORKERS`: copies in flight by default.
+const MAX_WORKERS: i64 = 64;
+/// QEMU's `BLOCK_COPY_MAX_BUFFER`: the largest copy, 1 MiB.
+const MAX_BUFFER: u64 = 1 << 20;
+/// QEMU's `BLOCK_COPY_MAX_MEM`: bytes in flight at most, 128 MiB.
+const MAX_MEM: u64 = 128 << 20;
 
 /// QMP `BitmapSyncMode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -49,10 +60,10 @@ pub struct BackupPerf {
     /// Accepted, ignored.
     #[serde(default)]
     pub use_copy_range: bool,
-    /// Accepted, ignored (one copy at a time here).
+    /// Copies in flight at most (default 64).
     #[serde(default)]
     pub max_workers: Option<i64>,
-    /// Accepted, ignored.
+    /// Bytes per copy at most (0 = no limit; copies never exceed 1 MiB).
     #[serde(default)]
     pub max_chunk: Option<i64>,
     /// Lower bound of the copy cluster size.
@@ -137,50 +148,160 @@ impl BackupArgs {
     }
 }
 
-/// Which clusters are copied (or need no copy), shared by the job and the
-/// copy-before-write hook.
+/// A cluster still to copy.
+const TODO: u8 = 0;
+/// A cluster being copied (by the job or a copy-before-write).
+const BUSY: u8 = 1;
+/// A cluster copied, or needing no copy.
+const DONE: u8 = 2;
+
+/// Which clusters are copied, being copied or still to copy, shared by the
+/// job and the copy-before-write hook (QEMU's `BlockCopyState`). A cluster
+/// is claimed (TODO → BUSY) under a short lock and copied without it, so
+/// many copies run at once; each cluster is copied exactly once, with its
+/// data as of job start, because a guest write to a BUSY cluster waits
+/// for that copy to end.
 struct CopyState {
+    source: Arc<BlockNode>,
     target: Arc<BlockNode>,
     cluster: u64,
     len: u64,
     /// Skip clusters not allocated in the source's top layer (`top`).
     top_only: bool,
-    done: CoMutex<Vec<bool>>,
+    states: Mutex<Vec<u8>>,
+    /// Woken whenever a BUSY cluster becomes DONE or TODO again.
+    changed: CoQueue,
+    /// Bytes of DONE clusters (the job's progress).
+    done_bytes: AtomicU64,
 }
 
 impl CopyState {
-    /// Copies clusters `first..=last` that are not done yet from `src`.
-    /// Returns the bytes actually copied.
-    async fn copy(
-        &self,
-        src: &BlockNode,
-        first: u64,
-        last: u64,
-    ) -> std::result::Result<u64, (IoOperation, Error)> {
-        let mut done = self.done.lock().await;
-        let mut copied = 0;
+    /// Bytes of clusters `first..first + n`.
+    fn span(&self, first: u64, n: u64) -> (u64, u64) {
+        let off = first * self.cluster;
+        (off, (n * self.cluster).min(self.len - off))
+    }
+
+    /// Claims the TODO clusters of `first..=last`, as runs (first, count);
+    /// also says whether some of them are BUSY with another copy.
+    fn claim_range(&self, first: u64, last: u64) -> (Vec<(u64, u64)>, bool) {
+        let mut st = self.states.lock();
+        let (mut runs, mut busy) = (Vec::new(), false);
         for i in first..=last {
-            if done[i as usize] {
+            match st[i as usize] {
+                TODO => {
+                    st[i as usize] = BUSY;
+                    match runs.last_mut() {
+                        Some((a, n)) if *a + *n == i => *n += 1,
+                        _ => runs.push((i, 1)),
+                    }
+                }
+                BUSY => busy = true,
+                _ => {}
+            }
+        }
+        (runs, busy)
+    }
+
+    /// Claims the first run of at most `max` TODO clusters at or after
+    /// `from`.
+    fn claim_next(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut st = self.states.lock();
+        let first = (from as usize..st.len()).find(|&i| st[i] == TODO)?;
+        let mut n = 0;
+        while n < max as usize && first + n < st.len() && st[first + n] == TODO {
+            st[first + n] = BUSY;
+            n += 1;
+        }
+        Some((first as u64, n as u64))
+    }
+
+    /// Ends the copy of clusters `first..first + n`: DONE, or TODO again
+    /// after a failure.
+    fn finish(&self, first: u64, n: u64, ok: bool) {
+        {
+            let mut st = self.states.lock();
+            for s in &mut st[first as usize..(first + n) as usize] {
+                *s = if ok { DONE } else { TODO };
+            }
+        }
+        if ok {
+            self.done_bytes
+                .fetch_add(self.span(first, n).1, Ordering::AcqRel);
+        }
+        self.changed.notify_all();
+    }
+
+    fn any(&self, first: u64, last: u64, state: u8) -> bool {
+        self.states.lock()[first as usize..=last as usize].contains(&state)
+    }
+
+    fn all_done(&self) -> bool {
+        self.states.lock().iter().all(|&s| s == DONE)
+    }
+
+    /// Copies the claimed clusters `first..first + n` from `src` and
+    /// finishes them; the bytes actually copied.
+    async fn copy_run(&self, src: &BlockNode, first: u64, n: u64) -> CopyResult {
+        let r = self.copy_claimed(src, first, n).await;
+        self.finish(first, n, r.is_ok());
+        r
+    }
+
+    async fn copy_claimed(&self, src: &BlockNode, first: u64, n: u64) -> CopyResult {
+        let (off, len) = self.span(first, n);
+        if !self.top_only {
+            copy_range(src, &self.target, off, len).await?;
+            return Ok(len);
+        }
+        let (end, cs) = (off + len, self.cluster);
+        let (mut pos, mut copied) = (off, 0);
+        while pos < end {
+            let (st, k) = src
+                .block_status(pos, end - pos)
+                .await
+                .map_err(|e| (IoOperation::Read, e))?;
+            // Whole clusters are skipped; a cluster allocated in part is
+            // copied whole.
+            let skip = (pos + k) / cs * cs;
+            if !st.allocated && skip > pos {
+                // Not in the top layer: the target's backing has it.
+                pos = skip;
                 continue;
             }
-            let off = i * self.cluster;
-            let n = self.cluster.min(self.len - off);
-            if self.top_only {
-                let (st, _) = src
-                    .block_status(off, n)
-                    .await
-                    .map_err(|e| (IoOperation::Read, e))?;
-                if !st.allocated {
-                    // Not in the top layer: the target's backing has it.
-                    done[i as usize] = true;
-                    continue;
-                }
-            }
-            copy_range(src, &self.target, off, n).await?;
-            done[i as usize] = true;
+            let stop = (pos + k).div_ceil(cs) * cs;
+            let n = stop.min(end) - pos;
+            copy_range(src, &self.target, pos, n).await?;
             copied += n;
+            pos += n;
         }
         Ok(copied)
+    }
+
+    /// Copy-before-write of clusters `first..=last`: copies those still to
+    /// copy, waits for those another copy is busy with.
+    async fn before_guest_write(&self, src: &BlockNode, first: u64, last: u64) -> Result<()> {
+        loop {
+            let (runs, busy) = self.claim_range(first, last);
+            let mut runs = runs.into_iter();
+            while let Some((a, n)) = runs.next() {
+                if let Err((_, e)) = self.copy_run(src, a, n).await {
+                    for (a, n) in runs {
+                        self.finish(a, n, false);
+                    }
+                    return Err(e);
+                }
+            }
+            if !busy {
+                return Ok(());
+            }
+            // Queue first, then look: a copy ending in between still
+            // wakes us.
+            let w = self.changed.wait();
+            if self.any(first, last, BUSY) {
+                w.await;
+            }
+        }
     }
 }
 
@@ -203,20 +324,21 @@ impl WriteHook for Cbw {
             // on-cbw-error=break-guest-write: a failed copy fails the
             // guest write, so the snapshot is never silently broken.
             self.0
-                .copy(node, offset / cs, (end - 1) / cs)
+                .before_guest_write(node, offset / cs, (end - 1) / cs)
                 .await
-                .map(|_| ())
-                .map_err(|(_, e)| e)
         })
     }
 }
 
 struct BackupJob {
-    source: Arc<BlockNode>,
     state: Arc<CopyState>,
     sync: SyncMode,
     on_source_error: OnError,
     on_target_error: OnError,
+    /// Parallel copies at most (`x-perf.max-workers`).
+    max_workers: usize,
+    /// Clusters per copy at most (`x-perf.max-chunk`, at most 1 MiB).
+    chunk_clusters: u64,
     held: Held,
 }
 
@@ -232,31 +354,88 @@ impl BackupJob {
             return Err(Error::Cancelled);
         }
         job.set_total(st.len);
-        let clusters = st.len.div_ceil(st.cluster);
-        let mut i = 0;
-        while i < clusters {
-            if job.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let copied = match st.copy(&self.source, i, i).await {
-                Ok(n) => n,
-                Err((op, e)) => {
-                    let policy = match op {
-                        IoOperation::Read => self.on_source_error,
-                        _ => self.on_target_error,
-                    };
-                    handle_io_error(job, policy, op, e).await?;
-                    continue;
-                }
-            };
-            job.add_progress(st.cluster.min(st.len - i * st.cluster));
-            job.rate_limit(copied).await;
-            i += 1;
-        }
+        let mut win = Window::new(job.context(), self.max_workers, MAX_MEM);
+        let mut reported = 0;
+        let r = self.copy_loop(job, &mut win, &mut reported).await;
+        win.drain().await;
+        self.report_progress(job, &mut reported);
+        r?;
         if let Err(e) = st.target.flush().await {
             handle_io_error(job, self.on_target_error, IoOperation::Write, e).await?;
         }
         Ok(())
+    }
+
+    fn report_progress(&self, job: &JobControl, reported: &mut u64) {
+        let d = self.state.done_bytes.load(Ordering::Acquire);
+        if d > *reported {
+            job.add_progress(d - *reported);
+            *reported = d;
+        }
+    }
+
+    async fn copy_loop(
+        &self,
+        job: &JobControl,
+        win: &mut Window,
+        reported: &mut u64,
+    ) -> Result<()> {
+        let st = &self.state;
+        let policy = |op| match op {
+            IoOperation::Read => self.on_source_error,
+            _ => self.on_target_error,
+        };
+        // Failed copies are TODO again: the next pass retries them.
+        let failed = |_, _| {};
+        let chunk = self.chunk_clusters * st.cluster;
+        let mut cursor = 0;
+        loop {
+            self.report_progress(job, reported);
+            if job.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            if job.pause_requested() {
+                win.reap(job, true, false, policy, failed).await?;
+                job.pause_point().await;
+                continue;
+            }
+            if !win.fits(chunk) {
+                win.reap(job, false, false, policy, failed).await?;
+                continue;
+            }
+            if let Some((first, n)) = st.claim_next(cursor, self.chunk_clusters) {
+                cursor = first + n;
+                let (off, len) = st.span(first, n);
+                let s = st.clone();
+                win.spawn(off, len, async move {
+                    let src = s.source.clone();
+                    s.copy_run(&src, first, n).await
+                });
+                if job.over_limit(len) {
+                    win.reap(job, true, false, policy, failed).await?;
+                    self.report_progress(job, reported);
+                    job.rate_limit(0).await;
+                }
+                continue;
+            }
+            if !win.is_empty() {
+                win.reap(job, false, false, policy, failed).await?;
+                continue;
+            }
+            if st.all_done() {
+                return Ok(());
+            }
+            if cursor > 0 {
+                // Another pass for clusters a failed copy left TODO.
+                cursor = 0;
+                continue;
+            }
+            // The rest is BUSY with copy-before-writes: wait for them.
+            let w = st.changed.wait();
+            if st.any(0, st.len.div_ceil(st.cluster) - 1, BUSY) {
+                w.await;
+            }
+        }
     }
 }
 
@@ -270,6 +449,36 @@ impl JobDriver for BackupJob {
     fn clean(&self) {
         self.held.release();
     }
+}
+
+/// `x-perf`'s `max-workers` (default 64) and the copy size (`max-chunk`,
+/// 0 = no limit, capped at QEMU's 1 MiB buffer), checked as QEMU does.
+fn perf_limits(perf: Option<&BackupPerf>, cluster: u64) -> Result<(usize, u64)> {
+    let workers = perf.and_then(|p| p.max_workers).unwrap_or(MAX_WORKERS);
+    if !(1..=i64::from(i32::MAX)).contains(&workers) {
+        return Err(Error::Job(format!(
+            "max-workers must be between 1 and {}",
+            i32::MAX
+        )));
+    }
+    let chunk = perf.and_then(|p| p.max_chunk).unwrap_or(0);
+    if chunk < 0 {
+        return Err(Error::Job(
+            "max-chunk must be zero (which means no limit) or positive".into(),
+        ));
+    }
+    let chunk = chunk as u64;
+    if chunk != 0 && chunk < cluster {
+        return Err(Error::Job(format!(
+            "Required max-chunk ({chunk}) is less than backup cluster size ({cluster})"
+        )));
+    }
+    let chunk = if chunk == 0 {
+        MAX_BUFFER
+    } else {
+        chunk.min(MAX_BUFFER)
+    };
+    Ok((workers as usize, chunk))
 }
 
 /// `blockdev-backup`. The point in time is the moment this returns: the
@@ -355,6 +564,7 @@ pub fn create_backup(
     let cluster = DEFAULT_CLUSTER
         .max(min)
         .max(target.info().cluster_size.unwrap_or(0));
+    let (max_workers, max_chunk) = perf_limits(args.x_perf.as_ref(), cluster)?;
     let id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
     let user = format!("block job '{id}'");
     let mut holds = Holds::default();
@@ -369,18 +579,22 @@ pub fn create_backup(
     )?);
     let len = source.len();
     let state = Arc::new(CopyState {
+        source: source.clone(),
         target: target.clone(),
         cluster,
         len,
         top_only: args.sync == SyncMode::Top,
-        done: CoMutex::new(vec![false; len.div_ceil(cluster) as usize]),
+        states: Mutex::new(vec![TODO; len.div_ceil(cluster) as usize]),
+        changed: CoQueue::new(),
+        done_bytes: AtomicU64::new(0),
     });
     let driver = Arc::new(BackupJob {
-        source: source.clone(),
         state: state.clone(),
         sync: args.sync,
         on_source_error: args.on_source_error,
         on_target_error: args.on_target_error,
+        max_workers,
+        chunk_clusters: (max_chunk / cluster).max(1),
         held: Held::default(),
     });
     let job = registry.create(

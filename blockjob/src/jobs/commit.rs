@@ -22,12 +22,13 @@ use aio::AioContext;
 use serde::Deserialize;
 
 use super::mirror::{default_granularity, Initial, MirrorCore, DEFAULT_BUF_SIZE};
+use super::window::{copy_chunks, ChunkCopy, CopyResult};
 use super::{
     allocated_above, check_speed, copy_range, drop_layers, find_backing_image, find_device,
-    find_node, handle_io_error, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
+    find_node, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, GraphRef, Perm};
+use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, GraphRef, Perm};
 use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -119,30 +120,17 @@ impl CommitJob {
             // QEMU grows a smaller base; it never shrinks one.
             self.base.truncate(len).await?;
         }
-        let mut off = 0;
-        while off < len {
-            if job.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let want = CHUNK.min(len - off);
-            let (copy, n) = match allocated_above(&self.layers, off, want).await {
-                Ok(x) => x,
-                Err(e) => {
-                    handle_io_error(job, self.on_error, crate::job::IoOperation::Read, e).await?;
-                    continue;
-                }
-            };
-            if copy {
-                if let Err((op, e)) = copy_range(&self.top, &self.base, off, n).await {
-                    handle_io_error(job, self.on_error, op, e).await?;
-                    continue;
-                }
-            }
-            off += n;
-            job.add_progress(n);
-            job.rate_limit(if copy { n } else { 0 }).await;
-        }
-        Ok(())
+        copy_chunks(job, len, CHUNK, self.on_error, self).await
+    }
+}
+
+impl ChunkCopy for CommitJob {
+    fn plan(&self, off: u64, want: u64) -> NodeFuture<'_, Result<(bool, u64)>> {
+        Box::pin(allocated_above(&self.layers, off, want))
+    }
+    fn copy(&self, off: u64, len: u64) -> NodeFuture<'static, CopyResult> {
+        let (top, base) = (self.top.clone(), self.base.clone());
+        Box::pin(async move { copy_range(&top, &base, off, len).await.map(|()| len) })
     }
 }
 
@@ -351,6 +339,7 @@ pub fn start_commit(
                 bitmap: bitmap.clone(),
                 initial: Initial::Allocated(layers.clone()),
                 max_io: (DEFAULT_BUF_SIZE / 16).max(1 << 20),
+                buf_size: DEFAULT_BUF_SIZE,
                 on_source_error: args.on_error,
                 on_target_error: args.on_error,
                 ready: AtomicBool::new(false),

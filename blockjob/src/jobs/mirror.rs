@@ -17,6 +17,7 @@ use std::sync::Arc;
 use aio::AioContext;
 use serde::Deserialize;
 
+use super::window::Window;
 use super::{
     allocated_above, check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held,
     Holds, OnError, SyncMode,
@@ -32,7 +33,7 @@ pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 /// QEMU's `MAX_IO_BYTES`: 1 MiB.
 const MAX_IO_BYTES: u64 = 1 << 20;
 /// QEMU's `MAX_IN_FLIGHT`.
-const MAX_IN_FLIGHT: u64 = 16;
+pub(crate) const MAX_IN_FLIGHT: u64 = 16;
 
 /// QMP `MirrorCopyMode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -71,7 +72,8 @@ pub struct MirrorArgs {
     /// clusters.
     #[serde(default)]
     pub granularity: Option<u32>,
-    /// Copy buffer size (default 16 MiB); one iteration copies at most
+    /// Copy buffer size (default 16 MiB): the bytes in flight at most (in
+    /// at most 16 operations); one operation copies at most
     /// `max(buf-size / 16, 1 MiB)` of contiguous dirty data.
     #[serde(default)]
     pub buf_size: Option<i64>,
@@ -145,6 +147,8 @@ pub(crate) struct MirrorCore {
     pub(crate) bitmap: Arc<Bits>,
     pub(crate) initial: Initial,
     pub(crate) max_io: u64,
+    /// Bytes in flight at most (`buf-size`).
+    pub(crate) buf_size: u64,
     pub(crate) on_source_error: OnError,
     pub(crate) on_target_error: OnError,
     pub(crate) ready: AtomicBool,
@@ -187,23 +191,57 @@ impl MirrorCore {
             handle_io_error(job, self.on_source_error, IoOperation::Read, e).await?;
             self.bitmap.set(0, self.source.len(), true);
         }
+        let mut win = Window::new(job.context(), MAX_IN_FLIGHT as usize, self.buf_size);
+        let r = self.copy_loop(job, &mut win).await;
+        // Whatever ended the loop, nothing stays in flight.
+        win.drain().await;
+        r
+    }
+
+    /// Re-marks a failed request's range dirty: it is copied again.
+    fn redirty(&self) -> impl FnMut(u64, u64) + '_ {
+        |off, len| self.bitmap.set(off, len, true)
+    }
+
+    async fn copy_loop(&self, job: &JobControl, win: &mut Window) -> Result<()> {
+        let policy = |op| self.policy(op);
         loop {
             let ready = self.ready.load(Ordering::Acquire);
             if job.is_cancelled() && (job.is_force_cancelled() || !ready) {
                 return Err(Error::Cancelled);
             }
+            if job.pause_requested() {
+                // Paused with nothing in flight, as QEMU's mirror_pause.
+                win.reap(job, true, true, policy, self.redirty()).await?;
+                job.pause_point().await;
+                continue;
+            }
             let (done, _) = job.progress();
-            job.set_total(done + self.bitmap.count());
+            job.set_total(done + self.bitmap.count() + win.bytes());
+            if !win.fits(self.max_io) {
+                win.reap(job, false, true, policy, self.redirty()).await?;
+                continue;
+            }
             if let Some((off, n)) = self.bitmap.next_run(self.max_io) {
-                self.bitmap.set(off, n, false);
-                if let Err((op, e)) = copy_range(&self.source, &self.target, off, n).await {
-                    self.bitmap.set(off, n, true);
-                    handle_io_error(job, self.policy(op), op, e).await?;
+                if win.overlaps(off, n) {
+                    // Dirtied again while being copied: after that copy.
+                    win.reap(job, false, true, policy, self.redirty()).await?;
                     continue;
                 }
-                job.add_progress(n);
+                self.bitmap.set(off, n, false);
+                let (src, dst) = (self.source.clone(), self.target.clone());
+                win.spawn(off, n, async move {
+                    copy_range(&src, &dst, off, n).await.map(|()| n)
+                });
                 // Throttled only until READY, as in QEMU.
-                job.rate_limit(if ready { 0 } else { n }).await;
+                if job.over_limit(if ready { 0 } else { n }) {
+                    win.reap(job, true, true, policy, self.redirty()).await?;
+                    job.rate_limit(0).await;
+                }
+                continue;
+            }
+            if !win.is_empty() {
+                win.reap(job, false, true, policy, self.redirty()).await?;
                 continue;
             }
             // In sync: nothing dirty, nothing in flight.
@@ -370,6 +408,7 @@ pub fn start_mirror(
             bitmap: bitmap.clone(),
             initial,
             max_io: (buf_size / MAX_IN_FLIGHT).max(MAX_IO_BYTES).min(buf_size),
+            buf_size,
             on_source_error: args.on_source_error,
             on_target_error: args.on_target_error,
             ready: AtomicBool::new(false),

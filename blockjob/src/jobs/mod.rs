@@ -3,7 +3,10 @@
 //! argument structs that deserialize from QMP's arguments (QEMU's names
 //! and defaults) and `start_*` functions that check the arguments the way
 //! QEMU does (same error texts), block the nodes, create the job in a
-//! [`JobRegistry`] and start it on an [`AioContext`].
+//! [`JobRegistry`] and start it on an [`AioContext`]. Each job keeps
+//! several copies in flight as tasks on its context, bounded as QEMU
+//! bounds them (mirror: `buf-size` and 16 operations; backup:
+//! `x-perf.max-workers`; stream and commit: 16 chunks of 512 KiB).
 //!
 //! What is not modelled: filter nodes (`filter-node-name` is accepted and
 //! ignored; op blockers and permissions do their job instead), bitmap and
@@ -26,6 +29,7 @@ pub mod commit;
 pub mod create;
 pub mod mirror;
 pub mod stream;
+mod window;
 
 pub use backup::{create_backup, start_backup, BackupArgs};
 pub use commit::{commit_nodes, start_commit, CommitArgs};

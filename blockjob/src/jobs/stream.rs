@@ -8,9 +8,10 @@ use aio::{AioContext, ClockType};
 use parking_lot::Mutex;
 use serde::Deserialize;
 
+use super::window::{copy_chunks, ChunkCopy, CopyResult};
 use super::{
     allocated_above, check_speed, drop_layers, find_backing_image, find_device, find_node,
-    handle_io_error, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
+    job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
 use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, GraphRef, Perm, WriteHook};
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
@@ -91,7 +92,8 @@ struct Serialise {
 
 #[derive(Default)]
 struct SerState {
-    job: Option<(u64, u64)>,
+    /// The job's copies in flight.
+    job: Vec<(u64, u64)>,
     guest: Vec<(u64, u64)>,
 }
 
@@ -109,7 +111,7 @@ impl Serialise {
             {
                 let mut st = self.st.lock();
                 if !st.guest.iter().any(|&g| overlaps(g, off, len)) {
-                    st.job = Some((off, len));
+                    st.job.push((off, len));
                     return;
                 }
             }
@@ -117,8 +119,11 @@ impl Serialise {
         }
     }
 
-    fn release(&self) {
-        self.st.lock().job = None;
+    fn release(&self, off: u64, len: u64) {
+        let mut st = self.st.lock();
+        if let Some(i) = st.job.iter().position(|&j| j == (off, len)) {
+            st.job.swap_remove(i);
+        }
     }
 }
 
@@ -133,7 +138,7 @@ impl WriteHook for Serialise {
             loop {
                 {
                     let mut st = self.st.lock();
-                    if !st.job.is_some_and(|j| overlaps(j, offset, len)) {
+                    if !st.job.iter().any(|&j| overlaps(j, offset, len)) {
                         st.guest.push((offset, len));
                         return Ok(());
                     }
@@ -164,59 +169,44 @@ struct StreamJob {
 }
 
 impl StreamJob {
-    /// One step at `off`: how many bytes it covered and whether it copied
-    /// them.
-    async fn step(
-        &self,
-        off: u64,
-        want: u64,
-    ) -> std::result::Result<(u64, bool), (IoOperation, Error)> {
-        let read = |e| (IoOperation::Read, e);
-        let (st, n) = self.top.block_status(off, want).await.map_err(read)?;
-        if st.allocated {
-            return Ok((n, false));
-        }
-        let (a, n) = allocated_above(&self.layers, off, n).await.map_err(read)?;
-        if !a {
-            return Ok((n, false));
-        }
-        // Copy-on-read: the top's own view, written into the top.
-        let buf = self
-            .top
-            .read(off, vec![0; n as usize])
-            .await
-            .map_err(read)?;
-        self.top
-            .write_unchanged(off, buf)
-            .await
-            .map_err(|e| (IoOperation::Write, e))?;
-        Ok((n, true))
-    }
-
     async fn run_inner(&self, job: &JobControl) -> Result<()> {
         let len = self.top.len();
         job.set_total(len);
-        let mut off = 0;
-        while off < len {
-            if job.is_cancelled() {
-                return Err(Error::Cancelled);
+        copy_chunks(job, len, CHUNK, self.on_error, self).await
+    }
+}
+
+impl ChunkCopy for StreamJob {
+    /// Copy what the top does not have and a layer above the base does.
+    fn plan(&self, off: u64, want: u64) -> NodeFuture<'_, Result<(bool, u64)>> {
+        Box::pin(async move {
+            let (st, n) = self.top.block_status(off, want).await?;
+            if st.allocated {
+                return Ok((false, n));
             }
-            let want = CHUNK.min(len - off);
-            self.ser.claim(off, want).await;
-            let r = self.step(off, want).await;
-            self.ser.release();
-            let (n, copy) = match r {
-                Ok(x) => x,
-                Err((op, e)) => {
-                    handle_io_error(job, self.on_error, op, e).await?;
-                    continue;
-                }
-            };
-            off += n;
-            job.add_progress(n);
-            job.rate_limit(if copy { n } else { 0 }).await;
-        }
-        Ok(())
+            allocated_above(&self.layers, off, n).await
+        })
+    }
+
+    /// Copy-on-read: the top's own view, written into the top, serialised
+    /// with guest writes to the range.
+    fn copy(&self, off: u64, len: u64) -> NodeFuture<'static, CopyResult> {
+        let (top, ser) = (self.top.clone(), self.ser.clone());
+        Box::pin(async move {
+            ser.claim(off, len).await;
+            let r = async {
+                let buf = top
+                    .read(off, vec![0; len as usize])
+                    .await
+                    .map_err(|e| (IoOperation::Read, e))?;
+                top.write_unchanged(off, buf)
+                    .await
+                    .map_err(|e| (IoOperation::Write, e))
+            }
+            .await;
+            ser.release(off, len);
+            r.map(|()| len)
+        })
     }
 }
 

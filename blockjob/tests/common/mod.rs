@@ -85,6 +85,21 @@ pub(crate) fn open_ro(ctx: &aio::AioContext, g: &BlockGraph, img: &Path) -> Arc<
         .expect("open image")
 }
 
+/// A fresh qcow2 image of `size` bytes (QEMU's defaults) at `img`,
+/// opened read-write on `ctx` in `g`.
+pub(crate) fn fresh_qcow2(
+    ctx: &aio::AioContext,
+    g: &BlockGraph,
+    img: &Path,
+    size: u64,
+) -> Arc<BlockNode> {
+    let opts = blockjob::block::CreateOptions::new(size);
+    ctx.block_on(blockjob::block::create_qcow2(img, &opts))
+        .expect("create image");
+    ctx.block_on(g.open_image(img, &OpenOptions::new()))
+        .expect("open image")
+}
+
 /// Reads the whole node in chunks of `chunk` bytes.
 pub(crate) fn read_all(ctx: &aio::AioContext, node: &Arc<BlockNode>, chunk: u64) -> Vec<u8> {
     let size = node.len();

@@ -170,7 +170,20 @@ impl QmpClient {
         let (reader, writer, raw): (Box<dyn Read + Send>, Box<dyn Write + Send>, RawSocket) =
             match addr {
                 ListenAddress::Unix(p) => {
-                    let s = UnixStream::connect(p).expect("connect unix");
+                    // A daemon that has bound its socket (the file exists)
+                    // may not listen yet: retry a refused connect.
+                    let deadline = std::time::Instant::now() + TIMEOUT;
+                    let s = loop {
+                        match UnixStream::connect(p) {
+                            Err(e)
+                                if e.kind() == ErrorKind::ConnectionRefused
+                                    && std::time::Instant::now() < deadline =>
+                            {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            r => break r.expect("connect unix"),
+                        }
+                    };
                     (
                         Box::new(s.try_clone().unwrap()),
                         Box::new(s.try_clone().unwrap()),

@@ -46,10 +46,15 @@ impl Geom {
         Error::corrupt(&self.name, reason)
     }
     pub(crate) async fn read_file(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read_file_into(offset, vec![0u8; len as usize]).await
+    }
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub(crate) async fn read_file_into(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
         let flen = self.file.len();
         if offset.checked_add(len).is_none_or(|e| e > flen) {
             // Reads past the end read zeroes, as in QEMU.
-            let mut buf = vec![0u8; len as usize];
+            buf.fill(0);
             if offset < flen {
                 let n = (flen - offset) as usize;
                 let head = self.file.read(offset, vec![0; n]).await?;
@@ -57,7 +62,7 @@ impl Geom {
             }
             return Ok(buf);
         }
-        self.file.read(offset, vec![0; len as usize]).await
+        self.file.read(offset, buf).await
     }
     pub(crate) async fn write_file(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
         self.file.write(offset, buf).await
@@ -505,30 +510,68 @@ impl Meta {
             .await
     }
 
-    /// A free run of `n` clusters: the first free cluster from the hint
-    /// for one, the end of the image for more.
+    /// A free run of `n` clusters: the first run of `n` free clusters from
+    /// the hint, or a run that starts in the free tail of the image and
+    /// continues past its end. Moves the hint to the first free cluster
+    /// seen (the caller moves it past what it allocates).
     async fn find_free(&mut self, g: &Geom, n: u64) -> Result<u64> {
-        if n == 1 {
-            let mut c = self.free_hint;
-            while c < self.end_cluster {
-                if self.refcount(g, c).await? == 0 {
-                    self.free_hint = c;
-                    return Ok(c);
+        let mut c = self.free_hint;
+        let mut first_free = None;
+        let (mut start, mut run) = (c, 0);
+        while c < self.end_cluster && run < n {
+            if self.refcount(g, c).await? == 0 {
+                first_free.get_or_insert(c);
+                if run == 0 {
+                    start = c;
                 }
-                c += 1;
+                run += 1;
+            } else {
+                run = 0;
             }
-            self.free_hint = self.end_cluster;
+            c += 1;
         }
-        Ok(self.end_cluster)
+        self.free_hint = first_free.unwrap_or(self.end_cluster);
+        Ok(if run > 0 { start } else { self.end_cluster })
+    }
+
+    /// Sets the refcounts of clusters `c..c + n` (their refcount blocks
+    /// must exist) to `v`, writing each block's changed bytes with one
+    /// write.
+    async fn put_refcounts(&mut self, g: &Geom, c: u64, n: u64, v: u64) -> Result<()> {
+        let rpb = g.rpb();
+        let order = g.refcount_order;
+        let width = ((1u64 << order) / 8).max(1);
+        let mut first = c;
+        while first < c + n {
+            let t = first / rpb;
+            let last = (c + n).min((t + 1) * rpb) - 1;
+            let off = self.reftable[t as usize] & OFFSET_MASK;
+            let b = self.refblock(g, off).await?;
+            for x in first..=last {
+                entry::set_refcount(b, order, x % rpb, v);
+            }
+            let lo = ((first % rpb) << order) / 8;
+            let lo = lo - lo % width;
+            let hi = ((last % rpb) << order) / 8;
+            let hi = hi - hi % width + width;
+            let bytes = b[lo as usize..hi as usize].to_vec();
+            g.write_file(off + lo, bytes).await?;
+            first = last + 1;
+        }
+        if v == 0 {
+            self.free_hint = self.free_hint.min(c);
+        }
+        Ok(())
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each, written but not
     /// flushed) and returns the byte offset of the first.
     pub(crate) async fn alloc(&mut self, g: &Geom, n: u64) -> Result<u64> {
+        let rpb = g.rpb();
         'retry: loop {
             let c = self.find_free(g, n).await?;
-            for i in 0..n {
-                self.ensure_refblock(g, (c + i) / g.rpb()).await?;
+            for t in c / rpb..=(c + n - 1) / rpb {
+                self.ensure_refblock(g, t).await?;
             }
             // Allocating refcount blocks may have used the candidate.
             for i in 0..n {
@@ -536,13 +579,12 @@ impl Meta {
                     continue 'retry;
                 }
             }
-            for i in 0..n {
-                self.put_refcount(g, c + i, 1).await?;
-            }
+            self.put_refcounts(g, c, n, 1).await?;
             self.end_cluster = self.end_cluster.max(c + n);
-            if n == 1 {
-                self.free_hint = c + 1;
-            }
+            // As QEMU's free_cluster_index: the next search starts after
+            // this run (holes too small for it are not scanned again until
+            // a free lowers the hint).
+            self.free_hint = c + n;
             return Ok(c * g.cs());
         }
     }

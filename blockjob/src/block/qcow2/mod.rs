@@ -54,6 +54,8 @@ pub(crate) struct Qcow2 {
     loaded: Mutex<Vec<DirtyBitmap>>,
     /// A copy of the bitmap directory for `info` (the truth is in `meta`).
     dir_view: Mutex<Vec<bitmaps::DirEntry>>,
+    allocating: write::Allocating,
+    maps: write::MapQueue,
 }
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
@@ -178,6 +180,8 @@ impl Qcow2 {
             in_flight: InFlight::default(),
             loaded: Mutex::new(stored.bitmaps),
             dir_view: Mutex::new(Vec::new()),
+            allocating: write::Allocating::default(),
+            maps: write::MapQueue::default(),
         };
         q.set_dir_view(&q.meta.lock().await.bitmap_dir);
         if writable {
@@ -291,17 +295,24 @@ impl Qcow2 {
         b.as_ref().map(|p| p.node().clone())
     }
 
-    /// Reads `len` bytes at `offset` from the backing chain (zeroes where
-    /// there is none or past its end).
-    pub(crate) async fn read_backing(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        if let Some(b) = self.backing_node() {
-            let blen = b.len();
-            if offset < blen {
-                let n = (blen - offset).min(len);
-                let part = b.read(offset, vec![0; n as usize]).await?;
-                buf[..n as usize].copy_from_slice(&part);
-            }
+    /// Reads `buf.len()` bytes at `offset` from the backing chain into
+    /// `buf` (zeroes where there is none or past its end); a backing node
+    /// covering the whole range reads straight into it.
+    pub(crate) async fn read_backing(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
+        let Some(b) = self.backing_node() else {
+            buf.fill(0);
+            return Ok(buf);
+        };
+        let blen = b.len();
+        if offset + len <= blen {
+            return b.read(offset, buf).await;
+        }
+        buf.fill(0);
+        if offset < blen {
+            let n = (blen - offset).min(len);
+            let part = b.read(offset, vec![0; n as usize]).await?;
+            buf[..n as usize].copy_from_slice(&part);
         }
         Ok(buf)
     }
@@ -325,14 +336,24 @@ impl Qcow2 {
 
     /// Reads a run as mapped.
     async fn read_run(&self, offset: u64, len: u64, map: Mapping) -> Result<Vec<u8>> {
+        self.read_run_into(offset, map, vec![0; len as usize]).await
+    }
+
+    /// Reads a run as mapped into `buf` (its length is the run's).
+    async fn read_run_into(&self, offset: u64, map: Mapping, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
         match map {
-            Mapping::Unallocated => self.read_backing(offset, len).await,
-            Mapping::Zero { .. } => Ok(vec![0; len as usize]),
-            Mapping::Data { host } => self.g.read_file(host, len).await,
+            Mapping::Unallocated => self.read_backing(offset, buf).await,
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(buf)
+            }
+            Mapping::Data { host } => self.g.read_file_into(host, buf).await,
             Mapping::Compressed { host, len: clen } => {
                 let c = self.read_compressed(host, clen).await?;
                 let start = (offset % self.g.cs()) as usize;
-                Ok(c[start..start + len as usize].to_vec())
+                buf.copy_from_slice(&c[start..start + len as usize]);
+                Ok(buf)
             }
         }
     }
@@ -346,6 +367,10 @@ impl Qcow2 {
                 let run = m.lookup(&self.g, offset + pos, total - pos).await?;
                 (run, self.in_flight.enter())
             };
+            if pos == 0 && run.len == total {
+                // One run: read straight into the caller's buffer.
+                return self.read_run_into(offset, run.map, buf).await;
+            }
             let data = self.read_run(offset + pos, run.len, run.map).await?;
             buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
             pos += run.len;

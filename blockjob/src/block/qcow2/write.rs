@@ -35,6 +35,98 @@ pub(super) enum Zeroing {
     Unmap,
 }
 
+/// Guest ranges whose clusters a write is allocating with the metadata
+/// lock released (data being written, not mapped yet); other writes to
+/// them wait, so the clusters a mapping replaces are never ones a request
+/// is writing in place.
+#[derive(Default)]
+pub(super) struct Allocating {
+    ranges: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Woken when a range ends.
+    pub(super) done: aio::CoQueue,
+}
+
+/// One range in [`Allocating`]; dropping it ends it (call with the lock
+/// held, so no write looks in between).
+pub(super) struct AllocClaim<'a>(&'a Allocating, (u64, u64));
+
+impl Allocating {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(super) fn overlaps(&self, off: u64, len: u64) -> bool {
+        self.list()
+            .iter()
+            .any(|&(o, l)| o < off + len && off < o + l)
+    }
+    fn claim(&self, off: u64, len: u64) -> AllocClaim<'_> {
+        self.list().push((off, len));
+        AllocClaim(self, (off, len))
+    }
+}
+
+impl Drop for AllocClaim<'_> {
+    fn drop(&mut self) {
+        {
+            let mut l = self.0.list();
+            if let Some(i) = l.iter().position(|&r| r == self.1) {
+                l.swap_remove(i);
+            }
+        }
+        self.0.done.notify_all();
+    }
+}
+
+/// Runs of clusters written with the lock released, waiting to be
+/// mapped; the first of their requests to get the lock maps them all.
+#[derive(Default)]
+pub(super) struct MapQueue {
+    st: std::sync::Mutex<MapState>,
+}
+
+#[derive(Default)]
+struct MapState {
+    next: u64,
+    queued: Vec<QueuedMap>,
+    /// Outcomes of runs mapped by another request (error text on failure).
+    done: std::collections::HashMap<u64, std::result::Result<(), String>>,
+}
+
+/// Guest clusters `ci..ci + n` to map to host clusters from `host`.
+struct QueuedMap {
+    id: u64,
+    ci: u64,
+    n: u64,
+    host: u64,
+}
+
+impl MapQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn push(&self, ci: u64, n: u64, host: u64) -> u64 {
+        let mut st = self.lock();
+        st.next += 1;
+        let id = st.next;
+        st.queued.push(QueuedMap { id, ci, n, host });
+        id
+    }
+    /// The outcome of run `id` if another request mapped it.
+    fn result(&self, id: u64) -> Option<std::result::Result<(), String>> {
+        self.lock().done.remove(&id)
+    }
+    fn take(&self) -> Vec<QueuedMap> {
+        std::mem::take(&mut self.lock().queued)
+    }
+    /// Records the outcome of `runs` for their requests.
+    fn finish(&self, runs: &[QueuedMap], r: std::result::Result<(), String>) {
+        let mut st = self.lock();
+        for q in runs {
+            st.done.insert(q.id, r.clone());
+        }
+    }
+}
+
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -103,8 +195,9 @@ impl Qcow2 {
         super::entry::host_range(word, self.g.cluster_bits)
     }
 
-    /// Applies a batch: flush (refcounts and data), L2 writes, flush, L1
-    /// entries, then frees replaced clusters.
+    /// Applies a batch: flush (refcounts and data), L2 writes (new tables
+    /// whole, changed entries of existing tables one write per run of
+    /// neighbours), flush, L1 entries, then frees replaced clusters.
     async fn commit(&self, m: &mut Meta, b: Batch) -> Result<()> {
         let g = &self.g;
         if b.new_l2.is_empty() && b.entries.is_empty() {
@@ -116,10 +209,34 @@ impl Qcow2 {
             let bytes = to_bytes(t);
             g.write_file(off, bytes).await?;
         }
-        for &(off, i, v) in &b.entries {
-            g.write_file(off + i * 8, v.to_be_bytes().to_vec()).await?;
+        let mut entries = b.entries;
+        // Stable: of two changes of one entry the later one wins below.
+        entries.sort_by_key(|&(off, i, _)| (off, i));
+        let mut k = 0;
+        while k < entries.len() {
+            let (off, i0, _) = entries[k];
+            let mut words: Vec<u64> = Vec::new();
+            let mut next = i0;
+            while k < entries.len() && entries[k].0 == off && entries[k].1 <= next {
+                let (_, i, v) = entries[k];
+                if i < next {
+                    // A second change of the entry just recorded.
+                    if let Some(w) = words.last_mut() {
+                        *w = v;
+                    }
+                } else {
+                    words.push(v);
+                    next = i + 1;
+                }
+                k += 1;
+            }
+            g.write_file(off + i0 * 8, to_bytes(&words)).await?;
         }
-        g.flush().await?;
+        if !b.new_l2.is_empty() || !b.freed.is_empty() {
+            // New tables are on disk before the L1 names them; tables no
+            // longer name the clusters freed below.
+            g.flush().await?;
+        }
         for &(l1i, off) in &b.new_l2 {
             m.set_l1(g, l1i, off | COPIED).await?;
         }
@@ -151,14 +268,26 @@ impl Qcow2 {
         Ok(out)
     }
 
-    pub(super) async fn do_write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    pub(super) async fn do_write(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
         let g = &self.g;
         let total = buf.len() as u64;
         let mut pos = 0u64;
         while pos < total {
             let mut m = self.meta.lock().await;
             let run = m.lookup(g, offset + pos, total - pos).await?;
-            let chunk = buf[pos as usize..(pos + run.len) as usize].to_vec();
+            if self.allocating.overlaps(offset + pos, run.len) {
+                // Clusters being allocated by another request: after it.
+                let w = self.allocating.done.wait();
+                drop(m);
+                w.await;
+                continue;
+            }
+            // One run covering the whole request takes the buffer as is.
+            let chunk = if pos == 0 && run.len == total {
+                std::mem::take(&mut buf)
+            } else {
+                buf[pos as usize..(pos + run.len) as usize].to_vec()
+            };
             if let Mapping::Data { host } = run.map {
                 if run.entry.word & COPIED != 0 {
                     let _io = self.in_flight.enter();
@@ -168,7 +297,49 @@ impl Qcow2 {
                     continue;
                 }
             }
-            self.write_alloc(&mut m, offset + pos, chunk).await?;
+            let at = offset + pos;
+            if at % g.cs() == 0 && run.len % g.cs() == 0 {
+                // Whole clusters: allocate them, write the data without
+                // the lock (other requests go on meanwhile), then map them.
+                let n = run.len / g.cs();
+                let host = m.alloc(g, n).await?;
+                let io = self.in_flight.enter();
+                let claim = self.allocating.claim(at, run.len);
+                drop(m);
+                let r = g.write_file(host, chunk).await;
+                // Not counted while waiting for the lock: a snapshot
+                // operation holding it waits for the requests counted.
+                drop(io);
+                if let Err(e) = r {
+                    let mut m = self.meta.lock().await;
+                    drop(claim);
+                    m.free(g, host, n).await?;
+                    return Err(e);
+                }
+                let id = self.maps.push(at / g.cs(), n, host);
+                let mut m = self.meta.lock().await;
+                let r = match self.maps.result(id) {
+                    // Mapped by another request's batch meanwhile.
+                    Some(r) => r.map_err(|msg| {
+                        let source = aio::Error::Io {
+                            context: "mapping newly written clusters".into(),
+                            source: std::io::Error::other(msg),
+                        };
+                        Error::io(&g.name, source)
+                    }),
+                    None => {
+                        let r = self.map_pending(&mut m).await;
+                        // Our own outcome is `r`.
+                        self.maps.result(id);
+                        r
+                    }
+                };
+                drop(claim);
+                r?;
+                pos += run.len;
+                continue;
+            }
+            self.write_alloc(&mut m, at, chunk).await?;
             pos += run.len;
         }
         Ok(())
@@ -176,34 +347,90 @@ impl Qcow2 {
 
     /// Writes `data` at `offset` into newly allocated clusters, copying
     /// the rest of partially written clusters from their old contents.
-    async fn write_alloc(&self, m: &mut Meta, offset: u64, data: Vec<u8>) -> Result<()> {
+    /// The clusters under one L2 table are allocated as one contiguous
+    /// run and written with one write.
+    async fn write_alloc(&self, m: &mut Meta, offset: u64, mut data: Vec<u8>) -> Result<()> {
         let g = &self.g;
         let cs = g.cs();
         let end = offset + data.len() as u64;
+        let last = (end - 1) / cs;
         let mut b = Batch::default();
         let mut ci = offset / cs;
-        while ci * cs < end {
-            let cstart = ci * cs;
-            let s = offset.max(cstart);
-            let e = end.min(cstart + cs);
-            let (old, _) = m.l2_entry(g, ci).await?;
-            let content = if s == cstart && e == cstart + cs {
-                data[(s - offset) as usize..(e - offset) as usize].to_vec()
+        while ci <= last {
+            let group_last = last.min((ci / g.l2_entries() + 1) * g.l2_entries() - 1);
+            let n = group_last - ci + 1;
+            let gstart = ci * cs;
+            let gend = (group_last + 1) * cs;
+            let mut olds = Vec::with_capacity(n as usize);
+            for c in ci..=group_last {
+                olds.push(m.l2_entry(g, c).await?.0.word);
+            }
+            let content = if offset == gstart && end == gend {
+                // Aligned and whole: the caller's buffer.
+                std::mem::take(&mut data)
             } else {
-                let mut c = self.cluster_content(m, ci).await?;
-                c.resize(cs as usize, 0);
-                c[(s - cstart) as usize..(e - cstart) as usize]
-                    .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
-                c
+                let mut out = Vec::with_capacity((n * cs) as usize);
+                for c in ci..=group_last {
+                    let cstart = c * cs;
+                    let s = offset.max(cstart);
+                    let e = end.min(cstart + cs);
+                    let part = &data[(s - offset) as usize..(e - offset) as usize];
+                    if s == cstart && e == cstart + cs {
+                        out.extend_from_slice(part);
+                    } else {
+                        let mut old = self.cluster_content(m, c).await?;
+                        old.resize(cs as usize, 0);
+                        old[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(part);
+                        out.extend_from_slice(&old);
+                    }
+                }
+                out
             };
             let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
-            let host = m.alloc(g, 1).await?;
+            let host = m.alloc(g, n).await?;
             g.write_file(host, content).await?;
-            self.set_entry(m, &mut b, l2off, l2i, host | COPIED).await?;
-            b.freed.extend(self.old_host(old.word));
-            ci += 1;
+            for (k, old) in olds.into_iter().enumerate() {
+                let k = k as u64;
+                self.set_entry(m, &mut b, l2off, l2i + k, (host + k * cs) | COPIED)
+                    .await?;
+                b.freed.extend(self.old_host(old));
+            }
+            ci = group_last + 1;
         }
         self.commit(m, b).await
+    }
+
+    /// Maps every queued run of newly written clusters (this request's
+    /// and those of requests still waiting for the lock) in one batch:
+    /// one flush before the L2 tables change, neighbouring entries
+    /// written together (QEMU gets the same effect from its writeback
+    /// metadata cache). What a run's clusters mapped before is read now,
+    /// under the lock, and freed: a request that changed them while the
+    /// data was written came first.
+    async fn map_pending(&self, m: &mut Meta) -> Result<()> {
+        let g = &self.g;
+        let runs = self.maps.take();
+        let r = async {
+            let mut b = Batch::default();
+            for q in &runs {
+                let mut olds = Vec::with_capacity(q.n as usize);
+                for c in q.ci..q.ci + q.n {
+                    olds.push(m.l2_entry(g, c).await?.0.word);
+                }
+                let (l2off, l2i) = self.l2_for(m, &mut b, q.ci).await?;
+                for (k, old) in olds.into_iter().enumerate() {
+                    let k = k as u64;
+                    let v = (q.host + k * g.cs()) | COPIED;
+                    self.set_entry(m, &mut b, l2off, l2i + k, v).await?;
+                    b.freed.extend(self.old_host(old));
+                }
+            }
+            self.commit(m, b).await
+        }
+        .await;
+        let shared = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.maps.finish(&runs, shared);
+        r
     }
 
     /// Write-zeroes ([`Zeroing::Zero`]), discard or unmap.

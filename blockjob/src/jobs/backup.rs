@@ -10,10 +10,18 @@
 //! is copied exactly once and always with its data as of job start: a
 //! guest write to a cluster being copied waits for that copy.
 //!
-//! Not implemented (refused): `bitmap` / `incremental` sync and the
-//! `bitmap` argument (persistent bitmaps load as ordinary dirty bitmaps;
-//! incremental backup is still to come), `compress`,
-//! `discard-source`.
+//! Incremental backup (`sync: incremental` / `bitmap` with a `bitmap`):
+//! only clusters dirty in the node's bitmap at job start are copied.
+//! The bitmap is frozen (busy) while the job runs and keeps recording;
+//! a successor records the guest writes made meanwhile. At the end, as
+//! QEMU's `backup_cleanup_sync_bitmap`: if the job succeeded or
+//! `bitmap-mode` is `always` (and it is not `never`), the bitmap becomes
+//! the successor — what was written since the job started — plus, after a
+//! failure with `always`, the clusters not copied; otherwise it keeps
+//! everything (its old bits and the new writes). `full` and `top` with a
+//! bitmap use it only as that output.
+//!
+//! Not implemented (refused): `compress`, `discard-source`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +35,8 @@ use super::{
     check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held, Holds, OnError,
     SyncMode,
 };
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, Perm, WriteHook};
+use crate::block::bitmap::{Bits, Check};
+use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, DirtyBitmap, Perm, WriteHook};
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -88,10 +97,12 @@ pub struct BackupArgs {
     /// Speed limit, bytes/s (0 = unlimited).
     #[serde(default)]
     pub speed: i64,
-    /// Not supported yet (refused).
+    /// A dirty bitmap of `device`: what `bitmap`/`incremental` sync
+    /// copies, and what the job updates at its end.
     #[serde(default)]
     pub bitmap: Option<String>,
-    /// Not supported yet (refused).
+    /// What happens to `bitmap` at the end (required with a bitmap,
+    /// except for `incremental`, which means `on-success`).
     #[serde(default)]
     pub bitmap_mode: Option<BitmapSyncMode>,
     /// Not supported (refused when true).
@@ -173,6 +184,8 @@ struct CopyState {
     changed: CoQueue,
     /// Bytes of DONE clusters (the job's progress).
     done_bytes: AtomicU64,
+    /// Bytes to copy at job start (the job's total).
+    todo_bytes: u64,
 }
 
 impl CopyState {
@@ -339,7 +352,61 @@ struct BackupJob {
     max_workers: usize,
     /// Clusters per copy at most (`x-perf.max-chunk`, at most 1 MiB).
     chunk_clusters: u64,
+    /// The `bitmap` and what to do with it at the end.
+    sync_bitmap: Option<SyncBitmap>,
     held: Held,
+}
+
+/// A job's `bitmap`, frozen while the job runs, and its successor.
+struct SyncBitmap {
+    bitmap: Arc<DirtyBitmap>,
+    mode: BitmapSyncMode,
+    /// Guest writes since job start (recorded only if the bitmap was).
+    successor: Arc<Successor>,
+}
+
+/// Records writes like the bitmap it succeeds.
+struct Successor {
+    bits: Bits,
+    recording: bool,
+}
+
+impl WriteHook for Successor {
+    fn after_write(&self, offset: u64, len: u64) {
+        if self.recording {
+            self.bits.set(offset, len, true);
+        }
+    }
+}
+
+impl SyncBitmap {
+    /// The end of the job: `ok` whether it succeeded.
+    fn settle(&self, state: &CopyState, ok: bool) {
+        let b = &self.bitmap;
+        let abdicate =
+            (ok || self.mode == BitmapSyncMode::Always) && self.mode != BitmapSyncMode::Never;
+        if abdicate {
+            b.clear();
+            for e in self.successor.bits.extents(0, state.len) {
+                if e.dirty {
+                    b.mark(e.offset, e.len);
+                }
+            }
+            if !ok {
+                // `always` after a failure: what was not copied stays dirty.
+                let st = state.states.lock();
+                for (i, s) in st.iter().enumerate() {
+                    if *s != DONE {
+                        let (off, len) = state.span(i as u64, 1);
+                        b.mark(off, len);
+                    }
+                }
+            }
+        }
+        // Otherwise the bitmap, which kept recording, holds its old bits
+        // and the new writes: QEMU's reclaim.
+        b.set_busy(false);
+    }
 }
 
 impl BackupJob {
@@ -353,7 +420,7 @@ impl BackupJob {
             }
             return Err(Error::Cancelled);
         }
-        job.set_total(st.len);
+        job.set_total(st.todo_bytes);
         let mut win = Window::new(job.context(), self.max_workers, MAX_MEM);
         let mut reported = 0;
         let r = self.copy_loop(job, &mut win, &mut reported).await;
@@ -446,6 +513,16 @@ impl JobDriver for BackupJob {
     fn run<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.run_inner(job))
     }
+    fn commit(&self) {
+        if let Some(sb) = &self.sync_bitmap {
+            sb.settle(&self.state, true);
+        }
+    }
+    fn abort(&self) {
+        if let Some(sb) = &self.sync_bitmap {
+            sb.settle(&self.state, false);
+        }
+    }
     fn clean(&self) {
         self.held.release();
     }
@@ -479,6 +556,63 @@ fn perf_limits(perf: Option<&BackupPerf>, cluster: u64) -> Result<(usize, u64)> 
         chunk.min(MAX_BUFFER)
     };
     Ok((workers as usize, chunk))
+}
+
+/// QEMU's checks of `sync`, `bitmap` and `bitmap-mode`, in its order
+/// and words; `incremental` becomes `bitmap` with `on-success`.
+fn check_bitmap_args(
+    source: &BlockNode,
+    args: &BackupArgs,
+) -> Result<(SyncMode, Option<Arc<DirtyBitmap>>, Option<BitmapSyncMode>)> {
+    let mut sync = args.sync;
+    let mut mode = args.bitmap_mode;
+    if matches!(sync, SyncMode::Bitmap | SyncMode::Incremental) && args.bitmap.is_none() {
+        return Err(Error::Job(format!(
+            "must provide a valid bitmap name for '{}' sync mode",
+            sync.as_str()
+        )));
+    }
+    if sync == SyncMode::Incremental {
+        if mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+            return Err(Error::Job(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'".into(),
+            ));
+        }
+        sync = SyncMode::Bitmap;
+        mode = Some(BitmapSyncMode::OnSuccess);
+    }
+    let bitmap = match &args.bitmap {
+        None => None,
+        Some(name) => {
+            let b = source
+                .bitmap(name)
+                .map_err(|_| Error::Job(format!("Bitmap '{name}' could not be found")))?;
+            let Some(m) = mode else {
+                return Err(Error::Job(
+                    "Bitmap sync mode must be given when providing a bitmap".into(),
+                ));
+            };
+            b.check(Check::Read)?;
+            if sync == SyncMode::None {
+                return Err(Error::Job(
+                    "sync mode 'none' does not produce meaningful bitmap outputs".into(),
+                ));
+            }
+            if m == BitmapSyncMode::Never && sync != SyncMode::Bitmap {
+                return Err(Error::Job(format!(
+                    "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
+                    sync.as_str()
+                )));
+            }
+            Some(b)
+        }
+    };
+    if bitmap.is_none() && mode.is_some() {
+        return Err(Error::Job(
+            "Cannot specify bitmap sync mode without a bitmap".into(),
+        ));
+    }
+    Ok((sync, bitmap, mode))
 }
 
 /// `blockdev-backup`. The point in time is the moment this returns: the
@@ -519,25 +653,7 @@ pub fn create_backup(
     let target = find_device(graph, &args.target)?;
     source.check_op_blockers()?;
     target.check_op_blockers()?;
-    match (args.sync, &args.bitmap) {
-        (_, Some(b)) => return Err(Error::Job(format!("Bitmap '{b}' could not be found"))),
-        (SyncMode::Incremental, None) => {
-            return Err(Error::Job(
-                "must provide a valid bitmap name for 'incremental' sync mode".into(),
-            ))
-        }
-        (SyncMode::Bitmap, None) => {
-            return Err(Error::Job(
-                "must provide a valid bitmap name for 'bitmap' sync mode".into(),
-            ))
-        }
-        _ => {}
-    }
-    if args.bitmap_mode.is_some() {
-        return Err(Error::Job(
-            "Cannot specify bitmap sync mode without a bitmap".into(),
-        ));
-    }
+    let (sync, bitmap, bitmap_mode) = check_bitmap_args(&source, &args)?;
     if args.compress {
         return Err(Error::Job(format!(
             "Compression is not supported for this drive {}",
@@ -578,19 +694,56 @@ pub fn create_backup(
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
     let len = source.len();
+    let mut states = vec![TODO; len.div_ceil(cluster) as usize];
+    if let (SyncMode::Bitmap, Some(b)) = (sync, &bitmap) {
+        // Only the clusters the bitmap has dirty bits in.
+        let mut dirty = vec![false; states.len()];
+        for e in b.extents(0, len).into_iter().filter(|e| e.dirty) {
+            let last = (e.offset + e.len - 1) / cluster;
+            for d in &mut dirty[(e.offset / cluster) as usize..=last as usize] {
+                *d = true;
+            }
+        }
+        for (s, d) in states.iter_mut().zip(dirty) {
+            if !d {
+                *s = DONE;
+            }
+        }
+    }
+    let todo_bytes = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s == TODO)
+        .map(|(i, _)| (cluster).min(len - i as u64 * cluster))
+        .sum();
     let state = Arc::new(CopyState {
         source: source.clone(),
         target: target.clone(),
         cluster,
         len,
-        top_only: args.sync == SyncMode::Top,
-        states: Mutex::new(vec![TODO; len.div_ceil(cluster) as usize]),
+        top_only: sync == SyncMode::Top,
+        states: Mutex::new(states),
         changed: CoQueue::new(),
         done_bytes: AtomicU64::new(0),
+        todo_bytes,
     });
+    let sync_bitmap = match (bitmap, bitmap_mode) {
+        (Some(b), Some(mode)) => Some(SyncBitmap {
+            successor: Arc::new(Successor {
+                bits: Bits::new(len, b.granularity()),
+                recording: b.enabled(),
+            }),
+            bitmap: b,
+            mode,
+        }),
+        _ => None,
+    };
+    let successor = sync_bitmap.as_ref().map(|b| b.successor.clone());
+    let frozen = sync_bitmap.as_ref().map(|b| b.bitmap.clone());
     let driver = Arc::new(BackupJob {
         state: state.clone(),
-        sync: args.sync,
+        sync,
+        sync_bitmap,
         on_source_error: args.on_source_error,
         on_target_error: args.on_target_error,
         max_workers,
@@ -607,6 +760,10 @@ pub fn create_backup(
     holds
         .hooks
         .push(source.add_write_hook(Arc::new(Cbw(state))));
+    if let (Some(succ), Some(b)) = (successor, frozen) {
+        holds.hooks.push(source.add_write_hook(succ));
+        b.set_busy(true);
+    }
     holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     Ok(job)

@@ -31,7 +31,7 @@ pub mod mirror;
 pub mod stream;
 mod window;
 
-pub use backup::{create_backup, start_backup, BackupArgs};
+pub use backup::{create_backup, start_backup, BackupArgs, BitmapSyncMode};
 pub use commit::{commit_nodes, start_commit, CommitArgs};
 pub use create::{start_create, CreateSpec, Preallocation};
 pub use mirror::{start_mirror, MirrorArgs};
@@ -67,10 +67,24 @@ pub enum SyncMode {
     Full,
     /// Only what changes from now on.
     None,
-    /// Bitmap-driven (not implemented).
+    /// What a dirty bitmap has dirty, the bitmap cleared on success
+    /// (backup only).
     Incremental,
-    /// Bitmap-driven (not implemented).
+    /// What a dirty bitmap has dirty (backup only).
     Bitmap,
+}
+
+impl SyncMode {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Top => "top",
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+            SyncMode::Incremental => "incremental",
+            SyncMode::Bitmap => "bitmap",
+        }
+    }
 }
 
 pub(crate) fn yes() -> bool {

@@ -224,34 +224,57 @@ fn bitmap_arguments_are_checked_in_qemus_order_and_words() {
             .to_string()
     };
     use BitmapSyncMode::*;
-    assert_eq!(
-        err(SyncMode::Bitmap, None, None),
-        "must provide a valid bitmap name for 'bitmap' sync mode"
-    );
-    assert_eq!(
-        err(SyncMode::Incremental, Some("b"), Some(Always)),
-        "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
-    );
-    assert_eq!(
-        err(SyncMode::Bitmap, Some("nope"), Some(Never)),
-        "Bitmap 'nope' could not be found"
-    );
-    assert_eq!(
-        err(SyncMode::Bitmap, Some("b"), None),
-        "Bitmap sync mode must be given when providing a bitmap"
-    );
-    assert_eq!(
-        err(SyncMode::None, Some("b"), Some(OnSuccess)),
-        "sync mode 'none' does not produce meaningful bitmap outputs"
-    );
-    assert_eq!(
-        err(SyncMode::Full, Some("b"), Some(Never)),
-        "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'"
-    );
-    assert_eq!(
-        err(SyncMode::Full, None, Some(Always)),
-        "Cannot specify bitmap sync mode without a bitmap"
-    );
+    let cases = [
+        (
+            SyncMode::Bitmap,
+            None,
+            None,
+            "must provide a valid bitmap name for 'bitmap' sync mode",
+        ),
+        (
+            SyncMode::Incremental,
+            Some("b"),
+            Some(Always),
+            "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+        ),
+        (
+            SyncMode::Bitmap,
+            Some("nope"),
+            Some(Never),
+            "Bitmap 'nope' could not be found",
+        ),
+        (
+            SyncMode::Bitmap,
+            Some("b"),
+            None,
+            "Bitmap sync mode must be given when providing a bitmap",
+        ),
+        (
+            SyncMode::None,
+            Some("b"),
+            Some(OnSuccess),
+            "sync mode 'none' does not produce meaningful bitmap outputs",
+        ),
+        (
+            SyncMode::Full,
+            Some("b"),
+            Some(Never),
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'",
+        ),
+        (
+            SyncMode::Full,
+            None,
+            Some(Always),
+            "Cannot specify bitmap sync mode without a bitmap",
+        ),
+    ];
+    for (sync, bitmap, mode, want) in cases {
+        assert_eq!(
+            err(sync, bitmap, mode),
+            want,
+            "{sync:?} {bitmap:?} {mode:?}"
+        );
+    }
     // A busy bitmap (an NBD export holds it, say) is refused.
     s.src.bitmap("b").unwrap().set_busy(true);
     assert_eq!(

@@ -425,6 +425,7 @@ fn create_options_match_qemu_img_create() {
         "preallocation=metadata,refcount_bits=4",
         "preallocation=falloc,lazy_refcounts=on",
         "preallocation=full,cluster_size=4096",
+        "extended_l2=on,cluster_size=64k",
     ] {
         let (ours, theirs) = (path(&d, "o.qcow2"), path(&d, "q.qcow2"));
         let (code, _, err) = aio_img(&["create", "-f", "qcow2", "-o", opts, p(&ours), "1M"]);
@@ -447,6 +448,13 @@ fn create_options_match_qemu_img_create() {
         };
         assert_eq!(map(&ours), map(&theirs), "{opts}");
         assert_check(&ours);
+        // QEMU writes the image; we read it back as QEMU does.
+        qemu_io(&ours, &["write -P 0x5c 70k 200k".into()]);
+        let ctx = aio::AioContext::new().unwrap();
+        let g = blockjob::block::BlockGraph::new();
+        let n = open_ro(&ctx, &g, &ours);
+        assert_eq!(read_all(&ctx, &n, 65536), to_raw(&ours, d.path()), "{opts}");
+        ctx.block_on(g.close_all()).unwrap();
     }
     let (code, _, err) = aio_img(&[
         "create",

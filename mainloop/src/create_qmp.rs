@@ -94,16 +94,14 @@ fn qcow2_spec(o: &Map<String, Value>) -> Result<CreateSpec, QmpError> {
     if o.contains_key("encrypt") {
         return Err(unsupported("encryption"));
     }
-    if o.get("extended-l2") == Some(&Value::Bool(true)) {
-        return Err(unsupported("extended-l2=on"));
-    }
     if str_of(o, "compression-type") == Some("zstd") {
         return Err(unsupported("compression-type=zstd"));
     }
     let backing_fmt = str_of(o, "backing-fmt");
     let mut opts = CreateOptions::new(u64_of(o, "size").unwrap_or(0))
         .preallocation(preallocation(o))
-        .lazy_refcounts(o.get("lazy-refcounts") == Some(&Value::Bool(true)));
+        .lazy_refcounts(o.get("lazy-refcounts") == Some(&Value::Bool(true)))
+        .extended_l2(o.get("extended-l2") == Some(&Value::Bool(true)));
     if let Some(b) = o.get("refcount-bits").and_then(Value::as_i64) {
         // Out-of-range widths get the creator's error, like QEMU's.
         opts = opts.refcount_bits(u32::try_from(b).unwrap_or(u32::MAX));

@@ -590,8 +590,8 @@ fn blockdev_create_jobs_give_qemus_events_and_images_qemu_accepts() {
     x.c.ok("job-dismiss", json!({"id": "c5"}));
     // What our creator cannot do is refused before any job exists.
     for (opt, val, what) in [
-        ("extended-l2", json!(true), "extended-l2=on"),
         ("compression-type", json!("zstd"), "compression-type=zstd"),
+        ("encrypt", json!({"format": "luks"}), "encryption"),
     ] {
         let mut o = json!({"driver": "qcow2", "file": "f", "size": 1 << 20});
         o[opt] = val;
@@ -749,6 +749,10 @@ fn blockdev_create_qcow2_options_make_the_images_qemu_img_makes() {
             "preallocation=falloc",
         ),
         (
+            json!({"extended-l2": true, "cluster-size": 131072}),
+            "extended_l2=on,cluster_size=128k",
+        ),
+        (
             json!({"preallocation": "full", "refcount-bits": 32}),
             "preallocation=full,refcount_bits=32",
         ),
@@ -807,6 +811,8 @@ fn blockdev_create_qcow2_options_make_the_images_qemu_img_makes() {
         (json!({"refcount-bits": 3}), "Refcount width must be a power of two and may not exceed 64 bits"),
         (json!({"refcount-bits": 8, "version": "v2"}),
             "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"),
+        (json!({"extended-l2": true, "cluster-size": 4096}),
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"),
         (json!({"lazy-refcounts": true, "version": "v2"}),
             "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"),
     ]

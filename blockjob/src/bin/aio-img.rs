@@ -113,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off,preallocation=off|metadata|falloc|full] FILE [SIZE]
+const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off,extended_l2=on|off,preallocation=off|metadata|falloc|full] FILE [SIZE]
 aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
 aio-img check FILE
@@ -251,6 +251,8 @@ async fn create(args: &[String]) -> Outcome {
                                 Error::InvalidArgument(format!("Invalid refcount_bits '{v}'"))
                             })?
                         }
+                        Some(("extended_l2", "on" | "true")) => o.extended_l2 = true,
+                        Some(("extended_l2", "off" | "false")) => o.extended_l2 = false,
                         Some(("lazy_refcounts", "on" | "true")) => o.lazy_refcounts = true,
                         Some(("lazy_refcounts", "off" | "false")) => o.lazy_refcounts = false,
                         Some(("preallocation", v)) => {

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::entry::set_refcount;
-use super::header::{Extension, Header, COMPAT_LAZY_REFCOUNTS, V3_HEADER_LEN};
+use super::header::{Extension, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, V3_HEADER_LEN};
 use crate::{Error, Result};
 
 /// QAPI's `PreallocMode`: what creating an image allocates up front.
@@ -69,6 +69,10 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// What to allocate up front.
     pub preallocation: Preallocation,
+    /// Extended L2 entries (subclusters; version 3, clusters of 16 KiB or
+    /// more). Such images are read here but not written: the image is
+    /// created for QEMU, or to be opened read-only.
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -82,6 +86,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
+            extended_l2: false,
         }
     }
 }
@@ -125,6 +130,11 @@ impl CreateOptions {
         self.preallocation = p;
         self
     }
+    /// Sets extended L2 entries.
+    pub fn extended_l2(mut self, on: bool) -> Self {
+        self.extended_l2 = on;
+        self
+    }
 }
 
 /// Writes an empty image skeleton of size 0 (cluster 0 header, cluster 1
@@ -166,7 +176,25 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
             "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
         ));
     }
-    if o.preallocation != Preallocation::Off && o.backing_file.is_some() {
+    if o.extended_l2 {
+        if o.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+            ));
+        }
+        if cs < 16384 {
+            return Err(Error::InvalidArgument(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                    .into(),
+            ));
+        }
+        if o.preallocation != Preallocation::Off {
+            return Err(Error::InvalidArgument(
+                "preallocation with extended L2 entries is not supported".into(),
+            ));
+        }
+    }
+    if o.preallocation != Preallocation::Off && o.backing_file.is_some() && !o.extended_l2 {
         return Err(Error::InvalidArgument(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on"
                 .into(),
@@ -199,6 +227,12 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
         extensions: Vec::new(),
         backing_file: o.backing_file.clone(),
     };
+    if o.extended_l2 {
+        h.incompatible_features |= INCOMPAT_EXTL2;
+        h.size = o.size;
+        h.l1_size = o.size.div_ceil(cs * (cs / 16)) as u32;
+        h.l1_table_offset = if h.l1_size > 0 { 3 * cs } else { 0 };
+    }
     if let Some(f) = &o.backing_format {
         h.extensions.push(Extension::BackingFormat(f.clone()));
     }
@@ -212,11 +246,30 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
     let mut table = vec![0u8; cs as usize];
     table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
     buf.extend_from_slice(&table);
+    // With extended L2 entries the image is not opened read-write to be
+    // grown (we do not write such images): its L1 table is laid out here,
+    // after the refcount block, all zero.
+    let l1_clusters = if o.extended_l2 {
+        let l1_size = o.size.div_ceil(cs * (cs / 16));
+        let n = (l1_size * 8).div_ceil(cs);
+        let covered = cs * 8 / u64::from(rb);
+        if 3 + n > covered {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: the image is too large to be created with extended L2 entries here"
+            )));
+        }
+        let l1_size = u32::try_from(l1_size)
+            .map_err(|_| Error::InvalidArgument(format!("{name}: the image is too large")))?;
+        (l1_size, n)
+    } else {
+        (0, 0)
+    };
     let mut block = vec![0u8; cs as usize];
-    for i in 0..3 {
+    for i in 0..3 + l1_clusters.1 {
         set_refcount(&mut block, rb.trailing_zeros(), i, 1);
     }
     buf.extend_from_slice(&block);
+    buf.resize(buf.len() + (l1_clusters.1 * cs) as usize, 0);
     std::fs::write(path, &buf).map_err(|e| Error::open(&name, e.to_string()))?;
     Ok(())
 }
@@ -225,6 +278,10 @@ pub(crate) fn write_skeleton(path: &Path, o: &CreateOptions) -> Result<()> {
 /// opens it and grows it to `o.size`, then closes it cleanly.
 pub(crate) async fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     write_skeleton(path, o)?;
+    if o.extended_l2 {
+        // Complete as written (see `write_skeleton`).
+        return Ok(());
+    }
     let graph = crate::block::BlockGraph::new();
     let opts = crate::block::OpenOptions {
         read_only: false,

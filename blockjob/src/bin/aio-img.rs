@@ -48,6 +48,9 @@ fn out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+#[path = "aio-img/bench.rs"]
+mod bench;
+
 /// A command's outcome: an exit code, or an error to print.
 type Outcome = Result<u8>;
 
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         "info" => ctx.block_on(info(rest)),
         "map" => ctx.block_on(map(rest)),
         "check" => ctx.block_on(check(rest)),
+        "bench" => ctx.block_on(bench::bench(rest)),
         "snapshot" => ctx.block_on(snapshot(rest)),
         "compare" => match ctx.block_on(compare(rest)) {
             Ok(c) => Ok(c),

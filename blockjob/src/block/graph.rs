@@ -33,6 +33,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// The file I/O engine.
     pub engine: Engine,
+    /// Open the top image's file with `O_DIRECT` (`cache.direct=on`,
+    /// `qemu-img -t none`); I/O is bounced through aligned buffers.
+    pub direct: bool,
 }
 
 impl OpenOptions {
@@ -63,6 +66,11 @@ impl OpenOptions {
     /// Sets the I/O engine.
     pub fn engine(mut self, e: Engine) -> Self {
         self.engine = e;
+        self
+    }
+    /// Sets `O_DIRECT` for the top image's file.
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
         self
     }
 }
@@ -281,7 +289,7 @@ impl BlockGraph {
             if let Some(n) = &opts.node_name {
                 self.check_name(n)?;
             }
-            let file = self.open_file(&name, !opts.read_only, opts.engine, None)?;
+            let file = self.open_file(&name, !opts.read_only, opts.engine, opts.direct, None)?;
             let backing = if opts.no_backing {
                 Backing::Nothing
             } else {
@@ -311,9 +319,10 @@ impl BlockGraph {
         path: &str,
         writable: bool,
         engine: Engine,
+        direct: bool,
         name: Option<String>,
     ) -> Result<Arc<BlockNode>> {
-        let d = FileDriver::open(path, writable, engine)?;
+        let d = FileDriver::open(path, writable, engine, direct)?;
         let name = match name {
             Some(n) => {
                 self.check_name(&n)?;
@@ -364,6 +373,7 @@ impl BlockGraph {
                                 node_name: None,
                                 no_backing: false,
                                 engine,
+                                direct: false,
                             };
                             let n =
                                 self.open_chain(bpath, bopts, seen)
@@ -469,7 +479,7 @@ impl BlockGraph {
                             )))
                         }
                     };
-                    self.open_file(&filename, !read_only, engine, node_name)
+                    self.open_file(&filename, !read_only, engine, false, node_name)
                 }
                 "nbd" => {
                     let opts = NbdOptions::from_json(obj)?;

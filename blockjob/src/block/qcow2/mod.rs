@@ -351,6 +351,13 @@ impl Qcow2 {
                 let run = m.lookup(&self.g, offset + pos, total - pos).await?;
                 (run, self.in_flight.enter())
             };
+            if let (0, true, Mapping::Data { host }) = (pos, run.len == total, run.map) {
+                // The whole request in one data run: read into the caller's
+                // buffer, without a temporary and a copy.
+                if host + total <= self.g.file.len() {
+                    return self.g.file.read(host, buf).await;
+                }
+            }
             let data = self.read_run(offset + pos, run.len, run.map).await?;
             buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
             pos += run.len;

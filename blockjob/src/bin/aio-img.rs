@@ -107,7 +107,8 @@ aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
 aio-img check [-r leaks|all] FILE
 aio-img compare FILE1 FILE2
-aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE";
+aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+aio-img bench [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s SIZE] [-S STEP] [-i threads|io_uring] [-w [--pattern=BYTE]] FILE";
 
 fn one_line(e: &Error) -> String {
     e.to_string().replace('\n', " ")

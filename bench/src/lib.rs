@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use aio::{AioContext, Backend, ClientType, ClockType, ContextOptions, EventNotifier, FdHandler};
 
+pub mod imgbench;
 pub mod io;
 pub mod jobs;
 pub mod nbd;

@@ -130,20 +130,6 @@ fn created_by_aio_img_and_written_matches_qemu_map_and_check() {
     assert_eq!(v.as_array().map(|a| a.len()), Some(2));
 }
 
-/// Writes `bytes` at `off` in `file`.
-fn patch(file: &Path, off: usize, bytes: &[u8]) {
-    let mut b = std::fs::read(file).unwrap();
-    if b.len() < off + bytes.len() {
-        b.resize(off + bytes.len(), 0);
-    }
-    b[off..off + bytes.len()].copy_from_slice(bytes);
-    std::fs::write(file, b).unwrap();
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
-}
-
 #[test]
 fn check_exit_codes_match_qemu_for_leaks_and_corruption() {
     let d = tmp();
@@ -161,11 +147,12 @@ fn check_exit_codes_match_qemu_for_leaks_and_corruption() {
     patch(&leak, (end + 1) * 65536 - 1, &[0]);
     patch(&leak, rb + end * 2, &1u16.to_be_bytes());
     assert_eq!(qemu_img_status(&["check", p(&leak)]).0, 3);
-    let (c, out, _) = aio_img(&["check", p(&leak)]);
+    let (c, out, err) = aio_img(&["check", p(&leak)]);
     assert_eq!(c, 3, "{out}");
+    // The findings go to stderr, as qemu-img prints them.
     assert!(
-        out.contains(&format!("Leaked cluster {end} refcount=1 reference=0")),
-        "{out}"
+        err.contains(&format!("Leaked cluster {end} refcount=1 reference=0")),
+        "{err}"
     );
     // Corruption: the data cluster's refcount dropped to 0.
     let l1 = be64(&b, 40) as usize;
@@ -175,14 +162,14 @@ fn check_exit_codes_match_qemu_for_leaks_and_corruption() {
     std::fs::copy(&img, &bad).unwrap();
     patch(&bad, rb + data / 65536 * 2, &0u16.to_be_bytes());
     assert_eq!(qemu_img_status(&["check", p(&bad)]).0, 2);
-    let (c, out, _) = aio_img(&["check", p(&bad)]);
+    let (c, out, err) = aio_img(&["check", p(&bad)]);
     assert_eq!(c, 2, "{out}");
     assert!(
-        out.contains(&format!(
+        err.contains(&format!(
             "ERROR cluster {} refcount=0 reference=1",
             data / 65536
         )),
-        "{out}"
+        "{err}"
     );
 }
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -199,20 +201,6 @@ fn qemu_snapshots_are_listed_applied_and_deleted_by_us() {
     o.close();
     assert_clean(&img);
     assert_eq!(qemu_img(&["snapshot", "-l", p(&img)]), "");
-}
-
-/// Deterministic pseudo-random numbers (xorshift).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Random writes, zeroes and discards interleaved with snapshots (and,

@@ -64,6 +64,13 @@ commands:
                                second, against qemu-img bench in the same run
                                (default 128 MiB in /dev/shm, 3 rounds)
 
+  imgbench [--quick] [--rounds N] [--count N] [--no-disk] [--disk DIR]
+                               aio-img bench vs qemu-img bench, same command
+                               lines: 4 KiB read/write, depth 1 and 32, raw
+                               and preallocated qcow2, threads and io_uring,
+                               /dev/shm and disk with -t none (needs a release
+                               aio-img next to this binary)
+
   jobs    [--quick] [--json]   stream, commit, mirror and backup of 512 MiB
           [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm, no
                                speed limit, in aiod and in qemu-storage-daemon,
@@ -188,6 +195,8 @@ enum Command {
     IoRun(IoRunOpts),
     /// qcow2 copy-on-write after a snapshot (options parsed by `snapcow`).
     SnapCow(Vec<String>),
+    /// aio-img bench vs qemu-img bench (options parsed by `imgbench`).
+    ImgBench(Vec<String>),
     Nbd(bench::nbd::NbdOpts),
     Jobs(bench::jobs::JobsOpts),
 }
@@ -397,6 +406,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "io" => parse_io(rest),
         "snapcow" => Ok(Command::SnapCow(rest.to_vec())),
+        "imgbench" => Ok(Command::ImgBench(rest.to_vec())),
         "iorun" => parse_iorun(rest),
         "nbd" => parse_nbd(rest),
         "jobs" => parse_jobs(rest),
@@ -503,6 +513,7 @@ fn main() -> ExitCode {
         Command::Io(o) => io_cmd(&o),
         Command::IoRun(o) => iorun(&o),
         Command::SnapCow(args) => snapcow(&args),
+        Command::ImgBench(args) => bench::imgbench::main(&args).map_err(Into::into),
         Command::Nbd(o) => bench::nbd::run(&o).map_err(Into::into),
         Command::Jobs(o) => bench::jobs::run(&o).map_err(Into::into),
         Command::PingPong {

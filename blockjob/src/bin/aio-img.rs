@@ -4,7 +4,7 @@
 //! aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=1.1,refcount_bits=N,lazy_refcounts=on,preallocation=MODE] FILE [SIZE]
 //! aio-img info [--backing-chain] [--output=json] FILE
 //! aio-img map [--output=json] FILE
-//! aio-img check FILE
+//! aio-img check [-r leaks|all] FILE
 //! aio-img compare FILE1 FILE2
 //! aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
 //! aio-img commit [-f FMT] [-b BASE] [-d] [-s SPEED] [-p] [-q] TOP
@@ -25,8 +25,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use blockjob::block::{
-    create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CreateOptions, OpenOptions,
-    Preallocation, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+    create_qcow2, create_raw, map_to_qemu_json, BlockGraph, BlockNode, CheckOptions, CheckReport,
+    CreateOptions, OpenOptions, Preallocation, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::img::{
     CommitOptions, ConvertOptions, OutputFormat, RebaseOptions, RunOptions, StreamOptions,
@@ -59,6 +59,9 @@ fn out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+#[path = "aio-img/bench.rs"]
+mod bench;
+
 /// A command's outcome: an exit code, or an error to print.
 type Outcome = Result<u8>;
 
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         "info" => ctx.block_on(info(rest)),
         "map" => ctx.block_on(map(rest)),
         "check" => ctx.block_on(check(rest)),
+        "bench" => ctx.block_on(bench::bench(rest)),
         "snapshot" => ctx.block_on(snapshot(rest)),
         "commit" => ctx.block_on(commit(&ctx, rest)),
         "stream" => ctx.block_on(stream(&ctx, rest)),
@@ -116,7 +120,7 @@ fn main() -> ExitCode {
 const HELP: &str = "aio-img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off,extended_l2=on|off,preallocation=off|metadata|falloc|full] FILE [SIZE]
 aio-img info [--backing-chain] [--output=json] FILE
 aio-img map [--output=json] FILE
-aio-img check FILE
+aio-img check [-r leaks|all] FILE
 aio-img compare FILE1 FILE2
 aio-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
 aio-img commit [-f FMT] [-b BASE] [-d] [-s SPEED] [-p] [-q] TOP
@@ -127,6 +131,7 @@ aio-img rebase [-f FMT] -b NEW [-F FMT] [-u] [-s SPEED] [-p] IMG
     make NEW ('' for none) IMG's backing file, copying what would change (-u: only the link)
 aio-img convert [-f FMT] [-O qcow2|raw] [-o cluster_size=N] [-B BACKING [-F FMT]] [-s SPEED] [-p] SRC DST
     copy SRC's contents into a new image DST, leaving zero ranges sparse
+aio-img bench [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s SIZE] [-S STEP] [-i threads|io_uring] [-w [--pattern=BYTE]] FILE
 SPEED: bytes/s (suffixes k, M, G). -p: progress bar. Ctrl-C stops a job cleanly (exit code 1).";
 
 fn one_line(e: &Error) -> String {
@@ -457,32 +462,62 @@ async fn map(args: &[String]) -> Outcome {
 }
 
 async fn check(args: &[String]) -> Outcome {
-    let (flags, pos) = parse(args, &["-f"])?;
-    check_flags(&flags, &["-f", "-q"])?;
+    let (flags, pos) = parse(args, &["-f", "-r"])?;
+    check_flags(&flags, &["-f", "-q", "-r", "--repair"])?;
     let file = pos.first().ok_or_else(usage)?;
+    let opts = match flag(&flags, "-r").or(flag(&flags, "--repair")) {
+        None => CheckOptions::new(),
+        Some("leaks") => CheckOptions::leaks(),
+        Some("all") => CheckOptions::all(),
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "Unknown option value for -r (expecting 'leaks' or 'all'): {other}"
+            )))
+        }
+    };
+    let repair = opts != CheckOptions::new();
     let g = BlockGraph::new();
-    let top = g
-        .open_image(file, &OpenOptions::new().read_only(true).no_backing(true))
-        .await?;
-    let Some(r) = top.check().await? else {
+    let mut open = OpenOptions::new().read_only(!repair).no_backing(true);
+    if let Some(f) = flag(&flags, "-f") {
+        open = open.format(f);
+    }
+    let top = g.open_image(file, &open).await?;
+    let Some(mut r) = top.check_repair(&opts).await? else {
         eprintln!("aio-img: This image format does not support checks");
         return Ok(63);
     };
-    for c in &r.corruptions {
-        println!("{c}");
+    // As qemu-img: what the check found and did on stderr, the summary on
+    // stdout; after repairs, the summary is that of a second check.
+    for l in r.corruptions.iter().chain(&r.leaks).chain(&r.repairs) {
+        eprintln!("{l}");
     }
-    for l in &r.leaks {
-        println!("{l}");
+    if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
+        println!("The following inconsistencies were found and repaired:\n");
+        println!("    {} leaked clusters", r.leaks_fixed);
+        println!("    {} corruptions\n", r.corruptions_fixed);
+        println!("Double checking the fixed image now...");
+        r = top.check().await?.unwrap_or_default();
+        for l in r.corruptions.iter().chain(&r.leaks) {
+            eprintln!("{l}");
+        }
     }
+    let code = print_check_summary(&r);
+    top.close().await?;
+    Ok(code)
+}
+
+/// Prints `qemu-img check`'s summary of `r`; returns its exit code.
+fn print_check_summary(r: &CheckReport) -> u8 {
     if r.corruptions.is_empty() && r.leaks.is_empty() {
         println!("No errors were found on the image.");
     } else {
-        println!();
         if !r.corruptions.is_empty() {
+            println!();
             println!("{} errors were found on the image.", r.corruptions.len());
             println!("Data may be corrupted, or further writes to the image may corrupt it.");
         }
         if !r.leaks.is_empty() {
+            println!();
             println!("{} leaked clusters were found on the image.", r.leaks.len());
             println!("This means waste of disk space, but no harm to data.");
         }
@@ -496,13 +531,13 @@ async fn check(args: &[String]) -> Outcome {
         );
     }
     println!("Image end offset: {}", r.image_end_offset);
-    Ok(if !r.corruptions.is_empty() {
+    if !r.corruptions.is_empty() {
         2
     } else if !r.leaks.is_empty() {
         3
     } else {
         0
-    })
+    }
 }
 
 async fn compare(args: &[String]) -> Outcome {

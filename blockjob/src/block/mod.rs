@@ -214,6 +214,19 @@ pub trait BlockDriver: Send + Sync {
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async { Ok(None) })
     }
+    /// Checks and repairs what `opts` allows (`qemu-img check -r`);
+    /// `None`: the format has no checks. Without repairs it is
+    /// [`check`](Self::check).
+    fn check_repair<'a>(
+        &'a self,
+        opts: &'a CheckOptions,
+    ) -> BoxFuture<'a, Result<Option<CheckReport>>> {
+        if opts.repair_leaks || opts.repair_errors {
+            Box::pin(async { Ok(None) })
+        } else {
+            self.check()
+        }
+    }
     /// Whether the format stores internal snapshots (qcow2).
     fn supports_snapshots(&self) -> bool {
         false
@@ -298,4 +311,43 @@ pub struct CheckReport {
     pub total_clusters: u64,
     /// The end of the used part of the file.
     pub image_end_offset: u64,
+    /// Leaked clusters repaired (`qemu-img check -r leaks`).
+    pub leaks_fixed: u64,
+    /// Corruptions repaired (`qemu-img check -r all`).
+    pub corruptions_fixed: u64,
+    /// What the repair did, one line each (`Repairing cluster 5
+    /// refcount=0 reference=1`), in order.
+    pub repairs: Vec<String>,
+}
+
+/// What [`BlockDriver::check_repair`] may repair (`qemu-img check -r`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckOptions {
+    /// Lower refcounts above the references (`-r leaks`).
+    pub repair_leaks: bool,
+    /// Also raise refcounts below the references, rebuild the refcount
+    /// structure if it is broken, and fix COPIED flags (`-r all`).
+    pub repair_errors: bool,
+}
+
+impl CheckOptions {
+    /// Check only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// `-r leaks`.
+    pub fn leaks() -> Self {
+        CheckOptions {
+            repair_leaks: true,
+            repair_errors: false,
+        }
+    }
+    /// `-r all`.
+    pub fn all() -> Self {
+        CheckOptions {
+            repair_leaks: true,
+            repair_errors: true,
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, Check, DirtyBitmap};
 use super::perm::PermUser;
 use super::{
-    BlockDriver, BlockStatus, BoxFuture, CheckReport, ImageInfo, Perm, PermGuard,
+    BlockDriver, BlockStatus, BoxFuture, CheckOptions, CheckReport, ImageInfo, Perm, PermGuard,
     SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use crate::{Error, Result};
@@ -1039,6 +1039,12 @@ impl BlockNode {
     /// Checks the image's metadata (`None`: the format has no checks).
     pub async fn check(&self) -> Result<Option<CheckReport>> {
         self.driver.check().await
+    }
+
+    /// Checks the image's metadata and repairs what `opts` allows
+    /// (`qemu-img check -r`); the node must be writable to repair.
+    pub async fn check_repair(&self, opts: &CheckOptions) -> Result<Option<CheckReport>> {
+        self.driver.check_repair(opts).await
     }
 
     /// Whether the node's format stores internal snapshots (qcow2).

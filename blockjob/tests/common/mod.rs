@@ -309,3 +309,37 @@ pub(crate) fn snapshot(img: &Path, dir: &Path, name: &str) -> PathBuf {
     qemu_img(&["convert", "-O", "qcow2", p(img), p(&out)]);
     out
 }
+
+/// Writes `bytes` at `off` in `file` (growing it if needed).
+pub(crate) fn patch(file: &Path, off: usize, bytes: &[u8]) {
+    let mut b = std::fs::read(file).expect("read image");
+    if b.len() < off + bytes.len() {
+        b.resize(off + bytes.len(), 0);
+    }
+    b[off..off + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(file, b).expect("write image");
+}
+
+/// The big-endian u64 at `off`.
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so failures replay.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    /// The next number.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n`.
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -682,6 +682,17 @@ impl Meta {
         Ok(())
     }
 
+    /// Switches to a refcount table written elsewhere (a rebuild): its
+    /// offset and entries, and the new end of the image. Forgets cached
+    /// refcount blocks.
+    pub(crate) fn install_reftable(&mut self, table: Vec<u64>, offset: u64, end_cluster: u64) {
+        self.reftable = table;
+        self.reftable_offset = offset;
+        self.rb_cache = Lru::new(self.rb_cache.cap);
+        self.free_hint = 0;
+        self.end_cluster = self.end_cluster.max(end_cluster);
+    }
+
     /// Writes L1 entry `l1i`.
     pub(crate) async fn set_l1(&mut self, g: &Geom, l1i: u64, v: u64) -> Result<()> {
         self.l1[l1i as usize] = v;

@@ -23,6 +23,7 @@ pub(crate) mod entry;
 pub(crate) mod header;
 pub(crate) mod meta;
 mod prealloc;
+mod repair;
 mod snapshot;
 mod write;
 
@@ -34,8 +35,8 @@ use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCO
 use self::meta::{Geom, Meta};
 use super::bitmap::DirtyBitmap;
 use super::{
-    BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckReport, ImageInfo, PermGuard,
-    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+    BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckOptions, CheckReport, ImageInfo,
+    PermGuard, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use crate::{Error, Result};
 
@@ -49,6 +50,9 @@ pub(crate) struct Qcow2 {
     size: AtomicU64,
     meta: CoMutex<Meta>,
     dirty_set: AtomicBool,
+    /// What the repair of a dirty image on open did, until a
+    /// `check -r` reports it.
+    dirty_repair: Mutex<Option<CheckReport>>,
     in_flight: InFlight,
     /// The bitmaps read at open, until the node takes them.
     loaded: Mutex<Vec<DirtyBitmap>>,
@@ -128,19 +132,11 @@ impl Qcow2 {
         if header.crypt_method != 0 {
             return Err(Error::open(&name, "encrypted images are not supported"));
         }
-        if writable {
-            if header.extended_l2() {
-                return Err(Error::open(
-                    &name,
-                    "writing images with extended L2 entries (subclusters) is not supported; open read-only",
-                ));
-            }
-            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
-                return Err(Error::open(
-                    &name,
-                    "the image is dirty (refcounts may be stale); repair it with 'qemu-img check -r all' or open read-only",
-                ));
-            }
+        if writable && header.extended_l2() {
+            return Err(Error::open(
+                &name,
+                "writing images with extended L2 entries (subclusters) is not supported; open read-only",
+            ));
         }
         let g = Geom {
             name: name.clone(),
@@ -177,6 +173,7 @@ impl Qcow2 {
             read_only: AtomicBool::new(!writable),
             meta: CoMutex::new(meta),
             dirty_set: AtomicBool::new(false),
+            dirty_repair: Mutex::new(None),
             in_flight: InFlight::default(),
             loaded: Mutex::new(stored.bitmaps),
             dir_view: Mutex::new(Vec::new()),
@@ -185,9 +182,45 @@ impl Qcow2 {
         };
         q.set_dir_view(&q.meta.lock().await.bitmap_dir);
         if writable {
+            let dirty = q.header().incompatible_features & INCOMPAT_DIRTY != 0;
             q.mark_dirty().await?;
+            if dirty {
+                q.repair_dirty().await?;
+            }
         }
         Ok(q)
+    }
+
+    /// Repairs an image left dirty (a writer with lazy refcounts that did
+    /// not close it): refcounts rebuilt from the references, leaks freed,
+    /// COPIED flags fixed, as QEMU does when it opens one read-write.
+    /// Refuses the open if errors remain.
+    async fn repair_dirty(&self) -> Result<()> {
+        log::warn!(
+            "qcow2: image '{}' was not closed cleanly; repairing its refcounts",
+            self.g.name
+        );
+        let r = self.do_check_repair(&CheckOptions::all()).await?;
+        log::info!(
+            "qcow2: '{}': {} leaked clusters and {} corruptions repaired",
+            self.g.name,
+            r.leaks_fixed,
+            r.corruptions_fixed
+        );
+        *self.dirty_repair.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        let after = self.do_check().await?;
+        if !after.corruptions.is_empty() || !after.leaks.is_empty() {
+            return Err(Error::open(
+                &self.g.name,
+                format!(
+                    "the image was dirty and could not be repaired ({} errors and {} leaks remain: {}); open it read-only",
+                    after.corruptions.len(),
+                    after.leaks.len(),
+                    after.corruptions.first().or(after.leaks.first()).map_or("", |s| s.as_str())
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Sets the dirty bit (v3) and clears the autoclear bits we do not
@@ -581,6 +614,12 @@ impl BlockDriver for Qcow2 {
     }
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
         Box::pin(async move { self.do_check().await.map(Some) })
+    }
+    fn check_repair<'a>(
+        &'a self,
+        opts: &'a CheckOptions,
+    ) -> BoxFuture<'a, Result<Option<CheckReport>>> {
+        Box::pin(async move { self.do_check_repair(opts).await.map(Some) })
     }
     fn supports_snapshots(&self) -> bool {
         true

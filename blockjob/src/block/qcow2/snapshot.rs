@@ -271,7 +271,7 @@ impl Qcow2 {
     /// refcount 1 and clears it on the others (QEMU's
     /// `qcow2_update_snapshot_refcount(.., 0)`). L2 tables first, then
     /// the L1 entries.
-    async fn fix_copied(&self, m: &mut Meta) -> Result<()> {
+    pub(super) async fn fix_copied(&self, m: &mut Meta) -> Result<()> {
         let g = &self.g;
         let step = if g.extended_l2 { 2 } else { 1 };
         let l1 = m.l1.clone();

@@ -249,3 +249,52 @@ fn mirror_refusals() {
     assert_eq!(a.buf_size, None);
     ctx.block_on(g.close_all()).unwrap();
 }
+
+#[test]
+fn write_blocking_puts_guest_writes_on_the_target_before_they_complete() {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want = snapshot(&top, dir.path(), "want.qcow2");
+    qemu_io(
+        &want,
+        &["write -P 0xb1 3M 64k".into(), "write -P 0xb2 5k 3k".into()],
+    );
+    let tgt = dir.path().join("tgt.qcow2");
+    create(&tgt, "4M", None);
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let src = add_chain(&ctx, &g, &base, &mid, &top);
+    add_target(&ctx, &g, "tgt", &tgt);
+    let tgtn = g.find("tgt").unwrap();
+    let (reg, log) = registry(ClockType::Virtual);
+    let mut a = MirrorArgs::new("m", "top", "tgt", SyncMode::Full);
+    a.speed = 1 << 20;
+    a.copy_mode = blockjob::jobs::CopyMode::WriteBlocking;
+    let job = start_mirror(&ctx, &g, &reg, a).unwrap();
+    vstep(&ctx, &job, 1_000_000_000);
+    let copied = job.info().current;
+    assert!(copied < 3 << 20, "the copy front is before 3M: {copied}");
+    // Far ahead of the copy front: on the target as soon as it returns.
+    ctx.block_on(src.write(3 << 20, vec![0xb1; 64 << 10]))
+        .unwrap();
+    let on_target = ctx.block_on(tgtn.read(3 << 20, vec![0; 64 << 10])).unwrap();
+    assert!(on_target.iter().all(|&b| b == 0xb1), "write-blocking");
+    // A partial granule, behind the front: on the target too.
+    ctx.block_on(src.write(5 << 10, vec![0xb2; 3 << 10]))
+        .unwrap();
+    let on_target = ctx.block_on(tgtn.read(5 << 10, vec![0; 3 << 10])).unwrap();
+    assert!(on_target.iter().all(|&b| b == 0xb2));
+    job.set_speed(0).unwrap();
+    settle(&ctx, &job);
+    assert_eq!(job.status(), JobStatus::Ready);
+    job.complete().unwrap();
+    let info = ctx.block_on(job.wait_finished());
+    assert!(info.error.is_none());
+    assert_eq!(events(&log), READY_SEQ);
+    // The 64 KiB written ahead were written to the target once, by the
+    // guest's write, not copied again by the background loop.
+    assert_eq!(info.total, 4 << 20, "{info:?}");
+    ctx.block_on(g.close_all()).unwrap();
+    assert_same(&tgt, &want);
+    assert_check(&tgt);
+}

@@ -56,6 +56,11 @@ impl Bits {
         start..(end.div_ceil(self.gran) as usize).max(start)
     }
 
+    /// Bytes per bit.
+    pub(crate) fn granularity(&self) -> u64 {
+        self.gran
+    }
+
     pub(crate) fn set(&self, off: u64, len: u64, on: bool) {
         let r = self.span(off, len);
         self.bits.lock()[r].iter_mut().for_each(|b| *b = on);

@@ -186,6 +186,19 @@ pub trait WriteHook: Send + Sync {
     fn after_write(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+    /// Whether [`after_write_data`](Self::after_write_data) wants the data
+    /// of writes (it is then kept until the write is done).
+    fn wants_data(&self) -> bool {
+        false
+    }
+    /// Runs after a data write succeeded, after every hook's
+    /// [`after_write`](Self::after_write), with the data written; the
+    /// guest's write completes only when this does (a write-blocking
+    /// mirror copies it to its target here).
+    fn after_write_data<'a>(&'a self, offset: u64, data: &'a [u8]) -> BoxFuture<'a, ()> {
+        let _ = (offset, data);
+        Box::pin(async {})
+    }
 }
 
 /// A registered [`WriteHook`]; dropping it unregisters the hook.
@@ -598,8 +611,14 @@ impl BlockNode {
         }
         let len = buf.len() as u64;
         let hooks = self.before_write(offset, len).await?;
+        let keep = hooks.iter().any(|h| h.wants_data()).then(|| buf.clone());
         let r = self.driver.write(offset, buf).await;
         after_write(&hooks, offset, len);
+        if let (Ok(()), Some(data)) = (&r, keep) {
+            for h in hooks.iter().filter(|h| h.wants_data()) {
+                h.after_write_data(offset, &data).await;
+            }
+        }
         r
     }
 

@@ -344,6 +344,7 @@ pub fn start_commit(
                 on_target_error: args.on_error,
                 ready: AtomicBool::new(false),
                 grow_target: true,
+                busy: Arc::default(),
             },
             held: Held::default(),
         });

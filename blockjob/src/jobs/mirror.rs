@@ -23,7 +23,7 @@ use super::{
     Holds, OnError, SyncMode,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, Perm};
+use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, Perm, WriteHook};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -154,6 +154,64 @@ pub(crate) struct MirrorCore {
     pub(crate) ready: AtomicBool,
     /// Grow the target to the source's size (active commit's base).
     pub(crate) grow_target: bool,
+    /// Ranges the background copies are working on (write-blocking mode
+    /// must not mark those clean).
+    pub(crate) busy: Arc<BusyRanges>,
+}
+
+/// Byte ranges of copies in flight.
+#[derive(Default)]
+pub(crate) struct BusyRanges(parking_lot::Mutex<Vec<(u64, u64)>>);
+
+impl BusyRanges {
+    fn add(&self, off: u64, len: u64) {
+        self.0.lock().push((off, len));
+    }
+    fn remove(&self, off: u64, len: u64) {
+        let mut v = self.0.lock();
+        if let Some(i) = v.iter().position(|&r| r == (off, len)) {
+            v.swap_remove(i);
+        }
+    }
+    fn overlaps(&self, off: u64, len: u64) -> bool {
+        self.0
+            .lock()
+            .iter()
+            .any(|&(o, l)| o < off + len && off < o + l)
+    }
+}
+
+/// `copy-mode: write-blocking`: a guest write to the source is written to
+/// the target too before it completes (QEMU's active mirroring), and the
+/// granules it covers whole are then clean — unless a background copy of
+/// them is in flight, which may have read the old data: those stay dirty
+/// and are copied again. Zero writes and discards are left to the
+/// background copy (they only mark the bitmap).
+struct ActiveMirror {
+    target: Arc<BlockNode>,
+    bitmap: Arc<Bits>,
+    busy: Arc<BusyRanges>,
+}
+
+impl WriteHook for ActiveMirror {
+    fn wants_data(&self) -> bool {
+        true
+    }
+    fn after_write_data<'a>(&'a self, offset: u64, data: &'a [u8]) -> NodeFuture<'a, ()> {
+        Box::pin(async move {
+            let len = data.len() as u64;
+            if self.target.write(offset, data.to_vec()).await.is_err() {
+                // The range stays dirty: the background copy retries it,
+                // under the job's error policy.
+                return;
+            }
+            let g = self.bitmap.granularity();
+            let (start, end) = (offset.div_ceil(g) * g, (offset + len) / g * g);
+            if end > start && !self.busy.overlaps(start, end - start) {
+                self.bitmap.set(start, end - start, false);
+            }
+        })
+    }
 }
 
 impl MirrorCore {
@@ -230,8 +288,12 @@ impl MirrorCore {
                 }
                 self.bitmap.set(off, n, false);
                 let (src, dst) = (self.source.clone(), self.target.clone());
+                let busy = self.busy.clone();
+                busy.add(off, n);
                 win.spawn(off, n, async move {
-                    copy_range(&src, &dst, off, n).await.map(|()| n)
+                    let r = copy_range(&src, &dst, off, n).await.map(|()| n);
+                    busy.remove(off, n);
+                    r
                 });
                 // Throttled only until READY, as in QEMU.
                 if job.over_limit(if ready { 0 } else { n }) {
@@ -336,11 +398,6 @@ pub fn start_mirror(
     if args.replaces.is_some() {
         return Err(Error::Job("'replaces' is not supported".into()));
     }
-    if args.copy_mode == CopyMode::WriteBlocking {
-        return Err(Error::Job(
-            "copy-mode 'write-blocking' is not supported".into(),
-        ));
-    }
     let gran = match args.granularity {
         None | Some(0) => default_granularity(&target),
         Some(g) => {
@@ -413,6 +470,7 @@ pub fn start_mirror(
             on_target_error: args.on_target_error,
             ready: AtomicBool::new(false),
             grow_target: false,
+            busy: Arc::default(),
         },
         held: Held::default(),
     });
@@ -423,7 +481,18 @@ pub fn start_mirror(
     )?;
     holds.block(&source, JobType::Mirror);
     holds.block(&target, JobType::Mirror);
-    holds.hooks.push(source.add_write_hook(bitmap));
+    holds.hooks.push(source.add_write_hook(bitmap.clone()));
+    if args.copy_mode == CopyMode::WriteBlocking {
+        // After the bitmap's hook: the write marks its granules dirty
+        // first, then this copies it and marks them clean.
+        holds
+            .hooks
+            .push(source.add_write_hook(Arc::new(ActiveMirror {
+                target: target.clone(),
+                bitmap,
+                busy: driver.core.busy.clone(),
+            })));
+    }
     holds.pause_on_drain(&job);
     *driver.held.0.lock() = holds;
     job.start();

@@ -34,7 +34,7 @@ mod window;
 pub use backup::{create_backup, start_backup, BackupArgs, BitmapSyncMode};
 pub use commit::{commit_nodes, start_commit, CommitArgs};
 pub use create::{start_create, CreateSpec, Preallocation};
-pub use mirror::{start_mirror, MirrorArgs};
+pub use mirror::{start_mirror, CopyMode, MirrorArgs};
 pub use stream::{start_stream, StreamArgs};
 
 /// QEMU's `STREAM_CHUNK` and `COMMIT_BUFFER_SIZE`: 512 KiB.

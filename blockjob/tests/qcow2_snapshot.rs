@@ -12,7 +12,7 @@ use blockjob::block::{
     BlockGraph, BlockNode, OpenOptions, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::Error;
-use common::{aio_img, create, p, qemu_img, qemu_img_status, qemu_io, read_all, tmp, to_raw};
+use common::{aio_img, create, p, qemu_img, qemu_img_status, qemu_io, read_all, tmp, to_raw, Rng};
 
 const MIB: u64 = 1 << 20;
 
@@ -199,20 +199,6 @@ fn qemu_snapshots_are_listed_applied_and_deleted_by_us() {
     o.close();
     assert_clean(&img);
     assert_eq!(qemu_img(&["snapshot", "-l", p(&img)]), "");
-}
-
-/// Deterministic pseudo-random numbers (xorshift).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Random writes, zeroes and discards interleaved with snapshots (and,

@@ -294,3 +294,17 @@ pub(crate) fn snapshot(img: &Path, dir: &Path, name: &str) -> PathBuf {
     qemu_img(&["convert", "-O", "qcow2", p(img), p(&out)]);
     out
 }
+
+/// Deterministic pseudo-random numbers (xorshift).
+pub(crate) struct Rng(pub(crate) u64);
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -5,8 +5,6 @@
 
 mod common;
 
-use common::Rng;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +12,7 @@ use blockjob::block::{
     BlockGraph, BlockNode, OpenOptions, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use blockjob::Error;
-use common::{aio_img, create, p, qemu_img, qemu_img_status, qemu_io, read_all, tmp, to_raw};
+use common::{aio_img, create, p, qemu_img, qemu_img_status, qemu_io, read_all, tmp, to_raw, Rng};
 
 const MIB: u64 = 1 << 20;
 

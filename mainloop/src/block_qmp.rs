@@ -87,6 +87,10 @@ pub struct BlockState {
     pub node_contexts: Arc<parking_lot::Mutex<std::collections::HashMap<String, AioContext>>>,
     /// The action types `transaction` accepts.
     pub actions: crate::transaction_qmp::TransactionActions,
+    /// While a `transaction` with `completion-mode: grouped` prepares its
+    /// actions: the group their jobs join (set on the copy of the state
+    /// the actions get, never on the server's).
+    pub txn: Option<blockjob::job::JobTxn>,
 }
 
 impl BlockState {
@@ -99,6 +103,7 @@ impl BlockState {
             iothreads: Arc::default(),
             node_contexts: Arc::default(),
             actions: Default::default(),
+            txn: None,
         }
     }
 

@@ -164,6 +164,9 @@ pub fn register_job_commands(server: &QmpServer, state: BlockState) -> Result<()
             let ctx = device_context(&s, &a);
             let job = blockjob::jobs::create_backup(&ctx, &s.graph, &s.jobs, parse(a)?)
                 .map_err(generic)?;
+            if let Some(t) = &s.txn {
+                t.add(&job);
+            }
             Ok(Box::new(BackupAction(job)) as Box<dyn PreparedAction>)
         })?;
     Ok(())
@@ -224,6 +227,10 @@ impl PreparedAction for BackupAction {
     }
     fn abort(self: Box<Self>) -> BoxFuture<()> {
         self.0.cancel_unstarted();
-        Box::pin(async {})
+        // Concluded before the reply: its nodes are free again, as in QEMU.
+        let done = self.0.wait_finished();
+        Box::pin(async move {
+            done.await;
+        })
     }
 }

@@ -26,6 +26,10 @@ use serde_json::{json, Map, Value};
 use crate::block_qmp::{on, BlockState};
 use crate::qmp::{ArgType, QmpArgs, QmpError, QmpServer, Schema, ServerError};
 
+/// The action types that support `completion-mode: grouped` (they start
+/// jobs, which join the transaction's `JobTxn`).
+const GROUPED: &[&str] = &["blockdev-backup"];
+
 /// A boxed `Send` future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -246,9 +250,7 @@ pub fn register_transaction(server: &QmpServer, state: &BlockState) -> Result<()
                             "Parameter 'type' does not accept value '{name}'"
                         ))
                     })?;
-                    if grouped {
-                        // Grouped completion (jobs that fail together) is
-                        // not implemented, for any action.
+                    if grouped && !GROUPED.contains(&name.as_str()) {
                         return Err(QmpError::generic(format!(
                             "Action '{name}' does not support transaction property \
                              completion-mode = grouped"
@@ -262,6 +264,9 @@ pub fn register_transaction(server: &QmpServer, state: &BlockState) -> Result<()
                 }
             }
             let ctx = s.ctx.clone();
+            let mut s = s.clone();
+            // Grouped: the jobs the actions create complete together.
+            s.txn = grouped.then(blockjob::job::JobTxn::new);
             on(
                 &ctx,
                 async move { apply(s, actions).await.map(|()| json!({})) },

@@ -12,6 +12,12 @@
 //! failing one request. QEMU's state machine (`state`, `set-state`), the
 //! other events and `immediately` are not implemented: such options are
 //! refused.
+//!
+//! One difference in meaning: QEMU's events are the ones a format driver
+//! above signals on its `file` child (qcow2's `write_aio` before a data
+//! write), so QEMU's rule fires only below a format node; here the event
+//! is the kind of request reaching this node, so the filter works on top
+//! of an image too (how the job tests use it).
 
 use std::sync::{Arc, Mutex};
 

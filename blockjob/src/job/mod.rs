@@ -447,6 +447,7 @@ impl JobRegistry {
             ctx: ctx.clone(),
             registry: Arc::downgrade(&self.inner),
             subscribers: self.inner.subscribers.clone(),
+            txn: Mutex::new(None),
             clock: self.inner.clock,
             state: Mutex::new(State {
                 status: JobStatus::Undefined,
@@ -544,6 +545,111 @@ struct Shared {
     subscribers: Arc<Mutex<Vec<Subscriber>>>,
     clock: ClockType,
     state: Mutex<State>,
+    /// The transaction group the job completes with, if any.
+    txn: Mutex<Option<JobTxn>>,
+}
+
+/// Jobs that complete together (QMP `transaction` with `completion-mode:
+/// grouped`, QEMU's `JobTxn`): a job that finishes its work waits in
+/// `waiting` until every job of the group has; if one fails or is
+/// cancelled, the others are cancelled, so all succeed or none does.
+#[derive(Clone, Default)]
+pub struct JobTxn(Arc<TxnInner>);
+
+#[derive(Default)]
+struct TxnInner {
+    st: Mutex<TxnState>,
+    changed: aio::CoQueue,
+}
+
+#[derive(Default)]
+struct TxnState {
+    /// Jobs in the group, and whether each has finished its work.
+    jobs: Vec<(Weak<Shared>, bool)>,
+    aborting: bool,
+}
+
+impl fmt::Debug for JobTxn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.0.st.lock();
+        f.debug_struct("JobTxn")
+            .field("jobs", &st.jobs.len())
+            .field("aborting", &st.aborting)
+            .finish()
+    }
+}
+
+impl JobTxn {
+    /// An empty group.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `job` (before it starts) to the group.
+    pub fn add(&self, job: &Job) {
+        self.0
+            .st
+            .lock()
+            .jobs
+            .push((Arc::downgrade(&job.shared), false));
+        *job.shared.txn.lock() = Some(self.clone());
+    }
+
+    /// `me` finished its work: waits until every job has (`Ok`) or the
+    /// group aborts (`Err`).
+    async fn wait_all(&self, me: &Arc<Shared>) -> Result<()> {
+        {
+            let mut st = self.0.st.lock();
+            for (w, done) in st.jobs.iter_mut() {
+                if w.upgrade().is_some_and(|s| Arc::ptr_eq(&s, me)) {
+                    *done = true;
+                }
+            }
+        }
+        self.0.changed.notify_all();
+        loop {
+            let w = self.0.changed.wait();
+            {
+                let st = self.0.st.lock();
+                if st.aborting {
+                    return Err(Error::Cancelled);
+                }
+                if st.jobs.iter().all(|(_, done)| *done) {
+                    return Ok(());
+                }
+            }
+            w.await;
+        }
+    }
+
+    /// `me` failed or was cancelled: the others are cancelled.
+    fn abort(&self, me: &Arc<Shared>) {
+        let others: Vec<Arc<Shared>> = {
+            let mut st = self.0.st.lock();
+            if st.aborting {
+                Vec::new()
+            } else {
+                st.aborting = true;
+                st.jobs
+                    .iter()
+                    .filter_map(|(w, _)| w.upgrade())
+                    .filter(|s| !Arc::ptr_eq(s, me))
+                    .collect()
+            }
+        };
+        for o in others {
+            let job = Job { shared: o };
+            if job.info().status == JobStatus::Created {
+                job.cancel_unstarted();
+            } else if !matches!(
+                job.info().status,
+                JobStatus::Concluded | JobStatus::Null | JobStatus::Aborting
+            ) {
+                let _ = job.cancel(true);
+            }
+        }
+        self.0.changed.notify_all();
+    }
 }
 
 impl Shared {
@@ -1088,6 +1194,17 @@ async fn finish(ctl: &JobControl, ret: Result<()>) {
             r => r,
         }
     };
+    let txn = sh.txn.lock().clone();
+    let ret = match (ret, &txn) {
+        (Ok(()), Some(t)) => {
+            sh.transition(JobStatus::Waiting);
+            t.wait_all(&ctl.shared).await
+        }
+        (r, _) => r,
+    };
+    if let (Err(_), Some(t)) = (&ret, &txn) {
+        t.abort(&ctl.shared);
+    }
     let ret = match ret {
         Ok(()) => {
             sh.transition(JobStatus::Waiting);

@@ -6,7 +6,7 @@
 //! [`JobRegistry`] and start it on an [`AioContext`]. Each job keeps
 //! several copies in flight as tasks on its context, bounded as QEMU
 //! bounds them (mirror: `buf-size` and 16 operations; backup:
-//! `x-perf.max-workers`; stream and commit: 16 chunks of 512 KiB).
+//! `x-perf.max-workers`; stream and commit: 8 chunks of 512 KiB).
 //!
 //! What is not modelled: filter nodes (`filter-node-name` is accepted and
 //! ignored; op blockers and permissions do their job instead), bitmap and

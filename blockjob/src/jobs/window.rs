@@ -203,7 +203,7 @@ pub(crate) trait ChunkCopy {
 
 /// Requests of one chunk (QEMU's 512 KiB) that stream and commit keep in
 /// flight.
-pub(crate) const CHUNKS_IN_FLIGHT: usize = 16;
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// The loop of stream and commit over `[0, len)`: plans chunk by chunk in
 /// offset order, keeps up to [`CHUNKS_IN_FLIGHT`] copies in flight, counts

@@ -226,10 +226,25 @@ pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
     if let Some(b) = backing_file {
         v["backing_file"] = json!(b);
     }
+    v["cache"] = cache_info(node);
     if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(node) {
         v["dirty-bitmaps"] = b;
     }
     v
+}
+
+/// QEMU's `BlockdevCacheInfo` of a node: `cache.direct` and
+/// `cache.no-flush` as the node was added with (inline children inherit
+/// them), `writeback` always true (there is no writethrough mode).
+fn cache_info(node: &BlockNode) -> Value {
+    let opts = node.add_options();
+    let flag = |k: &str| {
+        opts.get("cache")
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    json!({"writeback": true, "direct": flag("direct"), "no-flush": flag("no-flush")})
 }
 
 fn node_chain_depth(node: &BlockNode) -> usize {

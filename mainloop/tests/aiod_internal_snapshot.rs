@@ -238,7 +238,14 @@ fn query_named_block_nodes_shows_snapshots_and_chain_like_qemu_storage_daemon() 
     }
     // Both daemons open the same images read-only, so their answers
     // describe identical files.
-    let blockdevs = [blockdev("top", "qcow2", &top, true)];
+    // O_DIRECT too (the temporary directory is on a disk filesystem):
+    // `cache` is reported for the node and its inline `file` child.
+    let blockdevs = [
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+        "cache": {"direct": true, "no-flush": false},
+        "file": {"driver": "file", "filename": top}})
+        .to_string(),
+    ];
     let (mut child, mut ours) = start(d, &blockdevs);
 
     let qsd_sock = d.join("qsd.sock");
@@ -257,6 +264,14 @@ fn query_named_block_nodes_shows_snapshots_and_chain_like_qemu_storage_daemon() 
         );
         assert_eq!(a["image"]["snapshots"].as_array().unwrap().len(), 2);
         assert_eq!(a["ro"], q["ro"]);
+        assert_eq!(a["cache"], q["cache"]);
+        // Every key QEMU gives the node, we give (and the same throttling
+        // zeros).
+        let node_missing: Vec<String> = keys(&q)
+            .into_iter()
+            .filter(|k| a.get(k).is_none())
+            .collect();
+        assert_eq!(node_missing, Vec::<String>::new(), "flat={flat}");
         assert_eq!(a["backing_file_depth"], q["backing_file_depth"]);
         for k in [
             "filename",

@@ -389,7 +389,7 @@ impl BlockNode {
 
     /// The options the node was added with, without children and
     /// `read-only` (empty for nodes opened from an image header).
-    pub(crate) fn add_options(&self) -> serde_json::Map<String, serde_json::Value> {
+    pub fn add_options(&self) -> serde_json::Map<String, serde_json::Value> {
         self.options
             .lock()
             .unwrap_or_else(|e| e.into_inner())

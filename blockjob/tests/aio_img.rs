@@ -425,10 +425,7 @@ fn create_options_match_qemu_img_create() {
         };
         assert_eq!(facts(&ours), facts(&theirs), "{opts}");
         let map = |img: &Path| {
-            let v: serde_json::Value =
-                serde_json::from_str(&qemu_img(&["map", "--output=json", p(img)])).unwrap();
-            v.as_array()
-                .unwrap()
+            qemu_map(img)
                 .iter()
                 .map(|e| (e["zero"].clone(), e["data"].clone(), e["length"].clone()))
                 .collect::<Vec<_>>()

@@ -222,8 +222,7 @@ fn discard_ignore_keeps_data_and_detect_zeroes_makes_zero_clusters() {
     });
     ctx.block_on(g.close_all()).unwrap();
     assert_check(&img);
-    let map: Vec<Value> =
-        serde_json::from_str(&qemu_img(&["map", "--output=json", p(&img)])).unwrap();
+    let map = qemu_map(&img);
     let at = |off: u64| {
         map.iter()
             .find(|e| {

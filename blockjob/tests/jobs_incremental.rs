@@ -88,10 +88,7 @@ impl Setup {
 
 /// `qemu-img map`'s data ranges allocated in `img` itself (depth 0).
 fn own_data(img: &Path) -> Vec<(u64, u64)> {
-    let m: serde_json::Value =
-        serde_json::from_str(&qemu_img(&["map", "--output=json", p(img)])).unwrap();
-    m.as_array()
-        .unwrap()
+    qemu_map(img)
         .iter()
         .filter(|e| e["depth"] == 0 && e["data"] == true)
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
@@ -114,17 +111,7 @@ fn full_then_incremental_chain_reads_as_the_source() {
     s.write(3 * K64 - 2048, 4096, 0x33);
     assert_eq!(s.dirty(), [(K64, 3 * K64)]);
     let inc = s.path("inc.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        p(&full),
-        "-F",
-        "qcow2",
-        p(&inc),
-    ]);
+    create(&inc, "4M", Some(&full));
     s.add_target("inc", &inc);
     let info = s.backup("i", "inc", SyncMode::Incremental, None);
     assert!(info.error.is_none(), "{info:?}");

@@ -204,7 +204,7 @@ pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
             image["backing-image"] = n;
         }
     }
-    let backing_file = node.info().backing_filename;
+    let backing_file = image.get("backing-filename").cloned();
     // QEMU counts the depth along the nested `backing-image`s, so a flat
     // query reports 0 for every node; scripts compare against QEMU's
     // answers, so do the same.
@@ -224,7 +224,7 @@ pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
         "image": image,
     });
     if let Some(b) = backing_file {
-        v["backing_file"] = json!(b);
+        v["backing_file"] = b;
     }
     v["cache"] = cache_info(node);
     if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(node) {

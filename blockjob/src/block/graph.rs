@@ -439,6 +439,41 @@ impl BlockGraph {
         })
     }
 
+    /// The child `key` of `blockdev-add` options `obj` (`file`, `image`):
+    /// an existing node by name, or an inline object added now, which
+    /// takes `read-only` and the `inherit` options of its parent unless it
+    /// sets them itself.
+    async fn child_arg(
+        &self,
+        obj: &serde_json::Map<String, Value>,
+        key: &str,
+        read_only: bool,
+        inherit: &[&str],
+    ) -> Result<Arc<BlockNode>> {
+        match obj.get(key) {
+            Some(Value::String(n)) => self.find(n).ok_or_else(|| {
+                Error::InvalidArgument(format!("Cannot find device='{n}' nor node-name='{n}'"))
+            }),
+            Some(v @ Value::Object(_)) => {
+                let mut v = v.clone();
+                if let Some(o) = v.as_object_mut() {
+                    if read_only {
+                        o.entry("read-only").or_insert(Value::Bool(true));
+                    }
+                    for k in inherit {
+                        if let Some(x) = obj.get(*k) {
+                            o.entry(*k).or_insert(x.clone());
+                        }
+                    }
+                }
+                self.blockdev_add_inner(&v).await
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "Parameter '{key}' is missing"
+            ))),
+        }
+    }
+
     fn blockdev_add_node<'a>(&'a self, args: &'a Value) -> BoxFuture<'a, Result<Arc<BlockNode>>> {
         Box::pin(async move {
             let obj = args.as_object().ok_or_else(|| {
@@ -551,27 +586,7 @@ impl BlockGraph {
                 }
                 "blkdebug" => {
                     let rules = super::blkdebug::parse_rules(obj.get("inject-error"))?;
-                    let image = match obj.get("image") {
-                        Some(Value::String(n)) => self.find(n).ok_or_else(|| {
-                            Error::InvalidArgument(format!(
-                                "Cannot find device='{n}' nor node-name='{n}'"
-                            ))
-                        })?,
-                        Some(v @ Value::Object(_)) => {
-                            let mut v = v.clone();
-                            if let Some(o) = v.as_object_mut() {
-                                if read_only {
-                                    o.entry("read-only").or_insert(Value::Bool(true));
-                                }
-                            }
-                            self.blockdev_add_inner(&v).await?
-                        }
-                        _ => {
-                            return Err(Error::InvalidArgument(
-                                "Parameter 'image' is missing".into(),
-                            ))
-                        }
-                    };
+                    let image = self.child_arg(obj, "image", read_only, &[]).await?;
                     let name = node_name.unwrap_or_else(|| self.auto_name());
                     self.check_name(&name)?;
                     let writable = !read_only && !image.read_only();
@@ -586,33 +601,10 @@ impl BlockGraph {
                     Ok(node)
                 }
                 fmt => {
-                    let file = match obj.get("file") {
-                        Some(Value::String(n)) => self.find(n).ok_or_else(|| {
-                            Error::InvalidArgument(format!(
-                                "Cannot find device='{n}' nor node-name='{n}'"
-                            ))
-                        })?,
-                        Some(v @ Value::Object(_)) => {
-                            let mut v = v.clone();
-                            if let Some(o) = v.as_object_mut() {
-                                if read_only {
-                                    o.entry("read-only").or_insert(Value::Bool(true));
-                                }
-                                // Children inherit these, as in QEMU.
-                                for k in ["cache", "auto-read-only"] {
-                                    if let Some(x) = obj.get(k) {
-                                        o.entry(k).or_insert(x.clone());
-                                    }
-                                }
-                            }
-                            self.blockdev_add_inner(&v).await?
-                        }
-                        _ => {
-                            return Err(Error::InvalidArgument(
-                                "Parameter 'file' is missing".into(),
-                            ))
-                        }
-                    };
+                    // Inline children inherit these, as in QEMU.
+                    let file = self
+                        .child_arg(obj, "file", read_only, &["cache", "auto-read-only"])
+                        .await?;
                     let backing = match obj.get("backing") {
                         None => Backing::FromHeader,
                         Some(Value::Null) => Backing::Nothing,

@@ -150,6 +150,12 @@ pub(crate) fn events(log: &JobLog) -> String {
     log.lock().unwrap().join(" ")
 }
 
+/// `qemu-img map --output=json IMG`'s entries.
+pub(crate) fn qemu_map(img: &Path) -> Vec<serde_json::Value> {
+    let out = qemu_img(&["map", "--output=json", p(img)]);
+    serde_json::from_str(&out).expect("qemu-img map JSON")
+}
+
 /// A qcow2 image of `size` bytes (64 KiB clusters), optionally backed.
 pub(crate) fn create(img: &Path, size: &str, backing: Option<&Path>) {
     match backing {

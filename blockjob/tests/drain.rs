@@ -157,3 +157,50 @@ fn a_job_pauses_while_its_node_is_drained_and_goes_on_after() {
     assert_same(&top, &want);
     assert_check(&top);
 }
+
+/// `close_all` waits for requests in flight: a write that takes 1 ms of
+/// virtual time on a slow `null-co` (`latency-ns`) is still running when
+/// the close starts, and the close ends only after the write does.
+#[test]
+fn close_all_waits_for_requests_in_flight() {
+    let ctx = aio::AioContext::new().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    g.set_clock(aio::ClockType::Virtual);
+    let n = ctx
+        .block_on(
+            g.blockdev_add(&json!({"driver": "null-co", "node-name": "slow",
+            "size": 1 << 20, "latency-ns": 1_000_000})),
+        )
+        .unwrap();
+    let write = {
+        let n = n.clone();
+        ctx.spawn(async move { n.write(0, vec![7; 4096]).await })
+    };
+    let closing = {
+        let g = g.clone();
+        ctx.spawn(async move { g.close_all().await })
+    };
+    ctx.virtual_step(999_999);
+    assert_eq!(n.in_flight(), 1, "the write sleeps out its latency");
+    assert!(!write.is_finished() && !closing.is_finished());
+    ctx.virtual_step(1);
+    assert!(write.is_finished() && closing.is_finished());
+    ctx.block_on(write).unwrap().unwrap();
+    ctx.block_on(closing).unwrap().unwrap();
+}
+
+#[test]
+fn null_co_latency_must_be_an_integer() {
+    let ctx = aio::AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let e = ctx
+        .block_on(
+            g.blockdev_add(&json!({"driver": "null-co", "node-name": "n",
+            "latency-ns": "1ms"})),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("'latency-ns', expected: integer"),
+        "{e}"
+    );
+}

@@ -137,19 +137,25 @@ impl BlockGraph {
             nodes,
             _clients: clients,
         };
-        // A request on a parent may start one on a child, so look until a
-        // whole pass finds every node idle.
-        loop {
-            let mut waited = false;
-            for n in &drained.nodes {
-                if n.in_flight() > 0 {
-                    n.wait_idle().await;
-                    waited = true;
-                }
+        wait_all_idle(&drained.nodes).await;
+        Ok(drained)
+    }
+}
+
+/// Waits until no request runs on any of `nodes`. A request on a parent
+/// may start one on a child, so this looks until a whole pass finds every
+/// node idle.
+pub(crate) async fn wait_all_idle(nodes: &[Arc<BlockNode>]) {
+    loop {
+        let mut waited = false;
+        for n in nodes {
+            if n.in_flight() > 0 {
+                n.wait_idle().await;
+                waited = true;
             }
-            if !waited {
-                return Ok(drained);
-            }
+        }
+        if !waited {
+            return;
         }
     }
 }

@@ -238,10 +238,17 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// Closes every node, parents first.
+    /// Closes every node, parents first, once no request runs on any of
+    /// them (QEMU's `bdrv_close_all` drains first too): a request still in
+    /// flight finishes before its node flushes and clears its dirty bit.
+    /// A caller that must not hang on a stuck device bounds the wait
+    /// itself (`aiod` gives up after a timeout and leaves the images
+    /// dirty, to be repaired on their next open).
     pub async fn close_all(&self) -> Result<()> {
+        let nodes = self.nodes();
+        super::drain::wait_all_idle(&nodes).await;
         let mut first_err = None;
-        for n in self.nodes().iter().rev() {
+        for n in nodes.iter().rev() {
             if let Err(e) = n.close().await {
                 first_err.get_or_insert(e);
             }
@@ -502,7 +509,7 @@ impl BlockGraph {
             };
             let allowed: &[&str] = match driver.as_str() {
                 "file" => &["filename", "aio"],
-                "null-co" => &["size"],
+                "null-co" => &["size", "latency-ns", "read-zeroes"],
                 "raw" => &["file"],
                 "qcow2" => &["file", "backing"],
                 "blkdebug" => &["image", "inject-error"],
@@ -574,11 +581,27 @@ impl BlockGraph {
                             )
                         })?,
                     };
+                    let latency_ns = match obj.get("latency-ns") {
+                        None => 0,
+                        Some(v) => v.as_u64().ok_or_else(|| {
+                            Error::InvalidArgument(
+                                "Invalid parameter type for 'latency-ns', expected: integer".into(),
+                            )
+                        })?,
+                    };
+                    // Reads always return zeroes here; QEMU's
+                    // `read-zeroes: false` leaves the buffer as it was,
+                    // which zeroes are one valid instance of.
+                    if obj.get("read-zeroes").is_some_and(|v| !v.is_boolean()) {
+                        return Err(Error::InvalidArgument(
+                            "Invalid parameter type for 'read-zeroes', expected: boolean".into(),
+                        ));
+                    }
                     let name = node_name.unwrap_or_else(|| self.auto_name());
                     self.check_name(&name)?;
                     let node = self.add(BlockNode::new(
                         name,
-                        Box::new(NullDriver::new(size)),
+                        Box::new(NullDriver::new(size, latency_ns, self.clock())),
                         read_only,
                     ))?;
                     node.set_request_policy(common.policy);

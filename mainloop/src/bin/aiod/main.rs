@@ -364,8 +364,25 @@ fn shutdown(ml: &MainLoop, state: &BlockState) {
         _guard.mod_in_ns(10_000_000);
         main.poll(true);
     }
-    if let Err(e) = main.block_on(state.graph.close_all()) {
-        log::error!("closing images: {e}");
+    // Requests still in flight finish before the images close; a device
+    // that never completes one must not hang the shutdown, so the wait is
+    // bounded and the images are then left open (a qcow2 image keeps its
+    // dirty bit and is repaired on its next open).
+    let graph = state.graph.clone();
+    let closing = main.spawn(async move { graph.close_all().await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !closing.is_finished() && Instant::now() < deadline {
+        _guard.mod_in_ns(10_000_000);
+        main.poll(true);
+    }
+    if !closing.is_finished() {
+        log::error!("requests still in flight after 10 s; leaving the images open");
+        return;
+    }
+    match main.block_on(closing) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::error!("closing images: {e}"),
+        Err(e) => log::error!("closing images: {e}"),
     }
 }
 

@@ -124,3 +124,48 @@ fn a_qcow2_file_node_refuses_a_second_format_writer() {
     ctx.block_on(g.close_all()).unwrap();
     assert_eq!(qemu_img_status(&["check", p(&img)]).0, 0);
 }
+
+/// A backing link shares write while nobody writes its parent (QEMU's rule
+/// for backing children), and a first writer of the parent is refused
+/// while someone else writes the backing file.
+#[test]
+fn a_backing_link_shares_write_only_while_its_parent_is_not_written() {
+    let d = tmp();
+    let (base, top) = (path(&d, "base.qcow2"), path(&d, "top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&top), "1M"]);
+    let ctx = aio::AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let b = ctx
+        .block_on(g.blockdev_add(&json!({"driver":"qcow2","node-name":"base",
+            "file":{"driver":"file","filename":p(&base)}})))
+        .unwrap();
+    let t = ctx
+        .block_on(g.blockdev_add(&json!({"driver":"qcow2","node-name":"top",
+            "file":{"driver":"file","filename":p(&top)},"backing":"base"})))
+        .unwrap();
+    // Top written: its backing file takes no other writer.
+    let top_writer = t.attach("guest", "root", Perm::WRITE, Perm::ALL).unwrap();
+    let e = b
+        .attach("other", "root", Perm::WRITE, Perm::ALL)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("Conflicts with use by top as 'backing'"),
+        "{e}"
+    );
+    // Top idle: base may be written (an active commit's pivot)...
+    drop(top_writer);
+    let base_writer = b.attach("other", "root", Perm::WRITE, Perm::ALL).unwrap();
+    // ... and then top may not become written.
+    let e = t
+        .attach("guest", "root", Perm::WRITE, Perm::ALL)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("Conflicts with use by other as 'root', which uses 'write' on base"),
+        "{e}"
+    );
+    drop(base_writer);
+    t.attach("guest", "root", Perm::WRITE, Perm::ALL).unwrap();
+}

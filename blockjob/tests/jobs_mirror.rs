@@ -61,7 +61,7 @@ fn guest_writes_during_mirror_land_in_the_target_after_complete() {
     // len and offset grew by the dirtied bytes, as in QSD.
     assert_eq!(info.current, info.total);
     assert!(info.total > 4 << 20, "{}", info.total);
-    // Both nodes stay (the pivot is reported, users move in the QMP layer).
+    // Both nodes stay (the pivot moves users, not nodes).
     assert!(g.find("top").is_some() && g.find("tgt").is_some());
     ctx.block_on(g.close_all()).unwrap();
     assert_same(&tgt, &want);
@@ -294,6 +294,44 @@ fn write_blocking_puts_guest_writes_on_the_target_before_they_complete() {
     // The 64 KiB written ahead were written to the target once, by the
     // guest's write, not copied again by the background loop.
     assert_eq!(info.total, 4 << 20, "{info:?}");
+    ctx.block_on(g.close_all()).unwrap();
+    assert_same(&tgt, &want);
+    assert_check(&tgt);
+}
+
+/// With `auto-finalize: false` the job waits in PENDING between the end of
+/// its copy loop and the pivot; writes to the source meanwhile (a write
+/// and a zero write) are copied before the switch, not lost.
+#[test]
+fn writes_while_pending_reach_the_target_before_the_pivot() {
+    let dir = tmp();
+    let (base, mid, top) = make_chain(dir.path());
+    let want = snapshot(&top, dir.path(), "want.qcow2");
+    qemu_io(
+        &want,
+        &["write -P 0xb1 2M 12k".into(), "write -z 3M 64k".into()],
+    );
+    let tgt = dir.path().join("tgt.qcow2");
+    create(&tgt, "4M", None);
+    let ctx = AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let src = add_chain(&ctx, &g, &base, &mid, &top);
+    add_target(&ctx, &g, "tgt", &tgt);
+    let (reg, _log) = registry(ClockType::Virtual);
+    let mut a = MirrorArgs::new("mirror0", "top", "tgt", SyncMode::Full);
+    a.auto_finalize = false;
+    let job = start_mirror(&ctx, &g, &reg, a).unwrap();
+    settle(&ctx, &job);
+    assert_eq!(job.status(), JobStatus::Ready);
+    job.complete().unwrap();
+    settle(&ctx, &job);
+    assert_eq!(job.status(), JobStatus::Pending);
+    ctx.block_on(src.write(2 << 20, vec![0xb1; 12 << 10]))
+        .unwrap();
+    ctx.block_on(src.write_zeroes(3 << 20, 64 << 10)).unwrap();
+    job.finalize().unwrap();
+    let info = ctx.block_on(job.wait_finished());
+    assert!(info.error.is_none(), "{:?}", info.error);
     ctx.block_on(g.close_all()).unwrap();
     assert_same(&tgt, &want);
     assert_check(&tgt);

@@ -698,6 +698,42 @@ impl BlockGraph {
 pub(crate) struct GraphRef(Arc<Mutex<Vec<Arc<BlockNode>>>>);
 
 impl GraphRef {
+    /// Every node, in the order added.
+    pub(crate) fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces `from` by `to` for their users, as QEMU's
+    /// `bdrv_replace_node` does at a mirror's or an active commit's pivot:
+    /// every root on `from` (an export) moves to `to`, synchronously, and
+    /// then every node whose backing child is `from` gets `to` instead (in
+    /// memory; its image still names the old file, as in QEMU, until a
+    /// management layer rewrites it). `to` itself and the nodes below it
+    /// keep their links (a target backed by its source would otherwise
+    /// become its own backing file).
+    ///
+    /// # Errors
+    ///
+    /// A root or parent that cannot take its permissions on `to`; the
+    /// roots move all or none.
+    pub(crate) async fn replace_node(
+        &self,
+        from: &Arc<BlockNode>,
+        to: &Arc<BlockNode>,
+    ) -> Result<()> {
+        super::move_roots(from, to)?;
+        let below_to = to.chain();
+        for n in self.nodes() {
+            let relink = n.backing().is_some_and(|b| Arc::ptr_eq(&b, from))
+                && !Arc::ptr_eq(&n, to)
+                && !below_to.iter().any(|c| Arc::ptr_eq(c, &n));
+            if relink {
+                n.set_backing(Some(to), false, None).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes `node` from the graph (not closing it).
     pub(crate) fn remove_node(&self, node: &Arc<BlockNode>) {
         let mut nodes = self.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,6 +26,7 @@ mod perm;
 pub mod qcow2;
 mod raw;
 mod reopen;
+mod root;
 mod status;
 
 pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
@@ -43,6 +44,8 @@ pub use node::{
 };
 pub use perm::{Perm, PermGuard};
 pub use qcow2::{CreateOptions, Preallocation};
+pub(crate) use root::move_roots;
+pub use root::BlockRoot;
 pub use status::{map_to_qemu_json, ChainStatus, MapEntry};
 
 use crate::{Error, Result};

@@ -45,6 +45,8 @@ pub struct BlockNode {
     by_user: AtomicBool,
     /// Told when a drained section begins and ends: jobs using the node.
     drain_listeners: Mutex<Vec<(u64, Arc<dyn DrainListener>)>>,
+    /// Top-level users that follow this node when it is replaced.
+    roots: super::root::Roots,
 }
 
 /// Something that must stop issuing requests on a node while it is
@@ -279,7 +281,7 @@ impl BlockNode {
             .rev()
             .map(Arc::new)
             .collect();
-        Arc::new(BlockNode {
+        let node = Arc::new(BlockNode {
             name,
             driver,
             read_only: AtomicBool::new(read_only),
@@ -296,7 +298,25 @@ impl BlockNode {
             quiesce: AtomicUsize::new(0),
             by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
-        })
+            roots: Default::default(),
+        });
+        if let Some(b) = node.backing() {
+            b.link_parent(&node);
+        }
+        node
+    }
+
+    pub(crate) fn add_root(&self, r: &Arc<super::BlockRoot>) {
+        self.roots.add(r);
+    }
+
+    /// The live roots on this node.
+    pub(crate) fn roots(&self) -> Vec<Arc<super::BlockRoot>> {
+        self.roots.live()
+    }
+
+    pub(crate) fn forget_roots(&self, keep: impl Fn(&super::BlockRoot) -> bool) {
+        self.roots.retain(keep);
     }
 
     fn enter(&self) -> InFlight<'_> {
@@ -501,7 +521,7 @@ impl BlockNode {
 
     /// Whether `u` lets another user take `perm`.
     fn check_shared_by(&self, u: &PermUser, perm: Perm) -> Result<()> {
-        let denied = perm.without(u.shared);
+        let denied = perm.without(u.shared_now());
         if denied.is_empty() {
             return Ok(());
         }
@@ -964,7 +984,11 @@ impl BlockNode {
             ),
             None => (None, None),
         });
-        self.driver.set_backing(guard, record).await
+        self.driver.set_backing(guard, record).await?;
+        if let Some(b) = backing {
+            b.link_parent(self);
+        }
+        Ok(())
     }
 
     /// Rewrites the backing file link in the image without opening the
@@ -1146,6 +1170,12 @@ impl BlockNode {
         shared: Perm,
         ignore: &[String],
     ) -> Result<PermGuard> {
+        if perm.contains(Perm::WRITE) && !self.is_written() {
+            // The first writer makes the backing link strict again.
+            if let Some(b) = self.backing() {
+                b.check_strict_backing_of(self)?;
+            }
+        }
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         if self.read_only() && !(perm.without(Perm::CONSISTENT_READ | Perm::GRAPH_MOD)).is_empty() {
             return Err(Error::Permission {
@@ -1155,16 +1185,7 @@ impl BlockNode {
         }
         for u in users.iter().filter(|u| !ignore.contains(&u.user)) {
             self.check_shared_by(u, perm)?;
-            let used = u.perm.without(shared);
-            if !used.is_empty() {
-                return Err(Error::Permission {
-                    node: self.name.clone(),
-                    reason: format!(
-                        "Conflicts with use by {} as '{}', which uses '{}' on {}",
-                        u.user, u.role, used, self.name
-                    ),
-                });
-            }
+            self.check_uses_within(u, shared)?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         users.push(PermUser {
@@ -1173,10 +1194,59 @@ impl BlockNode {
             role: role.to_string(),
             perm,
             shared,
+            parent: None,
         });
         Ok(PermGuard {
             node: self.clone(),
             id,
+        })
+    }
+
+    /// Whether a user writes this node.
+    pub(crate) fn is_written(&self) -> bool {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.iter().any(|u| u.perm.contains(Perm::WRITE))
+    }
+
+    /// Records that the `backing` user named after `parent` is `parent`'s
+    /// backing link (see [`PermUser::shared_now`]).
+    pub(crate) fn link_parent(&self, parent: &Arc<BlockNode>) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        for u in users
+            .iter_mut()
+            .filter(|u| u.role == "backing" && u.user == parent.name())
+        {
+            u.parent = Some(Arc::downgrade(parent));
+        }
+    }
+
+    /// Refuses a first writer of `parent` while another user writes or
+    /// resizes this node, its backing child: the link shares neither once
+    /// its parent is written.
+    fn check_strict_backing_of(&self, parent: &BlockNode) -> Result<()> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let ours = users
+            .iter()
+            .find(|u| u.role == "backing" && u.user == parent.name());
+        let Some(ours) = ours else { return Ok(()) };
+        for u in users.iter().filter(|u| u.id != ours.id) {
+            self.check_uses_within(u, ours.shared)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses when `u` uses more of this node than `shared` allows.
+    fn check_uses_within(&self, u: &PermUser, shared: Perm) -> Result<()> {
+        let used = u.perm.without(shared);
+        if used.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Permission {
+            node: self.name.clone(),
+            reason: format!(
+                "Conflicts with use by {} as '{}', which uses '{}' on {}",
+                u.user, u.role, used, self.name
+            ),
         })
     }
 

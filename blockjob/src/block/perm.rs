@@ -85,6 +85,28 @@ pub(crate) struct PermUser {
     pub(crate) role: String,
     pub(crate) perm: Perm,
     pub(crate) shared: Perm,
+    /// For a `backing` link: the node it is the backing child of. While
+    /// nobody writes that node, the link also shares write and resize
+    /// (QEMU's rule for backing children: an image nobody writes does not
+    /// care whether its backing file changes, which is how an active
+    /// commit's base can take the old top's writers at the pivot).
+    pub(crate) parent: Option<std::sync::Weak<BlockNode>>,
+}
+
+impl PermUser {
+    /// What this user lets others do now.
+    pub(crate) fn shared_now(&self) -> Perm {
+        let idle_parent = self
+            .parent
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|p| !p.is_written());
+        if idle_parent {
+            self.shared | Perm::WRITE | Perm::RESIZE
+        } else {
+            self.shared
+        }
+    }
 }
 
 /// A user's permissions on a node; dropping it releases them.

@@ -162,6 +162,7 @@ impl JobDriver for CommitJob {
 struct ActiveCommitJob {
     core: MirrorCore,
     held: Held,
+    graph: GraphRef,
 }
 
 impl JobDriver for ActiveCommitJob {
@@ -179,21 +180,23 @@ impl JobDriver for ActiveCommitJob {
     }
     fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.held.drop_hooks();
             if !job.should_complete() || job.is_cancelled() {
                 // Soft cancel after READY: no pivot, chain unchanged.
+                self.held.drop_hooks();
                 return Ok(());
             }
-            self.held.drop_perms();
-            self.core.target.flush().await?;
+            // The users of the old active layer (an export) move to
+            // `base`. As in QEMU, the committed layers stay nodes of their
+            // own (the monitor still owns the old active layer, which
+            // `blockdev-del` removes later).
+            self.core
+                .pivot(&self.held, &self.graph, &self.core.source)
+                .await?;
             log::info!(
                 "job {}: pivot: '{}' is now the top of the chain",
                 job.id(),
                 self.core.target.name()
             );
-            // As in QEMU, the committed layers stay nodes of their own (the
-            // monitor still owns the old active layer, which `blockdev-del`
-            // removes later); users address `base` from now on.
             Ok(())
         })
     }
@@ -347,6 +350,7 @@ pub fn start_commit(
                 busy: Arc::default(),
             },
             held: Held::default(),
+            graph: graph.handle(),
         });
         let job = registry.create(ctx, opts, driver.clone())?;
         for n in nodes {

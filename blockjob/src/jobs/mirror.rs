@@ -4,17 +4,15 @@
 //! final sync and pivot, and a soft cancel after READY that completes
 //! without pivoting.
 //!
-//! The pivot is reported, not performed on users: there are no
-//! BlockBackends here. After `BLOCK_JOB_COMPLETED` following `complete`
-//! the target holds everything the source did (including guest writes
-//! made during the job); both nodes stay in the graph and the caller (the
-//! QMP layer) moves the source's users to the target. Active commit does
-//! change the graph: see `commit`.
+//! The pivot moves the source's users to the target: its roots (NBD
+//! exports, see [`BlockRoot`](crate::block::BlockRoot)) and the nodes
+//! backed by it; both nodes stay in the graph, as in QEMU, where the old
+//! source (added by the user) stays until `blockdev-del`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use aio::AioContext;
+use aio::{AioContext, ClientType};
 use serde::Deserialize;
 
 use super::window::Window;
@@ -23,6 +21,7 @@ use super::{
     Holds, OnError, SyncMode,
 };
 use crate::block::bitmap::Bits;
+use crate::block::GraphRef;
 use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, Perm, WriteHook};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
@@ -326,6 +325,58 @@ impl MirrorCore {
         }
     }
 
+    /// Copies what guest writes dirtied after the copy loop found the
+    /// nodes in sync (with `auto-finalize: false` or in a transaction the
+    /// job waits in between), until nothing is dirty, no request runs on
+    /// the source and the target is flushed. Nothing is awaited after that
+    /// last check, so a caller that switches users synchronously right
+    /// after loses no write.
+    async fn final_sync(&self) -> Result<()> {
+        loop {
+            while let Some((off, n)) = self.bitmap.next_run(self.max_io) {
+                self.bitmap.set(off, n, false);
+                if let Err(e) = copy_range(&self.source, &self.target, off, n).await {
+                    self.bitmap.set(off, n, true);
+                    return Err(e.1);
+                }
+            }
+            if self.source.in_flight() > 0 {
+                self.source.wait_idle().await;
+                continue;
+            }
+            self.target.flush().await?;
+            if self.bitmap.count() == 0 && self.source.in_flight() == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The pivot of `complete`: `replaced` (the source, or the node
+    /// `replaces` names) is replaced by the target for its users (QEMU's
+    /// `bdrv_replace_node`): an export of it serves the target from now
+    /// on, an overlay backed by it reads the target. External clients are
+    /// held off meanwhile (QEMU drains around the pivot), the last writes
+    /// are copied, and the switch happens with no await after the check
+    /// that the nodes are in sync.
+    pub(crate) async fn pivot(
+        &self,
+        held: &Held,
+        graph: &GraphRef,
+        replaced: &Arc<BlockNode>,
+    ) -> Result<()> {
+        let _clients = match AioContext::current() {
+            Some(ctx) => Some(
+                ctx.disable_clients(ClientType::EXTERNAL.mask())
+                    .map_err(|e| Error::Job(format!("cannot pivot: {e}")))?,
+            ),
+            None => None,
+        };
+        self.final_sync().await?;
+        held.drop_perms();
+        held.drop_hooks();
+        graph.replace_node(replaced, &self.target).await
+    }
+
     /// Before READY every cancel is a force cancel.
     pub(crate) fn cancel(&self, force: bool) -> bool {
         force || !self.ready.load(Ordering::Acquire)
@@ -335,6 +386,9 @@ impl MirrorCore {
 struct MirrorJob {
     core: MirrorCore,
     held: Held,
+    graph: GraphRef,
+    /// What the target replaces at the pivot: the source, or `replaces`.
+    replaced: Arc<BlockNode>,
 }
 
 impl JobDriver for MirrorJob {
@@ -352,15 +406,21 @@ impl JobDriver for MirrorJob {
     }
     fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.held.drop_hooks();
-            if job.should_complete() && !job.is_cancelled() {
-                log::info!(
-                    "job {}: pivot: '{}' replaces '{}'",
-                    job.id(),
-                    self.core.target.name(),
-                    self.core.source.name()
-                );
+            if !job.should_complete() || job.is_cancelled() {
+                // A soft cancel after READY: the target is in sync, the
+                // users stay on the source.
+                self.held.drop_hooks();
+                return Ok(());
             }
+            self.core
+                .pivot(&self.held, &self.graph, &self.replaced)
+                .await?;
+            log::info!(
+                "job {}: pivot: '{}' replaces '{}'",
+                job.id(),
+                self.core.target.name(),
+                self.replaced.name()
+            );
             Ok(())
         })
     }
@@ -376,6 +436,31 @@ pub(crate) fn default_granularity(target: &BlockNode) -> u64 {
         Some(cs) => cs.max(4096),
         None => 64 << 10,
     }
+}
+
+/// The node `replaces` names, checked as QEMU checks it: a node name (not
+/// a generated one), and one the target may stand in for without the data
+/// its users see changing abruptly. Here that is the source itself: QEMU
+/// also accepts nodes below the source through filters and quorum, which
+/// this block layer does not have yet.
+fn replaces_node(
+    graph: &BlockGraph,
+    source: &Arc<BlockNode>,
+    name: &str,
+) -> Result<Arc<BlockNode>> {
+    let node = graph
+        .nodes()
+        .into_iter()
+        .find(|n| n.name() == name && !name.starts_with('#'))
+        .ok_or_else(|| Error::Job(format!("Failed to find node with node-name='{name}'")))?;
+    if !Arc::ptr_eq(&node, source) {
+        return Err(Error::Job(format!(
+            "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be \
+             guaranteed that doing so would not lead to an abrupt change of visible data",
+            source.name()
+        )));
+    }
+    Ok(node)
 }
 
 /// `blockdev-mirror`.
@@ -395,9 +480,10 @@ pub fn start_mirror(
     let target = find_device(graph, &args.target)?;
     source.check_op_blockers()?;
     target.check_op_blockers()?;
-    if args.replaces.is_some() {
-        return Err(Error::Job("'replaces' is not supported".into()));
-    }
+    let replaced = match &args.replaces {
+        None => source.clone(),
+        Some(r) => replaces_node(graph, &source, r)?,
+    };
     let gran = match args.granularity {
         None | Some(0) => default_granularity(&target),
         Some(g) => {
@@ -473,6 +559,8 @@ pub fn start_mirror(
             busy: Arc::default(),
         },
         held: Held::default(),
+        graph: graph.handle(),
+        replaced,
     });
     let job = registry.create(
         ctx,

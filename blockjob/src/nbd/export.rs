@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use super::proto::*;
 use super::server::{quiesced, Conn, ConnGuard, ExportOptions};
-use crate::block::{BlockNode, DirtyBitmap, PermGuard};
+use crate::block::{BlockNode, BlockRoot, DirtyBitmap};
 use crate::Error;
 
 /// Requests served at once per connection (QEMU's `MAX_NBD_REQUESTS`).
@@ -33,16 +33,17 @@ pub(crate) const MAX_IN_FLIGHT: usize = 16;
 /// Extents in one `BLOCK_STATUS` reply at most.
 const MAX_EXTENTS: usize = 2048;
 
-/// An export: a node under a name, and the permission held on it.
+/// An export: a node under a name, and the permission held on it (a
+/// [`BlockRoot`], so that the export follows its node when a mirror or an
+/// active commit pivots to another node).
 pub(crate) struct Export {
     pub(crate) id: String,
     pub(crate) name: String,
     pub(crate) description: Option<String>,
-    pub(crate) node: Arc<BlockNode>,
+    root: Arc<BlockRoot>,
     pub(crate) writable: bool,
     writethrough: bool,
     ctx: WeakAioContext,
-    perm: Mutex<Option<PermGuard>>,
     /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (busy while
     /// the export lives).
     pub(crate) bitmaps: Vec<Arc<DirtyBitmap>>,
@@ -52,22 +53,25 @@ impl Export {
     pub(crate) fn new(
         opts: &ExportOptions,
         name: String,
-        node: Arc<BlockNode>,
+        root: Arc<BlockRoot>,
         ctx: &AioContext,
-        perm: PermGuard,
         bitmaps: Vec<Arc<DirtyBitmap>>,
     ) -> Self {
         Self {
             id: opts.id.clone(),
             name,
             description: opts.description.clone(),
-            node,
+            root,
             writable: opts.writable,
             writethrough: opts.writethrough,
             ctx: ctx.downgrade(),
-            perm: Mutex::new(Some(perm)),
             bitmaps,
         }
+    }
+
+    /// The node the export serves now.
+    pub(crate) fn node(&self) -> Arc<BlockNode> {
+        self.root.node()
     }
 
     /// The context the export's requests run on.
@@ -77,7 +81,7 @@ impl Export {
 
     /// Drops the permission on the node (the export is gone).
     pub(crate) fn release(&self) {
-        self.perm.lock().take();
+        self.root.release();
         for b in &self.bitmaps {
             b.set_busy(false);
         }
@@ -311,7 +315,7 @@ impl Connection {
                 ),
             ));
         }
-        let size = self.export.node.len();
+        let size = self.export.node().len();
         let writes = matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES);
         if req
             .offset
@@ -338,7 +342,7 @@ impl Connection {
     }
 
     async fn run(&self, req: &Request, payload: Vec<u8>) -> io::Result<()> {
-        let node = &self.export.node;
+        let node = &self.export.node();
         let fua = req.flags & CMD_FLAG_FUA != 0 || self.export.writethrough;
         let len = u64::from(req.len);
         let r: Result<(), Failure> = match req.kind {
@@ -369,7 +373,7 @@ impl Connection {
     }
 
     async fn read(&self, req: &Request) -> io::Result<()> {
-        let node = &self.export.node;
+        let node = &self.export.node();
         let len = req.len as usize;
         if !self.structured {
             return match node.read(req.offset, vec![0u8; len]).await {
@@ -427,7 +431,7 @@ impl Connection {
     /// The range as data and holes: what reads as zeroes becomes
     /// `OFFSET_HOLE` chunks, the rest is read.
     async fn sparse_read(&self, offset: u64, len: u32) -> Result<Vec<Piece>, Failure> {
-        let node = &self.export.node;
+        let node = &self.export.node();
         let end = offset + u64::from(len);
         // Runs of (start, len, reads as zero).
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -519,7 +523,7 @@ impl Connection {
         req: &Request,
         one: bool,
     ) -> Result<Vec<(u32, u32)>, Failure> {
-        let node = &self.export.node;
+        let node = &self.export.node();
         let end = req.offset + u64::from(req.len);
         let mut extents: Vec<(u32, u32)> = Vec::new();
         let mut pos = req.offset;

@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 
 use super::export::{self, Export, Session};
 use super::proto::*;
-use crate::block::{BlockNode, DirtyBitmap, Perm};
+use crate::block::{BlockNode, BlockRoot, DirtyBitmap, Perm};
 use crate::{Error, Result};
 
 /// Where the server listens.
@@ -557,16 +557,16 @@ impl NbdServer {
             Perm::CONSISTENT_READ
         };
         let bitmaps = export_bitmaps(&node, opts)?;
-        let guard = node.attach(&format!("export '{}'", opts.id), "root", perm, Perm::ALL)?;
+        let root = BlockRoot::attach(&node, &format!("export '{}'", opts.id), perm, Perm::ALL)?;
         for b in &bitmaps {
             b.set_busy(true);
         }
-        let export = Export::new(opts, name, node, ctx, guard, bitmaps);
+        let export = Export::new(opts, name, root, ctx, bitmaps);
         log::info!(
             "nbd: export '{}' (name '{}', node '{}'{})",
             export.id,
             export.name,
-            export.node.name(),
+            export.node().name(),
             if opts.writable { ", writable" } else { "" }
         );
         st.exports.push(Entry {
@@ -632,7 +632,7 @@ impl NbdServer {
             .map(|e| ExportInfo {
                 id: e.export.id.clone(),
                 name: e.export.name.clone(),
-                node_name: e.export.node.name().to_string(),
+                node_name: e.export.node().name().to_string(),
                 shutting_down: e.shutting_down,
                 writable: e.export.writable,
                 connections: e.conns.len(),
@@ -875,7 +875,7 @@ async fn negotiate(fd: AsyncFd<Conn>, conn: Conn, mut guard: ConnGuard) -> io::R
                     ));
                 };
                 let mut out = Vec::with_capacity(10 + 124);
-                out.extend_from_slice(&export.node.len().to_be_bytes());
+                out.extend_from_slice(&export.node().len().to_be_bytes());
                 out.extend_from_slice(&transmission_flags(&export, h.structured).to_be_bytes());
                 if !h.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
@@ -1000,7 +1000,7 @@ async fn info(
     };
     let mut item = Vec::with_capacity(12);
     item.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    item.extend_from_slice(&export.node.len().to_be_bytes());
+    item.extend_from_slice(&export.node().len().to_be_bytes());
     item.extend_from_slice(&transmission_flags(&export, h.structured).to_be_bytes());
     send_reply(fd, option, REP_INFO, &item).await?;
     if req.info.contains(&INFO_NAME) {

@@ -186,6 +186,10 @@ pub trait WriteHook: Send + Sync {
     fn after_write(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+    /// Runs after a flush of the node completed successfully: every write
+    /// that completed before the flush started is durable (a crash-point
+    /// recorder marks its barrier here).
+    fn after_flush(&self) {}
     /// Whether [`after_write_data`](Self::after_write_data) wants the data
     /// of writes (it is then kept until the write is done).
     fn wants_data(&self) -> bool {
@@ -1022,7 +1026,15 @@ impl BlockNode {
         if self.read_only() {
             return Ok(());
         }
-        self.driver.flush().await
+        self.driver.flush().await?;
+        let hooks: Vec<Arc<dyn WriteHook>> = {
+            let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+            h.iter().map(|(_, h)| h.clone()).collect()
+        };
+        for h in &hooks {
+            h.after_flush();
+        }
+        Ok(())
     }
 
     /// Changes the virtual size. Needs the node writable.

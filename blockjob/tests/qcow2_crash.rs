@@ -1,16 +1,19 @@
 //! Crash tests for qcow2 metadata ordering.
 //!
 //! Every write the qcow2 driver makes to its file child is recorded
-//! through a [`WriteHook`] on the file node, and so is every completed
-//! flush of it ([`WriteHook::after_flush`]). The flushes cut the log into
-//! epochs. A disk with a volatile cache may, at a crash, have persisted
-//! any subset of the writes issued since the last completed flush, in any
-//! order, on top of everything written before that flush. For sampled
-//! epochs the test builds such images — the state at the epoch's flush
-//! plus a random subset of the epoch's writes applied in a random order
-//! (so for overlapping writes either may win) — and `qemu-img check` must
-//! report no corruption (leaks are allowed) and QEMU must read the whole
-//! image. An in-order replay of the epoch is always one of the samples.
+//! through a [`WriteHook`] on the file node, and so is every flush of it
+//! ([`WriteHook::before_flush`], [`WriteHook::after_flush`]). A completed
+//! flush makes durable the writes that completed before it started. A
+//! disk with a volatile cache may, at a crash, have persisted any subset
+//! of the other writes, in any order. The crash points sampled are the
+//! moments just before each flush completes (and the end): the image is
+//! the durable state then plus a random subset of the writes not yet
+//! durable, applied in a random order (so for overlapping writes either
+//! may win), and `qemu-img check` must report no corruption (leaks are
+//! allowed) and QEMU must read the whole image. Applying all of them in
+//! order is always one of the samples. Overlapping flushes are modelled
+//! exactly (a write completing during a flush is not covered by it), so
+//! a driver that joins a flush already in flight is caught.
 //!
 //! Workloads: random write/zero/discard/grow with small clusters and
 //! 64-bit refcounts (the refcount table and the L1 table move), 4 KiB
@@ -39,15 +42,18 @@ enum Ev {
     /// A completed write, zero write or discard: the range and the bytes
     /// it holds on disk afterwards.
     Write(u64, Vec<u8>),
-    /// A completed flush, with the file's length then (length changes
-    /// are durable at the next flush).
-    Flush(u64),
+    /// A completed flush: the log length when it started (the writes it
+    /// covers) and the file's length when it ended (length changes are
+    /// durable at a flush).
+    Flush { covers: usize, len: u64 },
 }
 
 /// Records writes and flushes of the file node, in completion order.
 struct Recorder {
     path: PathBuf,
     log: Mutex<Vec<Ev>>,
+    /// Flushes in flight: id → log length at their start.
+    flushing: Mutex<std::collections::HashMap<u64, usize>>,
 }
 
 impl Recorder {
@@ -65,9 +71,22 @@ impl WriteHook for Recorder {
         f.read_exact_at(&mut buf, offset).expect("read back write");
         self.log.lock().expect("log").push(Ev::Write(offset, buf));
     }
-    fn after_flush(&self) {
+    fn before_flush(&self, flush: u64) {
+        let at = self.log.lock().expect("log").len();
+        self.flushing.lock().expect("flushing").insert(flush, at);
+    }
+    fn after_flush(&self, flush: u64) {
         let len = self.file_len();
-        self.log.lock().expect("log").push(Ev::Flush(len));
+        let covers = self
+            .flushing
+            .lock()
+            .expect("flushing")
+            .remove(&flush)
+            .expect("flush started");
+        self.log
+            .lock()
+            .expect("log")
+            .push(Ev::Flush { covers, len });
     }
 }
 
@@ -112,6 +131,40 @@ impl Run<'_> {
     }
 }
 
+impl Run<'_> {
+    /// `tasks` tasks at once, each doing `n` random writes, zero writes,
+    /// discards and (one in 8) guest flushes, so allocations, metadata
+    /// updates and flushes of different requests interleave.
+    fn concurrent_ops(&mut self, tasks: usize, n: usize, max_sectors: u64) {
+        let hs: Vec<_> = (0..tasks)
+            .map(|_| {
+                let node = self.node.clone();
+                let mut rng = Rng(self.rng.next() | 1);
+                self.ctx.spawn(async move {
+                    for _ in 0..n {
+                        let cur = node.len();
+                        let off = rng.below(cur / 512) * 512;
+                        let len = ((rng.below(max_sectors) + 1) * 512).min(cur - off);
+                        match rng.below(16) {
+                            0..=8 => {
+                                let b = (rng.below(255) + 1) as u8;
+                                node.write(off, vec![b; len as usize]).await?
+                            }
+                            9..=11 => node.write_zeroes(off, len).await?,
+                            12..=13 => node.discard(off, len).await?,
+                            _ => node.flush().await?,
+                        }
+                    }
+                    Ok::<(), blockjob::Error>(())
+                })
+            })
+            .collect();
+        for h in hs {
+            self.ctx.block_on(h).expect("task").expect("concurrent op");
+        }
+    }
+}
+
 /// The recorded run: the file when recording began, and the events.
 struct Recording {
     initial: Vec<u8>,
@@ -131,6 +184,7 @@ fn record(img: &Path, seed: u64, body: impl FnOnce(&mut Run<'_>)) -> Recording {
             .map(|f| PathBuf::from(f.filename()))
             .expect("file child"),
         log: Mutex::new(Vec::new()),
+        flushing: Mutex::new(Default::default()),
     });
     let file = node.file_child().expect("file child");
     let guard = file.add_write_hook(rec.clone());
@@ -158,8 +212,8 @@ fn apply(buf: &mut Vec<u8>, off: u64, data: &[u8]) {
     buf[off as usize..end].copy_from_slice(data);
 }
 
-/// One flush-to-flush stretch of the log: the durable image at its start
-/// and the writes issued in it.
+/// A crash point just before a flush completes (or at the end): the
+/// durable image then and the completed writes not yet durable.
 struct Epoch {
     base: Vec<u8>,
     writes: Vec<(u64, Vec<u8>)>,
@@ -167,29 +221,42 @@ struct Epoch {
 
 fn epochs(r: &Recording) -> Vec<Epoch> {
     let mut durable = r.initial.clone();
+    // The log entries before `upto` are durable.
+    let mut upto = 0;
     let mut out = Vec::new();
-    let mut cur: Vec<(u64, Vec<u8>)> = Vec::new();
-    for ev in &r.log {
-        match ev {
-            Ev::Write(off, data) => cur.push((*off, data.clone())),
-            Ev::Flush(len) => {
-                if !cur.is_empty() {
-                    out.push(Epoch {
-                        base: durable.clone(),
-                        writes: cur.clone(),
-                    });
-                }
-                for (off, data) in cur.drain(..) {
-                    apply(&mut durable, off, &data);
-                }
-                durable.resize(*len as usize, 0);
-            }
+    let pending = |from: usize, to: usize| -> Vec<(u64, Vec<u8>)> {
+        r.log[from..to]
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Write(off, data) => Some((*off, data.clone())),
+                Ev::Flush { .. } => None,
+            })
+            .collect()
+    };
+    for (at, ev) in r.log.iter().enumerate() {
+        let Ev::Flush { covers, len } = ev else {
+            continue;
+        };
+        let writes = pending(upto, at);
+        if !writes.is_empty() {
+            out.push(Epoch {
+                base: durable.clone(),
+                writes,
+            });
         }
+        if *covers > upto {
+            for (off, data) in pending(upto, *covers) {
+                apply(&mut durable, off, &data);
+            }
+            upto = *covers;
+        }
+        durable.resize(*len as usize, 0);
     }
-    if !cur.is_empty() {
+    let writes = pending(upto, r.log.len());
+    if !writes.is_empty() {
         out.push(Epoch {
             base: durable,
-            writes: cur,
+            writes,
         });
     }
     out
@@ -557,6 +624,27 @@ fn crash_reorder_large_resize_grows_l1() {
     });
     let c = check_crashes(dir.path(), &r, Sampling::new(30, 3));
     assert!(c.l1_moved, "resize did not move the L1 table");
+}
+
+#[test]
+fn crash_reorder_concurrent_requests() {
+    // Four requests in flight: their allocations, L2 updates and the
+    // driver's and the guest's flushes overlap.
+    let dir = tmp();
+    let img = new_image(
+        dir.path(),
+        &CreateOptions::new(2 << 20)
+            .cluster_size(512)
+            .refcount_bits(16),
+    );
+    let r = record(&img, 0xc0c0, |run| run.concurrent_ops(4, 60, 16));
+    let overlapped = r
+        .log
+        .iter()
+        .enumerate()
+        .any(|(at, e)| matches!(e, Ev::Flush { covers, .. } if *covers < at));
+    check_crashes(dir.path(), &r, Sampling::new(40, 3));
+    assert!(overlapped, "no write completed during a flush");
 }
 
 /// The oracle can fail: zeroing the first refcount block of a finished

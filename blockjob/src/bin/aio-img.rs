@@ -463,8 +463,9 @@ async fn map(args: &[String]) -> Outcome {
 
 async fn check(args: &[String]) -> Outcome {
     let (flags, pos) = parse(args, &["-f", "-r"])?;
-    check_flags(&flags, &["-f", "-q", "-r", "--repair"])?;
+    check_flags(&flags, &["-f", "-q", "-r", "--repair", "--output"])?;
     let file = pos.first().ok_or_else(usage)?;
+    let as_json = json_output(&flags)?;
     let opts = match flag(&flags, "-r").or(flag(&flags, "--repair")) {
         None => CheckOptions::new(),
         Some("leaks") => CheckOptions::leaks(),
@@ -487,21 +488,32 @@ async fn check(args: &[String]) -> Outcome {
         return Ok(63);
     };
     // As qemu-img: what the check found and did on stderr, the summary on
-    // stdout; after repairs, the summary is that of a second check.
+    // stdout; after repairs, the summary is that of a second check (with
+    // the first one's repair counts in JSON).
     for l in r.corruptions.iter().chain(&r.leaks).chain(&r.repairs) {
         eprintln!("{l}");
     }
     if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", r.leaks_fixed);
-        println!("    {} corruptions\n", r.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        if !as_json {
+            println!("The following inconsistencies were found and repaired:\n");
+            println!("    {} leaked clusters", r.leaks_fixed);
+            println!("    {} corruptions\n", r.corruptions_fixed);
+            println!("Double checking the fixed image now...");
+        }
+        let (leaks_fixed, corruptions_fixed) = (r.leaks_fixed, r.corruptions_fixed);
         r = top.check().await?.unwrap_or_default();
+        r.leaks_fixed = leaks_fixed;
+        r.corruptions_fixed = corruptions_fixed;
         for l in r.corruptions.iter().chain(&r.leaks) {
             eprintln!("{l}");
         }
     }
-    let code = print_check_summary(&r);
+    let code = if as_json {
+        println!("{}", r.to_qemu_json(file, top.driver_name()));
+        check_exit_code(&r)
+    } else {
+        print_check_summary(&r)
+    };
     top.close().await?;
     Ok(code)
 }
@@ -523,14 +535,22 @@ fn print_check_summary(r: &CheckReport) -> u8 {
         }
     }
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
+        let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
         println!(
-            "{}/{} = {:.2}% allocated",
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             r.allocated_clusters,
             r.total_clusters,
-            r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64
+            pct(r.allocated_clusters, r.total_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters)
         );
     }
     println!("Image end offset: {}", r.image_end_offset);
+    check_exit_code(r)
+}
+
+/// `qemu-img check`'s exit code for `r`: 2 corrupt, 3 leaks only, 0 clean.
+fn check_exit_code(r: &CheckReport) -> u8 {
     if !r.corruptions.is_empty() {
         2
     } else if !r.leaks.is_empty() {

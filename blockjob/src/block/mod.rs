@@ -312,6 +312,11 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     /// Clusters the virtual disk spans.
     pub total_clusters: u64,
+    /// Allocated clusters not contiguous with the previous one of their
+    /// L2 table, compressed ones included (QEMU's `fragmented-clusters`).
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
     /// The end of the used part of the file.
     pub image_end_offset: u64,
     /// Leaked clusters repaired (`qemu-img check -r leaks`).

@@ -188,6 +188,17 @@ pub trait WriteHook: Send + Sync {
     fn after_write(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+    /// Runs when a flush of the node starts; `flush` names it in the
+    /// matching [`after_flush`](Self::after_flush) (flushes may overlap).
+    fn before_flush(&self, flush: u64) {
+        let _ = flush;
+    }
+    /// Runs after the flush `flush` completed successfully: every write
+    /// that completed before its [`before_flush`](Self::before_flush) is
+    /// durable (a crash-point recorder marks its barrier here).
+    fn after_flush(&self, flush: u64) {
+        let _ = flush;
+    }
     /// Whether [`after_write_data`](Self::after_write_data) wants the data
     /// of writes (it is then kept until the write is done).
     fn wants_data(&self) -> bool {
@@ -1046,7 +1057,19 @@ impl BlockNode {
         if self.read_only() {
             return Ok(());
         }
-        self.driver.flush().await
+        let hooks: Vec<Arc<dyn WriteHook>> = {
+            let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+            h.iter().map(|(_, h)| h.clone()).collect()
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        for h in &hooks {
+            h.before_flush(id);
+        }
+        self.driver.flush().await?;
+        for h in &hooks {
+            h.after_flush(id);
+        }
+        Ok(())
     }
 
     /// Changes the virtual size. Needs the node writable.

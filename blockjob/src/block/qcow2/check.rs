@@ -27,6 +27,10 @@ pub(super) struct Tally {
     /// The refcount table itself is damaged: only a rebuild repairs it.
     rebuild: bool,
     allocated: u64,
+    /// Active clusters not right after their predecessor in the same L2
+    /// table (compressed ones always), as QEMU counts them.
+    fragmented: u64,
+    compressed: u64,
 }
 
 fn inc(refs: &mut [u64], cs: u64, what: &str, off: u64, len: u64, corrupt: &mut Vec<String>) {
@@ -57,7 +61,7 @@ impl Qcow2 {
         let n = flen.div_ceil(cs).max(m.end_cluster) as usize;
         let mut refs = vec![0u64; n];
         let mut corrupt = Vec::new();
-        let mut allocated = 0;
+        let (mut allocated, mut fragmented, mut compressed) = (0, 0, 0);
         inc(&mut refs, cs, "header", 0, cs, &mut corrupt);
         let l1_len = m.l1.len() as u64 * 8;
         inc(&mut refs, cs, "L1 table", m.l1_offset, l1_len, &mut corrupt);
@@ -113,6 +117,7 @@ impl Qcow2 {
                 }
                 inc(&mut refs, cs, "L2 table", off, cs, &mut corrupt);
                 let t = m.l2_table(g, l1i as u64, off).await?.clone();
+                let mut next_contiguous = 0;
                 for &w in t.iter().step_by(step) {
                     let Some((host, len)) = host_range(w, g.cluster_bits) else {
                         continue;
@@ -124,6 +129,14 @@ impl Qcow2 {
                     inc(&mut refs, cs, "data cluster", host, len, &mut corrupt);
                     if active {
                         allocated += 1;
+                        if w & COMPRESSED != 0 {
+                            compressed += 1;
+                            fragmented += 1;
+                        } else {
+                            fragmented +=
+                                u64::from(next_contiguous != 0 && host != next_contiguous);
+                            next_contiguous = host + cs;
+                        }
                     }
                 }
             }
@@ -164,6 +177,8 @@ impl Qcow2 {
             rc_corrupt,
             rebuild,
             allocated,
+            fragmented,
+            compressed,
         })
     }
 
@@ -305,6 +320,8 @@ impl Qcow2 {
         }
         r.corruptions = t.corrupt;
         r.allocated_clusters = t.allocated;
+        r.fragmented_clusters = t.fragmented;
+        r.compressed_clusters = t.compressed;
         r.total_clusters = self.len().div_ceil(cs);
         r.image_end_offset = end * cs;
         Ok(r)
@@ -368,5 +385,36 @@ impl Qcow2 {
             self.fix_copied(m).await?;
         }
         Ok(())
+    }
+}
+
+impl CheckReport {
+    /// `qemu-img check --output=json`'s object for this report: QEMU's
+    /// `ImageCheck`, where `check-errors` is always present and every
+    /// other count only when nonzero, with the keys in the order QEMU
+    /// prints them (its dictionary's hash order) and its 4-space
+    /// indentation; no trailing newline.
+    pub fn to_qemu_json(&self, filename: &str, format: &str) -> String {
+        let n = |v: u64| (v != 0).then(|| v.to_string());
+        let s = |v: &str| Some(serde_json::Value::from(v).to_string());
+        let fields = [
+            ("image-end-offset", n(self.image_end_offset)),
+            ("compressed-clusters", n(self.compressed_clusters)),
+            ("total-clusters", n(self.total_clusters)),
+            ("corruptions", n(self.corruptions.len() as u64)),
+            ("corruptions-fixed", n(self.corruptions_fixed)),
+            ("check-errors", Some("0".to_string())),
+            ("leaks", n(self.leaks.len() as u64)),
+            ("leaks-fixed", n(self.leaks_fixed)),
+            ("allocated-clusters", n(self.allocated_clusters)),
+            ("filename", s(filename)),
+            ("format", s(format)),
+            ("fragmented-clusters", n(self.fragmented_clusters)),
+        ];
+        let body: Vec<String> = fields
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("    \"{k}\": {v}")))
+            .collect();
+        format!("{{\n{}\n}}", body.join(",\n"))
     }
 }

@@ -15,10 +15,11 @@ const ZERO_CHUNK: u64 = 1 << 20;
 impl Qcow2 {
     /// Allocates every unallocated guest cluster, one L2 table's worth at
     /// a time: refcounts, then the data clusters' contents (`falloc`,
-    /// `full`), then the L2 table, then its L1 entry, with flushes
-    /// between, so a crash leaves only leaks. With `metadata` the data
-    /// clusters are left unwritten: the file is extended sparsely to cover
-    /// them and they read as zeroes from its holes, as in QEMU.
+    /// `full`) and the file's new length, then the L2 table, then its L1
+    /// entry, with flushes between, so a crash leaves only leaks. With
+    /// `metadata` the data clusters are left unwritten: the file is
+    /// extended sparsely to cover them and they read as zeroes from its
+    /// holes, as in QEMU.
     pub(super) async fn do_preallocate(&self, mode: Preallocation) -> Result<()> {
         self.refuse_read_only("preallocate")?;
         if mode == Preallocation::Off {
@@ -67,6 +68,12 @@ impl Qcow2 {
                 }
             }
             file_end = file_end.max(data + bytes).max(table_off + cs);
+            // The file covers the clusters before the refcounts and the
+            // L2 entries naming them can be durable: a reference past
+            // the end of the file is corruption to `qemu-img check`.
+            if g.file.len() < file_end {
+                g.file.truncate(file_end).await?;
+            }
             for (k, &i) in todo.iter().enumerate() {
                 table[i] = (data + k as u64 * cs) | COPIED;
             }
@@ -77,9 +84,6 @@ impl Qcow2 {
             if cur == 0 {
                 m.set_l1(g, l1i, table_off | COPIED).await?;
             }
-        }
-        if g.file.len() < file_end {
-            g.file.truncate(file_end).await?;
         }
         g.flush().await
     }

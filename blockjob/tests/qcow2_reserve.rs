@@ -130,6 +130,8 @@ fn unflushed_reserve_is_only_a_leak_and_a_flush_gives_it_back() {
 }
 
 #[test]
+/// (The open repairs the dirty image; allocation would skip the
+/// clusters past the end anyway.)
 fn writes_after_a_crash_skip_clusters_allocated_past_the_end() {
     let w = written(2);
     let (dir, img, ctx, node) = (&w.dir, &w.img, &w.ctx, w.node);

@@ -1,8 +1,10 @@
 //! `aio-bench jobs`: block-job throughput of `aiod` against
 //! qemu-storage-daemon, the same jobs on the same images in one run.
 //!
-//! Each case builds fresh qcow2 images in /dev/shm with `qemu-img` and
-//! `qemu-io`, starts the daemon with them as `--blockdev`s, sends the job
+//! Each case builds fresh qcow2 images with `qemu-img` and `qemu-io`, in
+//! /dev/shm (buffered) or in a directory on disk (`cache.direct=on`, as
+//! `aio-bench io` and `imgbench` measure disks), starts the daemon with
+//! them as `--blockdev`s, sends the job
 //! command over QMP with no speed limit and times it to
 //! `BLOCK_JOB_COMPLETED` (mirror: to `BLOCK_JOB_READY`, then
 //! `block-job-complete`, to `BLOCK_JOB_COMPLETED`). The two daemons
@@ -31,12 +33,46 @@ pub struct JobsOpts {
     pub json: bool,
     /// The `aiod` binary (default: next to the running executable).
     pub aiod: Option<PathBuf>,
+    /// Where the images go, in this order (empty: /dev/shm only).
+    pub targets: Vec<JobTarget>,
+    /// The directory of [`JobTarget::Disk`] (default /var/tmp).
+    pub disk_dir: Option<PathBuf>,
 }
 
 impl JobsOpts {
     /// The defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+}
+
+/// Where `aio-bench jobs` puts its images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobTarget {
+    /// /dev/shm (tmpfs), through the page cache.
+    Shm,
+    /// A directory on disk, opened `cache.direct=on` by both daemons.
+    Disk,
+}
+
+impl JobTarget {
+    /// `shm`, `disk` or `both`.
+    pub fn parse_list(s: &str) -> Option<Vec<JobTarget>> {
+        match s {
+            "shm" => Some(vec![JobTarget::Shm]),
+            "disk" => Some(vec![JobTarget::Disk]),
+            "both" => Some(vec![JobTarget::Shm, JobTarget::Disk]),
+            _ => None,
+        }
+    }
+
+    /// The name in the table and the JSON lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobTarget::Shm => "shm",
+            JobTarget::Disk => "disk",
+        }
     }
 }
 
@@ -189,9 +225,12 @@ fn qcow2(path: &Path, size_mib: u64, backing: Option<&Path>, fill: bool) -> Resu
     Ok(())
 }
 
-fn node(name: &str, file: &Path, backing: Option<&str>) -> Value {
+fn node(name: &str, file: &Path, backing: Option<&str>, direct: bool) -> Value {
     let mut v = json!({"driver": "qcow2", "node-name": name,
         "file": {"driver": "file", "filename": file}});
+    if direct {
+        v["cache"] = json!({"direct": true});
+    }
     if let Some(b) = backing {
         v["backing"] = json!(b);
     }
@@ -200,8 +239,14 @@ fn node(name: &str, file: &Path, backing: Option<&str>) -> Value {
 
 /// Builds the images of `job` in `dir`; returns the blockdevs and the
 /// job command.
-fn setup(job: &str, dir: &Path, mib: u64) -> Result<(Vec<Value>, &'static str, Value), String> {
+fn setup(
+    job: &str,
+    dir: &Path,
+    mib: u64,
+    direct: bool,
+) -> Result<(Vec<Value>, &'static str, Value), String> {
     let p = |n: &str| dir.join(format!("{job}-{n}.qcow2"));
+    let node = |name: &str, file: &Path, backing: Option<&str>| node(name, file, backing, direct);
     Ok(match job {
         "stream" => {
             qcow2(&p("base"), mib, None, true)?;
@@ -262,8 +307,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 /// One timed run: seconds from the command to `BLOCK_JOB_COMPLETED`, and
 /// the daemon's peak RSS (KiB, 0 if unknown) at that point.
-fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<(f64, u64), String> {
-    let (blockdevs, cmd, args) = setup(job, dir, mib)?;
+fn once(
+    which: Daemon,
+    aiod: &Path,
+    job: &str,
+    dir: &Path,
+    mib: u64,
+    direct: bool,
+) -> Result<(f64, u64), String> {
+    let (blockdevs, cmd, args) = setup(job, dir, mib, direct)?;
     let mut d = Running::start(which, aiod, dir, &blockdevs)?;
     let start = Instant::now();
     d.execute(cmd, args)?;
@@ -287,26 +339,40 @@ fn once(which: Daemon, aiod: &Path, job: &str, dir: &Path, mib: u64) -> Result<(
     Ok((secs, rss))
 }
 
-/// Runs the benchmark; the table (or JSON lines) goes to stdout.
-///
-/// # Errors
-///
-/// A missing tool or binary, or a job that fails.
-pub fn run(opts: &JobsOpts) -> Result<(), String> {
-    let aiod = aiod_path(opts.aiod.as_deref())?;
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
+/// One row of the result: medians in MiB/s and peak RSS in KiB.
+struct Row {
+    job: &'static str,
+    aiod: f64,
+    qsd: f64,
+    aiod_rss: u64,
+    qsd_rss: u64,
+}
+
+/// Runs every job on one target, the daemons alternating round by round.
+fn run_target(
+    opts: &JobsOpts,
+    aiod: &Path,
+    target: JobTarget,
+    mib: u64,
+    rounds: usize,
+) -> Result<Vec<Row>, String> {
+    let base = match target {
+        JobTarget::Shm if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        JobTarget::Shm => std::env::temp_dir(),
+        JobTarget::Disk => opts
+            .disk_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/tmp")),
     };
     let dir = tempfile::Builder::new()
         .prefix("aio-bench-jobs")
-        .tempdir_in(base)
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let (mib, rounds) = if opts.quick { (128, 1) } else { (512, 3) };
+        .tempdir_in(&base)
+        .map_err(|e| format!("temp dir in {}: {e}", base.display()))?;
+    let direct = target == JobTarget::Disk;
     eprintln!(
-        "jobs: {mib} MiB qcow2 images in {}, {rounds} round(s), aiod {}",
+        "jobs: {mib} MiB qcow2 images in {}{}, {rounds} round(s), aiod {}",
         dir.path().display(),
+        if direct { " (cache.direct=on)" } else { "" },
         aiod.display()
     );
     let mut rows = Vec::new();
@@ -321,10 +387,11 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
                 [Daemon::Qsd, Daemon::Aiod]
             };
             for which in order {
-                let (secs, rss) = once(which, &aiod, job, dir.path(), mib)?;
+                let (secs, rss) = once(which, aiod, job, dir.path(), mib, direct)?;
                 let rate = mib as f64 / secs;
                 eprintln!(
-                    "  {job:<7} round {} {:<20} {rate:>8.0} MiB/s  peak RSS {:>4} MiB",
+                    "  {:<4} {job:<7} round {} {:<20} {rate:>8.0} MiB/s  peak RSS {:>4} MiB",
+                    target.label(),
                     round + 1,
                     which.label(),
                     rss >> 10
@@ -345,26 +412,63 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
         if opts.json {
             println!(
                 "{}",
-                json!({"bench": "jobs", "job": job, "size_mib": mib, "rounds": rounds,
+                json!({"bench": "jobs", "target": target.label(), "job": job,
+                    "size_mib": mib, "rounds": rounds,
                     "aiod_mib_per_s": a.round(), "qsd_mib_per_s": q.round(),
                     "aiod_vs_qsd": (a / q * 1000.0).round() / 1000.0,
                     "aiod_peak_rss_kib": a_rss, "qsd_peak_rss_kib": q_rss})
             );
         }
-        rows.push((job, a, q, a_rss, q_rss));
+        rows.push(Row {
+            job,
+            aiod: a,
+            qsd: q,
+            aiod_rss: a_rss,
+            qsd_rss: q_rss,
+        });
     }
-    if !opts.json {
-        println!("jobs: {mib} MiB qcow2 on /dev/shm, no speed limit, median of {rounds}");
+    Ok(rows)
+}
+
+/// Runs the benchmark; the table (or JSON lines) goes to stdout.
+///
+/// # Errors
+///
+/// A missing tool or binary, or a job that fails.
+pub fn run(opts: &JobsOpts) -> Result<(), String> {
+    let aiod = aiod_path(opts.aiod.as_deref())?;
+    let (mib, rounds) = if opts.quick { (128, 1) } else { (512, 3) };
+    let targets = if opts.targets.is_empty() {
+        vec![JobTarget::Shm]
+    } else {
+        opts.targets.clone()
+    };
+    let mut tables = Vec::new();
+    for target in targets {
+        tables.push((target, run_target(opts, &aiod, target, mib, rounds)?));
+    }
+    if opts.json {
+        return Ok(());
+    }
+    for (target, rows) in tables {
+        let on = match target {
+            JobTarget::Shm => "/dev/shm",
+            JobTarget::Disk => "disk, cache.direct=on",
+        };
+        println!("jobs: {mib} MiB qcow2 on {on}, no speed limit, median of {rounds}");
         println!(
             "{:<8} {:>12} {:>12} {:>10} {:>14} {:>13}",
             "job", "aiod MiB/s", "QSD MiB/s", "aiod/QSD", "aiod RSS MiB", "QSD RSS MiB"
         );
-        for (job, a, q, ar, qr) in rows {
+        for r in rows {
             println!(
-                "{job:<8} {a:>12.0} {q:>12.0} {:>9.2}x {:>14} {:>13}",
-                a / q,
-                ar >> 10,
-                qr >> 10
+                "{:<8} {:>12.0} {:>12.0} {:>9.2}x {:>14} {:>13}",
+                r.job,
+                r.aiod,
+                r.qsd,
+                r.aiod / r.qsd,
+                r.aiod_rss >> 10,
+                r.qsd_rss >> 10
             );
         }
     }

@@ -72,7 +72,9 @@ commands:
                                aio-img next to this binary)
 
   jobs    [--quick] [--json]   stream, commit, mirror and backup of 512 MiB
-          [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm, no
+          [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm
+          [--target shm|disk|both]  (default shm) and/or on disk (--disk-dir,
+          [--disk-dir DIR]     default /var/tmp, cache.direct=on), no
                                speed limit, in aiod and in qemu-storage-daemon,
                                alternating; MiB/s and ratios (needs a release
                                aiod next to this binary)
@@ -210,6 +212,14 @@ fn parse_jobs(rest: &[String]) -> Result<Command, String> {
             "--json" => o.json = true,
             "-h" | "--help" => return Ok(Command::Help),
             "--aiod" => o.aiod = Some(PathBuf::from(it.next().ok_or("--aiod needs a value")?)),
+            "--target" => {
+                let v = it.next().ok_or("--target needs a value")?;
+                o.targets = bench::jobs::JobTarget::parse_list(v)
+                    .ok_or_else(|| format!("bad --target {v} (shm, disk or both)"))?;
+            }
+            "--disk-dir" => {
+                o.disk_dir = Some(PathBuf::from(it.next().ok_or("--disk-dir needs a value")?));
+            }
             other => return Err(format!("unknown option for jobs: {other}")),
         }
     }

@@ -129,6 +129,10 @@ pub(crate) struct Meta {
     pub(crate) reftable_offset: u64,
     rb_cache: Lru<Vec<u8>>,
     free_hint: u64,
+    /// Clusters allocated ahead for whole-cluster data writes (first
+    /// cluster, count): refcount 1 on disk, named by no table (a crash
+    /// leaks them, nothing worse). See `reserve`.
+    pub(super) data_reserve: (u64, u64),
     /// One past the highest cluster that may be in use.
     pub(crate) end_cluster: u64,
     /// The internal snapshots, in table order.
@@ -178,6 +182,7 @@ impl Meta {
             reftable_offset,
             rb_cache: Lru::new(l2_cap),
             free_hint: 0,
+            data_reserve: (0, 0),
             end_cluster: g.file.len().div_ceil(g.cs()),
             snapshots: Vec::new(),
             snapshots_at: (0, 0),
@@ -514,7 +519,7 @@ impl Meta {
     /// the hint, or a run that starts in the free tail of the image and
     /// continues past its end. Moves the hint to the first free cluster
     /// seen (the caller moves it past what it allocates).
-    async fn find_free(&mut self, g: &Geom, n: u64) -> Result<u64> {
+    pub(super) async fn find_free(&mut self, g: &Geom, n: u64) -> Result<u64> {
         let mut c = self.free_hint;
         let mut first_free = None;
         let (mut start, mut run) = (c, 0);
@@ -537,7 +542,7 @@ impl Meta {
     /// Sets the refcounts of clusters `c..c + n` (their refcount blocks
     /// must exist) to `v`, writing each block's changed bytes with one
     /// write.
-    async fn put_refcounts(&mut self, g: &Geom, c: u64, n: u64, v: u64) -> Result<()> {
+    pub(super) async fn put_refcounts(&mut self, g: &Geom, c: u64, n: u64, v: u64) -> Result<()> {
         let rpb = g.rpb();
         let order = g.refcount_order;
         let width = ((1u64 << order) / 8).max(1);
@@ -573,9 +578,13 @@ impl Meta {
             for t in c / rpb..=(c + n - 1) / rpb {
                 self.ensure_refblock(g, t).await?;
             }
-            // Allocating refcount blocks may have used the candidate.
+            // Allocating refcount blocks may have used the candidate, and
+            // past the end of the file there may be clusters a crash left
+            // allocated (refcounts written, data not): the next search
+            // looks past them.
             for i in 0..n {
                 if self.refcount(g, c + i).await? != 0 {
+                    self.end_cluster = self.end_cluster.max(c + i + 1);
                     continue 'retry;
                 }
             }
@@ -690,6 +699,8 @@ impl Meta {
         self.reftable_offset = offset;
         self.rb_cache = Lru::new(self.rb_cache.cap);
         self.free_hint = 0;
+        // The new table does not count the reserve.
+        self.data_reserve = (0, 0);
         self.end_cluster = self.end_cluster.max(end_cluster);
     }
 

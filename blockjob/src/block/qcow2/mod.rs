@@ -24,6 +24,7 @@ pub(crate) mod header;
 pub(crate) mod meta;
 mod prealloc;
 mod repair;
+mod reserve;
 mod snapshot;
 mod write;
 
@@ -495,6 +496,7 @@ impl Qcow2 {
         if self.is_read_only() {
             return Ok(());
         }
+        self.settle_reserve().await?;
         self.g.flush().await?;
         if self.dirty_set.swap(false, Ordering::AcqRel) {
             let v = self.header().incompatible_features & !INCOMPAT_DIRTY;
@@ -544,10 +546,16 @@ impl BlockDriver for Qcow2 {
         })
     }
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.g.flush())
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.g.flush().await
+        })
     }
     fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.do_truncate(len))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_truncate(len).await
+        })
     }
     fn block_status<'a>(
         &'a self,
@@ -563,7 +571,10 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.do_reopen(read_only))
     }
     fn preallocate(&self, mode: Preallocation) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.do_preallocate(mode))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_preallocate(mode).await
+        })
     }
     fn info(&self) -> ImageInfo {
         let h = &*self.header();
@@ -613,13 +624,19 @@ impl BlockDriver for Qcow2 {
         }
     }
     fn check(&self) -> BoxFuture<'_, Result<Option<CheckReport>>> {
-        Box::pin(async move { self.do_check().await.map(Some) })
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_check().await.map(Some)
+        })
     }
     fn check_repair<'a>(
         &'a self,
         opts: &'a CheckOptions,
     ) -> BoxFuture<'a, Result<Option<CheckReport>>> {
-        Box::pin(async move { self.do_check_repair(opts).await.map(Some) })
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_check_repair(opts).await.map(Some)
+        })
     }
     fn supports_snapshots(&self) -> bool {
         true
@@ -641,10 +658,16 @@ impl BlockDriver for Qcow2 {
         Some(r)
     }
     fn store_bitmaps<'a>(&'a self, list: &'a [Arc<DirtyBitmap>]) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.do_store_bitmaps(list))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_store_bitmaps(list).await
+        })
     }
     fn remove_stored_bitmap<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.do_remove_stored_bitmap(name))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_remove_stored_bitmap(name).await
+        })
     }
     fn snapshot_list(&self) -> BoxFuture<'_, Result<Vec<SnapshotInfo>>> {
         Box::pin(self.do_snapshot_list())
@@ -653,16 +676,25 @@ impl BlockDriver for Qcow2 {
         &'a self,
         opts: &'a SnapshotCreateOptions,
     ) -> BoxFuture<'a, Result<SnapshotInfo>> {
-        Box::pin(self.do_snapshot_create(opts))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_snapshot_create(opts).await
+        })
     }
     fn snapshot_goto<'a>(&'a self, which: &'a SnapshotRef) -> BoxFuture<'a, Result<SnapshotInfo>> {
-        Box::pin(self.do_snapshot_goto(which))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_snapshot_goto(which).await
+        })
     }
     fn snapshot_delete<'a>(
         &'a self,
         which: &'a SnapshotRef,
     ) -> BoxFuture<'a, Result<SnapshotInfo>> {
-        Box::pin(self.do_snapshot_delete(which))
+        Box::pin(async move {
+            self.settle_reserve().await?;
+            self.do_snapshot_delete(which).await
+        })
     }
     fn set_backing<'a>(
         &'a self,

@@ -161,13 +161,14 @@ impl Qcow2 {
                 .iter()
                 .map(|e| e & !COPIED)
                 .collect();
-            let new = m.alloc(g, 1).await?;
+            let new = m.alloc_data(g, 1).await?;
             m.cache_l2(new, t);
             b.new_l2.push((l1i, new));
             b.freed.push((off, g.cs()));
             return Ok((new, l2i));
         }
-        let off = m.alloc(g, 1).await?;
+        // From the reserve too: not past it, leaving a hole in the file.
+        let off = m.alloc_data(g, 1).await?;
         m.cache_l2(off, vec![0; (g.cs() / 8) as usize]);
         b.new_l2.push((l1i, off));
         Ok((off, l2i))
@@ -302,7 +303,7 @@ impl Qcow2 {
                 // Whole clusters: allocate them, write the data without
                 // the lock (other requests go on meanwhile), then map them.
                 let n = run.len / g.cs();
-                let host = m.alloc(g, n).await?;
+                let host = m.alloc_data(g, n).await?;
                 let io = self.in_flight.enter();
                 let claim = self.allocating.claim(at, run.len);
                 drop(m);

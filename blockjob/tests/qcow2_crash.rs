@@ -49,6 +49,10 @@ enum Ev {
 }
 
 /// Records writes and flushes of the file node, in completion order.
+/// A write's bytes are read back when it completes, so two overlapping
+/// writes in flight at once may both record the later one's bytes; only
+/// guest data overlaps like that (metadata updates are serialised), and
+/// `qemu-img check` does not look at guest data.
 struct Recorder {
     path: PathBuf,
     log: Mutex<Vec<Ev>>,
@@ -373,10 +377,18 @@ struct Sampling {
 }
 
 impl Sampling {
+    /// `epochs` and `samples`, both multiplied by `QCOW2_CRASH_SCALE`
+    /// when set (a longer soak run: `QCOW2_CRASH_SCALE=20 cargo nextest
+    /// run -p blockjob --test qcow2_crash`).
     fn new(epochs: usize, samples: usize) -> Self {
+        let k = std::env::var("QCOW2_CRASH_SCALE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .max(1);
         Sampling {
-            epochs,
-            samples,
+            epochs: epochs * k,
+            samples: samples * k,
             oracle: Oracle::default(),
         }
     }

@@ -618,6 +618,30 @@ fn crash_reorder_preallocate_metadata() {
 }
 
 #[test]
+fn crash_reorder_create_with_preallocation_metadata() {
+    // What `create -o preallocation=metadata` does after writing the
+    // skeleton: grow the empty image to its size, preallocate, close.
+    let dir = tmp();
+    let img = new_image(dir.path(), &CreateOptions::new(0).cluster_size(512));
+    let r = record(&img, 0x9a12, |run| {
+        run.ctx.block_on(run.node.truncate(3 << 20)).expect("grow");
+        run.ctx
+            .block_on(run.node.preallocate(Preallocation::Metadata))
+            .expect("preallocate");
+    });
+    let c = check_crashes(dir.path(), &r, Sampling::new(30, 3));
+    assert!(c.l1_moved, "growth did not move the L1 table");
+    // Every cluster allocated; all read as zeroes (where `map` says
+    // `zero: false` the file's 4 KiB block holds metadata too).
+    let unallocated = qemu_map(&img)
+        .into_iter()
+        .filter(|e| e["data"] != true)
+        .count();
+    assert_eq!(unallocated, 0, "not preallocated");
+    assert!(to_raw(&img, dir.path()).iter().all(|&b| b == 0));
+}
+
+#[test]
 fn crash_reorder_large_resize_grows_l1() {
     let dir = tmp();
     let img = new_image(

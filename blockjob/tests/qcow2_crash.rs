@@ -21,8 +21,8 @@
 //! stored at close, copy-on-write over a backing file, metadata
 //! preallocation of an existing image, and a large resize that grows L1.
 //!
-//! Sampling is deterministic (seeded), so a failure replays; the failing
-//! image is kept in the temporary directory under the name printed.
+//! Sampling is deterministic (seeded), so a failure replays; with
+//! `QCOW2_CRASH_KEEP=PATH` the failing image is copied to PATH.
 
 mod common;
 use common::*;
@@ -434,15 +434,17 @@ fn check_crashes(dir: &Path, r: &Recording, sm: Sampling) -> Coverage {
             std::fs::write(&img, &buf).expect("write crash image");
             images += 1;
             if let Err(e) = check_image(dir, &img, sm.oracle) {
-                let keep = std::env::temp_dir()
-                    .join(format!("qcow2-crash-fail-{}.qcow2", std::process::id()));
-                let _ = std::fs::copy(&img, &keep);
+                let kept = std::env::var_os("QCOW2_CRASH_KEEP").map(|to| {
+                    let _ = std::fs::copy(&img, &to);
+                    PathBuf::from(to).display().to_string()
+                });
                 panic!(
-                    "epoch {ei}/{} (sample {s}, {} of {} writes): {e}\nimage kept at {}",
+                    "epoch {ei}/{} (sample {s}, {} of {} writes): {e}\nimage kept at: {}",
                     all.len(),
                     w.len(),
                     all[ei].writes.len(),
-                    keep.display()
+                    kept.as_deref()
+                        .unwrap_or("(set QCOW2_CRASH_KEEP=PATH to keep it)")
                 );
             }
         }

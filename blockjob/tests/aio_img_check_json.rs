@@ -22,20 +22,16 @@ fn qemu_img_out(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// `qemu-img create -f qcow2 -o OPTS IMG 1M`.
+fn create_with(img: &Path, opts: &str) {
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(img), "1M"]);
+}
+
 /// A 1 MiB qcow2 image, 4 KiB clusters, 16-bit refcounts, whose guest
 /// clusters are written out of order (fragmented).
 fn fragmented(dir: &Path, name: &str) -> PathBuf {
     let img = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p(&img),
-        "1M",
-    ]);
+    create_with(&img, "cluster_size=4096");
     qemu_io(
         &img,
         &[
@@ -202,4 +198,35 @@ fn check_json_bad_output_format_is_an_error() {
     let (code, out, err) = aio_img(&["check", "--output=xml", p(&img)]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("--output"), "{err}");
+}
+
+/// Snapshots, a persistent bitmap, zero and discarded clusters, and
+/// extended L2 entries: still QEMU's counts.
+#[test]
+fn check_json_snapshots_bitmaps_extended_l2() {
+    let dir = tmp();
+    let img = fragmented(dir.path(), "snap.qcow2");
+    qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 9 8k 16k".into(),
+            "write -z 32k 8k".into(),
+            "discard 64k 4k".into(),
+        ],
+    );
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    assert_eq!(both_outputs(&img), 0);
+    let ext = dir.path().join("ext.qcow2");
+    create_with(&ext, "cluster_size=16384,extended_l2=on");
+    qemu_io(
+        &ext,
+        &[
+            "write -P 1 1k 2k".into(),
+            "write -P 2 64k 17k".into(),
+            "write -P 3 512k 64k".into(),
+            "write -P 4 200k 32k".into(),
+        ],
+    );
+    assert_eq!(both_outputs(&ext), 0);
 }

@@ -23,7 +23,7 @@ use super::{
     Holds, OnError, SyncMode,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, Perm, WriteHook};
+use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, Perm, WriteHook};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -83,7 +83,8 @@ pub struct MirrorArgs {
     /// Policy for write errors (default `report`).
     #[serde(default)]
     pub on_target_error: OnError,
-    /// Accepted, ignored: no filter node is inserted.
+    /// The node name of the job's filter node (QEMU's; absent: an
+    /// implicit `#blockN` name).
     #[serde(default)]
     pub filter_node_name: Option<String>,
     /// `background` only.
@@ -457,6 +458,8 @@ pub fn start_mirror(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
+    let name = args.filter_node_name.as_ref();
+    holds.insert_filter(graph, &source, FilterKind::MirrorTop, name, &user, &[])?;
     let bitmap = Arc::new(Bits::new(source.len(), gran));
     let driver = Arc::new(MirrorJob {
         core: MirrorCore {

@@ -129,9 +129,20 @@ fn each_job_has_its_filter_while_it_runs_and_not_after_a_cancel() {
             let node = g.find(fname).unwrap();
             assert_eq!(node.len(), g.find(below).unwrap().len());
             assert_eq!(node.read_only(), driver == "commit_top", "{what}");
-            // The job holds it: blockdev-del refuses.
+            // The job holds it: blockdev-del refuses, in QEMU's words.
             let e = ctx.block_on(g.blockdev_del(fname)).unwrap_err();
-            assert_eq!(e.to_string(), format!("Node {fname} is in use"), "{what}");
+            let want = match what {
+                "stream" => format!("Node {fname} is in use"),
+                "commit" => format!("Node '{fname}' is busy: node is used as backing hd of 'top'"),
+                _ => {
+                    let t = match what {
+                        "active commit" => "commit",
+                        other => other,
+                    };
+                    format!("Node '{fname}' is busy: block device is in use by block job: {t}")
+                }
+            };
+            assert_eq!(e.to_string(), want, "{what}");
             // A name in use is refused, as QEMU words it per job.
             cancel_and_wait(&ctx, &job);
             assert!(filters(&g).is_empty(), "{what}: filter left after cancel");

@@ -332,6 +332,13 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
         }
     })?;
 
+    // `query-block` lists block backends with a name or a device; like
+    // qemu-storage-daemon's (whose exports' backends are anonymous), this
+    // daemon has none.
+    server.register("query-block", |_: crate::qmp::NoArgs| {
+        Ok(Value::Array(Vec::new()))
+    })?;
+
     let s = state.clone();
     server.register("query-block-jobs", move |_: crate::qmp::NoArgs| {
         Ok(Value::Array(

@@ -11,8 +11,9 @@
 //!
 //! The filter is a node of the graph, named `filter-node-name` or, if
 //! that is absent, with a generated `#blockN` name (QEMU's implicit
-//! node); the job holds it as a `root` user (so `blockdev-del` of it says
-//! `Node X is in use`) and removes it from the graph when it ends.
+//! node); `blockdev-del` of it is refused as QEMU refuses it (a stream
+//! holds its filter as a `root` user, `Node X is in use`; the other jobs
+//! op-block theirs) and the job removes it from the graph when it ends.
 //! Parents of the filtered node keep pointing at it: the graph queries
 //! see the filter where QEMU shows it, and guest reads (exports) are sent
 //! through it ([`BlockNode::guest_read`]); other I/O goes to the node.
@@ -301,7 +302,7 @@ pub fn insert_filter(
     let filename = if opts.kind == FilterKind::CopyOnRead && opts.node_name.is_some() {
         format!(
             "json:{}",
-            serde_json::json!({"driver": "copy-on-read", "file": node_json(child)})
+            qemu_json(&serde_json::json!({"driver": "copy-on-read", "file": node_json(child)}))
         )
     } else {
         child.filename().to_string()
@@ -330,7 +331,13 @@ pub fn insert_filter(
     };
     let read_only = opts.kind == FilterKind::CommitTop;
     let node = BlockNode::new(name, Box::new(driver), read_only);
-    let root = node.attach(&opts.job_user, "root", Perm::NONE, Perm::ALL)?;
+    // A stream's block backend is on its filter (`blockdev-del`: `Node X
+    // is in use`); the other jobs' filters are op-blocked instead.
+    let root = if opts.kind == FilterKind::CopyOnRead {
+        Some(node.attach(&opts.job_user, "root", Perm::NONE, Perm::ALL)?)
+    } else {
+        None
+    };
     let node = graph.add(node)?;
     child.set_read_filter(Some(Arc::downgrade(&node)));
     log::debug!(
@@ -342,7 +349,7 @@ pub fn insert_filter(
     Ok(FilterGuard {
         node,
         graph: graph.handle(),
-        root: Some(root),
+        root,
     })
 }
 
@@ -383,4 +390,19 @@ pub fn query_chain(graph: &BlockGraph, node: &Arc<BlockNode>) -> Vec<Arc<BlockNo
         }
     }
     out
+}
+
+/// JSON as QEMU prints a `json:` file name: `", "` between members,
+/// `": "` after keys, members in insertion order.
+fn qemu_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(o) => {
+            let members: Vec<String> = o
+                .iter()
+                .map(|(k, x)| format!("{}: {}", serde_json::Value::from(k.as_str()), qemu_json(x)))
+                .collect();
+            format!("{{{}}}", members.join(", "))
+        }
+        other => other.to_string(),
+    }
 }

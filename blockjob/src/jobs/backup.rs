@@ -37,7 +37,8 @@ use super::{
 };
 use crate::block::bitmap::{Bits, Check};
 use crate::block::{
-    BlockGraph, BlockNode, BoxFuture as NodeFuture, DirtyBitmap, FilterKind, Perm, WriteHook,
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, DirtyBitmap, FilterKind, FilterOptions, Perm,
+    WriteHook,
 };
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -696,8 +697,9 @@ pub fn create_backup(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
-    let (kind, name) = (FilterKind::CopyBeforeWrite, args.filter_node_name.as_ref());
-    holds.insert_filter(graph, &source, kind, name, &user, &[])?;
+    let f = FilterOptions::new(FilterKind::CopyBeforeWrite, &user)
+        .node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &source, JobType::Backup, f)?;
     let len = source.len();
     let mut states = vec![TODO; len.div_ceil(cluster) as usize];
     if let (SyncMode::Bitmap, Some(b)) = (sync, &bitmap) {

@@ -28,7 +28,9 @@ use super::{
     find_node, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, GraphRef, Perm};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, GraphRef, Perm,
+};
 use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -333,8 +335,8 @@ pub fn start_commit(
     } else {
         FilterKind::CommitTop
     };
-    let name = args.filter_node_name.as_ref();
-    holds.insert_filter(graph, &top, kind, name, &user, &[])?;
+    let f = FilterOptions::new(kind, &user).node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &top, JobType::Commit, f)?;
     let opts = job_options(&id, speed, args.auto_finalize, args.auto_dismiss);
     let mut nodes: Vec<&Arc<BlockNode>> = vec![&dev];
     nodes.extend(layers.iter().filter(|l| !Arc::ptr_eq(l, &dev)));

@@ -7,25 +7,37 @@ use std::sync::Arc;
 
 use super::{Held, Holds};
 use crate::block::{insert_filter, BlockGraph, BlockNode, FilterKind, FilterOptions};
+use crate::job::JobType;
 use crate::Result;
 
 impl Holds {
-    /// Inserts the job's `kind` filter above `node`, named `name`
-    /// (`filter-node-name`) or implicitly; `cor_layers` are what a
-    /// `copy-on-read` filter copies up from.
+    /// Inserts the filter `opts` describe, of a job of type `t`, above
+    /// `node`.
     pub(crate) fn insert_filter(
         &mut self,
         graph: &BlockGraph,
         node: &Arc<BlockNode>,
-        kind: FilterKind,
-        name: Option<&String>,
-        user: &str,
-        cor_layers: &[Arc<BlockNode>],
+        t: JobType,
+        opts: FilterOptions,
     ) -> Result<()> {
-        let opts = FilterOptions::new(kind, user)
-            .node_name(name.cloned())
-            .cor_layers(cor_layers.to_vec());
-        self.filter = Some(insert_filter(graph, node, opts)?);
+        let kind = opts.kind;
+        // What `blockdev-del` of the filter meets first in QEMU: the
+        // job's op blocker (mirror_top, copy-before-write), the overlay's
+        // blocker on its backing child (commit_top), or the job's block
+        // backend (copy-on-read: the filter's `root` user).
+        let parent = graph.parent_of(node);
+        let filter = insert_filter(graph, node, opts)?;
+        match kind {
+            FilterKind::MirrorTop | FilterKind::CopyBeforeWrite => self.block(filter.node(), t),
+            FilterKind::CommitTop => {
+                if let Some((p, role)) = parent {
+                    let reason = format!("node is used as {role} of '{}'", p.name());
+                    self.blockers.push(filter.node().op_block(reason));
+                }
+            }
+            _ => {}
+        }
+        self.filter = Some(filter);
         Ok(())
     }
 }

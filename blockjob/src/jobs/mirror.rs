@@ -23,7 +23,9 @@ use super::{
     Holds, OnError, SyncMode,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, Perm, WriteHook};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, Perm, WriteHook,
+};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -458,8 +460,9 @@ pub fn start_mirror(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
-    let name = args.filter_node_name.as_ref();
-    holds.insert_filter(graph, &source, FilterKind::MirrorTop, name, &user, &[])?;
+    let f =
+        FilterOptions::new(FilterKind::MirrorTop, &user).node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &source, JobType::Mirror, f)?;
     let bitmap = Arc::new(Bits::new(source.len(), gran));
     let driver = Arc::new(MirrorJob {
         core: MirrorCore {

@@ -14,7 +14,8 @@ use super::{
     job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
 use crate::block::{
-    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, GraphRef, Perm, WriteHook,
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, GraphRef, Perm,
+    WriteHook,
 };
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -312,15 +313,10 @@ pub fn start_stream(
     let id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
     let mut holds = Holds::default();
     let user = format!("block job '{id}'");
-    let name = args.filter_node_name.as_ref();
-    holds.insert_filter(
-        graph,
-        &top,
-        FilterKind::CopyOnRead,
-        name,
-        &user,
-        &chain[1..],
-    )?;
+    let f = FilterOptions::new(FilterKind::CopyOnRead, &user)
+        .node_name(args.filter_node_name.clone())
+        .cor_layers(chain[1..].to_vec());
+    holds.insert_filter(graph, &top, JobType::Stream, f)?;
     holds.perms.push(top.attach(
         &user,
         "stream",

@@ -307,9 +307,12 @@ pub fn insert_filter(
     } else {
         child.filename().to_string()
     };
+    // copy-on-read writes what it copies into its child; the others
+    // only pass requests on (a read-only child stays usable, as for
+    // `aio-img commit` of a read-only top).
     let (perm, shared) = match opts.kind {
-        FilterKind::CommitTop => (Perm::CONSISTENT_READ, Perm::ALL),
-        _ => (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED, Perm::ALL),
+        FilterKind::CopyOnRead => (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED, Perm::ALL),
+        _ => (Perm::CONSISTENT_READ, Perm::ALL),
     };
     let role = if opts.kind.backing_child() {
         "backing"

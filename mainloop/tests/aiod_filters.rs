@@ -356,3 +356,67 @@ fn mirror_top_filter_like_qemu_storage_daemon() {
 fn backup_copy_before_write_filter_like_qemu_storage_daemon() {
     compare("backup");
 }
+
+/// The depth (0: top) `qemu-img map` gives the byte at `off` of `img`.
+fn depth_at(img: &Path, off: u64) -> u64 {
+    let map = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&map).unwrap();
+    let e = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            s <= off && off < s + l
+        })
+        .unwrap_or_else(|| panic!("{off} not in {map}"));
+    e["depth"].as_u64().unwrap()
+}
+
+/// A guest reading the device through an NBD export during a stream:
+/// the copy-on-read filter puts what it read into the top (in both
+/// daemons); what it did not read stays below.
+#[test]
+fn a_guest_read_through_an_export_during_a_stream_populates_the_top() {
+    let root = tempfile::tempdir().unwrap();
+    let mut depths = Vec::new();
+    for daemon in ["aiod", "qsd"] {
+        let d = root.path().join(daemon);
+        std::fs::create_dir(&d).unwrap();
+        images(&d);
+        let (mut child, mut c) = start_daemon(daemon, &d.join("qmp.sock"), &blockdevs(&d));
+        let nbd = d.join("nbd.sock");
+        c.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+        );
+        c.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "top"}),
+        );
+        let (cmd, args) = job("stream", Some("cor"));
+        c.ok(cmd, args);
+        // base's 0x11 at 3.5M, far from where the stream (1 byte/s) is.
+        let url = format!("nbd+unix:///top?socket={}", nbd.display());
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 0x11 3584k 64k", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "{daemon}: {text} {err}"
+        );
+        c.ok("block-job-cancel", json!({"device": "j", "force": true}));
+        events_until_null(&mut c);
+        c.ok("block-export-del", json!({"id": "e"}));
+        c.execute("quit", Value::Null);
+        assert!(wait_exit(&mut child).success(), "{daemon} exit");
+        let top = d.join("top.qcow2");
+        qemu_img(&["check", top.to_str().unwrap()]);
+        depths.push([depth_at(&top, 3584 << 10), depth_at(&top, 3 << 20)]);
+    }
+    assert_eq!(depths[0], [0, 2], "aiod: read range copied, the rest not");
+    assert_eq!(depths[0], depths[1], "aiod vs qemu-storage-daemon");
+}

@@ -182,12 +182,23 @@ fn any_job(jobs: &JobRegistry, id: &str) -> Result<Job, QmpError> {
 /// I/O throttling here).
 ///
 /// Unless `flat`, `image` nests the backing chain's `ImageInfo`s under
-/// `backing-image`, as QEMU does.
-pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
+/// `backing-image`, as QEMU does; the chain is walked as QEMU walks it,
+/// through the job filters of `graph` (a filter's `backing-image` is its
+/// child's image, and it counts in `backing_file_depth`).
+pub async fn block_device_info(graph: &BlockGraph, node: &Arc<BlockNode>, flat: bool) -> Value {
+    let chain = blockjob::block::query_chain(graph, node);
     let mut image = blockjob::block::image_info_json(node).await;
+    let filtered = blockjob::block::filtered_child(node);
+    if let Some(c) = &filtered {
+        // A filter's `actual-size` is its child's (also when its file
+        // name is a `json:` one).
+        if let Some(a) = blockjob::block::image_info_json(c).await.get("actual-size") {
+            image["actual-size"] = a.clone();
+        }
+    }
     if !flat {
         let mut infos = Vec::new();
-        for b in node.chain().iter().skip(1) {
+        for b in chain.iter().skip(1) {
             infos.push(blockjob::block::image_info_json(b).await);
         }
         // Innermost first: each one becomes its parent's `backing-image`.
@@ -208,7 +219,7 @@ pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
     // QEMU counts the depth along the nested `backing-image`s, so a flat
     // query reports 0 for every node; scripts compare against QEMU's
     // answers, so do the same.
-    let depth = if flat { 0 } else { node_chain_depth(node) };
+    let depth = if flat { 0 } else { chain.len() - 1 };
     let mut v = json!({
         "node-name": node.name(),
         "drv": node.driver_name(),
@@ -226,8 +237,9 @@ pub async fn block_device_info(node: &Arc<BlockNode>, flat: bool) -> Value {
     if let Some(b) = backing_file {
         v["backing_file"] = b;
     }
-    v["cache"] = cache_info(node);
-    if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(node) {
+    v["cache"] = cache_info(filtered.as_ref().unwrap_or(node));
+    // A filter shows the bitmaps of the node it filters, as QEMU does.
+    if let Some(b) = crate::bitmap_qmp::dirty_bitmaps_json(filtered.as_ref().unwrap_or(node)) {
         v["dirty-bitmaps"] = b;
     }
     v
@@ -245,16 +257,6 @@ fn cache_info(node: &BlockNode) -> Value {
             .unwrap_or(false)
     };
     json!({"writeback": true, "direct": flag("direct"), "no-flush": flag("no-flush")})
-}
-
-fn node_chain_depth(node: &BlockNode) -> usize {
-    let mut depth = 0;
-    let mut cur = node.backing();
-    while let Some(n) = cur {
-        depth += 1;
-        cur = n.backing();
-    }
-    depth
 }
 
 /// Registers the block commands on `server`, and forwards job events to its
@@ -322,12 +324,19 @@ pub fn register_block_commands(server: &QmpServer, state: BlockState) -> Result<
             on(&ctx, async move {
                 let mut out = Vec::new();
                 for n in s.graph.nodes() {
-                    out.push(block_device_info(&n, flat).await);
+                    out.push(block_device_info(&s.graph, &n, flat).await);
                 }
                 Ok(Value::Array(out))
             })
             .await
         }
+    })?;
+
+    // `query-block` lists block backends with a name or a device; like
+    // qemu-storage-daemon's (whose exports' backends are anonymous), this
+    // daemon has none.
+    server.register("query-block", |_: crate::qmp::NoArgs| {
+        Ok(Value::Array(Vec::new()))
     })?;
 
     let s = state.clone();

@@ -152,16 +152,18 @@ impl BlockGraph {
         nodes
             .iter()
             .rev()
-            .find(|n| n.driver_name() != "file" && same(n))
+            .find(|n| {
+                n.driver_name() != "file" && !super::is_job_filter(n.driver_name()) && same(n)
+            })
             .or_else(|| nodes.iter().find(|n| same(n)))
             .cloned()
     }
 
-    fn auto_name(&self) -> String {
+    pub(super) fn auto_name(&self) -> String {
         format!("#block{}", self.next.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn add(&self, node: Arc<BlockNode>) -> Result<Arc<BlockNode>> {
+    pub(super) fn add(&self, node: Arc<BlockNode>) -> Result<Arc<BlockNode>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         if nodes.iter().any(|n| n.name() == node.name()) {
             return Err(Error::InvalidArgument(format!(

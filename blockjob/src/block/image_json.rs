@@ -70,10 +70,15 @@ pub async fn image_info_json(node: &Arc<BlockNode>) -> Value {
     if let Some(f) = &i.backing_format {
         m.insert("backing-filename-format".into(), json!(f));
     }
-    if let Some(d) = i.dirty {
-        m.insert("dirty-flag".into(), json!(d));
-    }
-    if !i.specific.is_empty() {
+    // QEMU reports the flag for every node, false for formats without one.
+    m.insert("dirty-flag".into(), json!(i.dirty.unwrap_or(false)));
+    if i.specific.is_empty() && i.format == "file" {
+        // file-posix reports its (here empty) specific facts.
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "file", "data": {}}),
+        );
+    } else if !i.specific.is_empty() {
         let data: Map<String, Value> = i.specific.iter().cloned().collect();
         m.insert(
             "format-specific".into(),

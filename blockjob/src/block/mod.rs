@@ -16,6 +16,7 @@ mod direct;
 mod drain;
 mod external_snapshot;
 mod file;
+mod filter;
 mod graph;
 mod image_json;
 mod internal_snapshot;
@@ -33,6 +34,10 @@ pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
 pub use drain::{DrainOptions, Drained};
 pub use external_snapshot::{
     remove_created, NewImage, NewImageMode, PreparedSnapshot, SnapshotSyncOptions,
+};
+pub use filter::{
+    filtered_child, insert_filter, is_job_filter, query_chain, FilterGuard, FilterKind,
+    FilterOptions,
 };
 pub(crate) use graph::GraphRef;
 pub use graph::{BlockGraph, OpenOptions};

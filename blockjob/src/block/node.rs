@@ -47,6 +47,9 @@ pub struct BlockNode {
     drain_listeners: Mutex<Vec<(u64, Arc<dyn DrainListener>)>>,
     /// Top-level users that follow this node when it is replaced.
     roots: super::root::Roots,
+    /// A job's filter above this node, which guest reads go through
+    /// ([`guest_read`](Self::guest_read)).
+    read_filter: Mutex<Option<std::sync::Weak<BlockNode>>>,
 }
 
 /// Something that must stop issuing requests on a node while it is
@@ -310,6 +313,7 @@ impl BlockNode {
             by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
             roots: Default::default(),
+            read_filter: Mutex::new(None),
         });
         if let Some(b) = node.backing() {
             b.link_parent(&node);
@@ -614,6 +618,30 @@ impl BlockNode {
             });
         }
         Ok(())
+    }
+
+    /// A guest's read (an export's): through the job filter above this
+    /// node while there is one (a stream's `copy-on-read` copies what it
+    /// reads into this node), else [`read`](Self::read). QEMU moves the
+    /// node's parents onto the filter; here they keep the node and their
+    /// reads are sent up.
+    pub async fn guest_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let filter = self
+            .read_filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        match filter {
+            Some(f) => f.read(offset, buf).await,
+            None => self.read(offset, buf).await,
+        }
+    }
+
+    /// Sets (or with `None` clears) the filter node guest reads of this
+    /// node go through.
+    pub(crate) fn set_read_filter(&self, filter: Option<std::sync::Weak<BlockNode>>) {
+        *self.read_filter.lock().unwrap_or_else(|e| e.into_inner()) = filter;
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.

@@ -36,7 +36,10 @@ use super::{
     SyncMode,
 };
 use crate::block::bitmap::{Bits, Check};
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, DirtyBitmap, Perm, WriteHook};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, DirtyBitmap, FilterKind, FilterOptions, Perm,
+    WriteHook,
+};
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -120,7 +123,8 @@ pub struct BackupArgs {
     /// Default true.
     #[serde(default = "yes")]
     pub auto_dismiss: bool,
-    /// Accepted, ignored: the copy-before-write hook is not a node.
+    /// The node name of the job's `copy-before-write` filter node
+    /// (absent: an implicit `#blockN` name).
     #[serde(default)]
     pub filter_node_name: Option<String>,
     /// Not supported (refused when true).
@@ -693,6 +697,9 @@ pub fn create_backup(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
+    let f = FilterOptions::new(FilterKind::CopyBeforeWrite, &user)
+        .node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &source, JobType::Backup, f)?;
     let len = source.len();
     let mut states = vec![TODO; len.div_ceil(cluster) as usize];
     if let (SyncMode::Bitmap, Some(b)) = (sync, &bitmap) {

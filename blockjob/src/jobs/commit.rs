@@ -28,7 +28,9 @@ use super::{
     find_node, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
 use crate::block::bitmap::Bits;
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, GraphRef, Perm};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, GraphRef, Perm,
+};
 use crate::job::{BoxFuture, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -67,7 +69,8 @@ pub struct CommitArgs {
     /// Error policy (default `report`).
     #[serde(default)]
     pub on_error: OnError,
-    /// Accepted, ignored: no filter node is inserted.
+    /// The node name of the job's filter node (QEMU's; absent: an
+    /// implicit `#blockN` name).
     #[serde(default)]
     pub filter_node_name: Option<String>,
     /// Default true.
@@ -143,6 +146,7 @@ impl JobDriver for CommitJob {
     }
     fn prepare<'a>(&'a self, _job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            self.held.drop_filter();
             self.held.drop_perms();
             // The committed data is durable in base before the overlay
             // stops naming the layers that held it (QEMU's
@@ -180,6 +184,7 @@ impl JobDriver for ActiveCommitJob {
     }
     fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            self.held.drop_filter();
             if !job.should_complete() || job.is_cancelled() {
                 // Soft cancel after READY: no pivot, chain unchanged.
                 self.held.drop_hooks();
@@ -328,6 +333,13 @@ pub fn start_commit(
             .perms
             .push(l.attach(&user, "intermediate node", Perm::CONSISTENT_READ, shared)?);
     }
+    let kind = if active {
+        FilterKind::MirrorTop
+    } else {
+        FilterKind::CommitTop
+    };
+    let f = FilterOptions::new(kind, &user).node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &top, JobType::Commit, f)?;
     let opts = job_options(&id, speed, args.auto_finalize, args.auto_dismiss);
     let mut nodes: Vec<&Arc<BlockNode>> = vec![&dev];
     nodes.extend(layers.iter().filter(|l| !Arc::ptr_eq(l, &dev)));

@@ -22,7 +22,9 @@ use super::{
 };
 use crate::block::bitmap::Bits;
 use crate::block::GraphRef;
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, Perm, WriteHook};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, Perm, WriteHook,
+};
 use crate::job::ratelimit::SLICE_NS;
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
@@ -82,7 +84,8 @@ pub struct MirrorArgs {
     /// Policy for write errors (default `report`).
     #[serde(default)]
     pub on_target_error: OnError,
-    /// Accepted, ignored: no filter node is inserted.
+    /// The node name of the job's filter node (QEMU's; absent: an
+    /// implicit `#blockN` name).
     #[serde(default)]
     pub filter_node_name: Option<String>,
     /// `background` only.
@@ -543,6 +546,9 @@ pub fn start_mirror(
         Perm::WRITE | Perm::RESIZE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )?);
+    let f =
+        FilterOptions::new(FilterKind::MirrorTop, &user).node_name(args.filter_node_name.clone());
+    holds.insert_filter(graph, &source, JobType::Mirror, f)?;
     let bitmap = Arc::new(Bits::new(source.len(), gran));
     let driver = Arc::new(MirrorJob {
         core: MirrorCore {

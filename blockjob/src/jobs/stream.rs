@@ -13,7 +13,10 @@ use super::{
     allocated_above, check_speed, drop_layers, find_backing_image, find_device, find_node,
     job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
 };
-use crate::block::{BlockGraph, BlockNode, BoxFuture as NodeFuture, GraphRef, Perm, WriteHook};
+use crate::block::{
+    BlockGraph, BlockNode, BoxFuture as NodeFuture, FilterKind, FilterOptions, GraphRef, Perm,
+    WriteHook,
+};
 use crate::job::{BoxFuture, IoOperation, Job, JobControl, JobDriver, JobRegistry, JobType};
 use crate::{Error, Result};
 
@@ -49,7 +52,8 @@ pub struct StreamArgs {
     /// Error policy (default `report`).
     #[serde(default)]
     pub on_error: OnError,
-    /// Accepted, ignored: no filter node is inserted.
+    /// The node name of the job's filter node (QEMU's; absent: an
+    /// implicit `#blockN` name).
     #[serde(default)]
     pub filter_node_name: Option<String>,
     /// Default true.
@@ -221,6 +225,7 @@ impl JobDriver for StreamJob {
 
     fn prepare<'a>(&'a self, _job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            self.held.drop_filter();
             self.held.drop_perms();
             self.held.drop_hooks();
             // Everything copied is on disk before the image stops naming
@@ -308,6 +313,10 @@ pub fn start_stream(
     let id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
     let mut holds = Holds::default();
     let user = format!("block job '{id}'");
+    let f = FilterOptions::new(FilterKind::CopyOnRead, &user)
+        .node_name(args.filter_node_name.clone())
+        .cor_layers(chain[1..].to_vec());
+    holds.insert_filter(graph, &top, JobType::Stream, f)?;
     holds.perms.push(top.attach(
         &user,
         "stream",

@@ -376,13 +376,13 @@ impl Connection {
         let node = &self.export.node();
         let len = req.len as usize;
         if !self.structured {
-            return match node.read(req.offset, vec![0u8; len]).await {
+            return match node.guest_read(req.offset, vec![0u8; len]).await {
                 Ok(data) => self.send_simple(req.cookie, 0, &data).await,
                 Err(e) => self.send_error(req, e.into()).await,
             };
         }
         let pieces = if req.flags & CMD_FLAG_DF != 0 {
-            node.read(req.offset, vec![0u8; len])
+            node.guest_read(req.offset, vec![0u8; len])
                 .await
                 .map(|d| vec![Piece::Data(req.offset, d)])
                 .map_err(Failure::from)
@@ -453,7 +453,7 @@ impl Connection {
             pieces.push(if zero {
                 Piece::Hole(start, n as u32)
             } else {
-                Piece::Data(start, node.read(start, vec![0u8; n as usize]).await?)
+                Piece::Data(start, node.guest_read(start, vec![0u8; n as usize]).await?)
             });
         }
         Ok(pieces)

@@ -6,6 +6,16 @@ use std::time::{Duration, Instant};
 
 pub const AIOD: &str = env!("CARGO_BIN_EXE_aiod");
 
+/// Runs one `qemu-io` command on `img`, panicking if it fails.
+pub fn qemu_io(img: &Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", cmd])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io {cmd}: {out:?}");
+}
+
 pub fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")
         .args(args)

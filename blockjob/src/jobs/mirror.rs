@@ -409,6 +409,9 @@ impl JobDriver for MirrorJob {
     }
     fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            // The job's `mirror_top` leaves the graph first, as in QEMU,
+            // so the pivot does not relink it.
+            self.held.drop_filter();
             if !job.should_complete() || job.is_cancelled() {
                 // A soft cancel after READY: the target is in sync, the
                 // users stay on the source.

@@ -254,23 +254,21 @@ impl BlockDriver for FileDriver {
     fn grows_on_write(&self) -> bool {
         true
     }
+    // Each path boxes only its own future: the common one (no `O_DIRECT`,
+    // or an aligned read) stays small to move.
     fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
-        Box::pin(async move {
-            if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
-                self.read_raw(offset, buf).await
-            } else {
-                self.read_bounced(offset, buf).await
-            }
-        })
+        if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
+            Box::pin(self.read_raw(offset, buf))
+        } else {
+            Box::pin(self.read_bounced(offset, buf))
+        }
     }
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            if self.align.is_trivial() {
-                self.write_raw(offset, buf).await
-            } else {
-                self.write_direct(offset, buf).await
-            }
-        })
+        if self.align.is_trivial() {
+            Box::pin(self.write_raw(offset, buf))
+        } else {
+            Box::pin(self.write_direct(offset, buf))
+        }
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {

@@ -554,6 +554,9 @@ impl BlockDriver for Qcow2 {
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_write(offset, buf))
     }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(self.do_write_keep(offset, buf))
+    }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_write_zeroes(offset, len, write::Zeroing::Zero))
     }

@@ -279,6 +279,16 @@ impl Qcow2 {
         Box::pin(self.write_runs(offset, buf)).await
     }
 
+    /// [`do_write`](Self::do_write) handing the buffer back: in place
+    /// without a copy, else a copy goes down the other paths.
+    pub(super) async fn do_write_keep(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if let Some((host, _io)) = self.in_place(offset, buf.len() as u64).await? {
+            return self.g.file.write_keep(host, buf).await;
+        }
+        Box::pin(self.write_runs(offset, buf.clone())).await?;
+        Ok(buf)
+    }
+
     /// Where a write of `len` bytes at `offset` can go in place: one run
     /// of data clusters with refcount 1 (COPIED) that no allocating write
     /// is replacing. The request is counted in flight before the metadata

@@ -64,9 +64,11 @@ pub(crate) struct Qcow2 {
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
 /// writes in place to clusters with refcount 1). Operations that change
-/// what those clusters mean (snapshot create and revert) take the lock,
-/// so no new one starts, and wait for these to finish: QEMU's drain,
-/// for this driver only.
+/// what those clusters mean (snapshot create and revert, and discards
+/// and zero writes that free clusters) take the lock, so no new one
+/// starts, and wait for these to finish: QEMU's drain, for this driver
+/// only. Without that wait a freed cluster could be allocated again
+/// while a late in-place write was still on its way to it.
 #[derive(Default)]
 struct InFlight {
     n: AtomicUsize,

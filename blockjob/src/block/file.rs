@@ -154,13 +154,13 @@ impl FileDriver {
 
     /// A write on an `O_DIRECT` file: as it is when aligned, else
     /// read-modify-write of the blocks it touches; either way holding its
-    /// aligned range against overlapping writes.
-    async fn write_direct(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    /// aligned range against overlapping writes. The buffer comes back.
+    async fn write_direct(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let len = buf.len() as u64;
         let (start, end) = self.align.cover(offset, len);
         let _held = self.writes.lock(start, end).await;
         if self.align.fits(offset, len, &buf) {
-            return self.write_raw(offset, buf).await;
+            return self.write_raw_keep(offset, buf).await;
         }
         let mut bounce = self
             .align
@@ -192,17 +192,23 @@ impl FileDriver {
                 .map_err(|e| Error::io(&self.name, e))?;
         }
         self.len.fetch_max(new_len, Ordering::AcqRel);
-        Ok(())
+        Ok(buf)
     }
 
     async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        self.write_raw_keep(offset, buf).await.map(drop)
+    }
+
+    /// A write as it is; the buffer comes back.
+    async fn write_raw_keep(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let end = offset + buf.len() as u64;
-        self.file()
+        let buf = self
+            .file()
             .write_at(buf, offset)
             .await
             .map_err(|e| Error::io(&self.name, e))?;
         self.len.fetch_max(end, Ordering::AcqRel);
-        Ok(())
+        Ok(buf)
     }
 
     /// Zeroes an unaligned head or tail on an `O_DIRECT` file.
@@ -210,7 +216,9 @@ impl FileDriver {
         if len == 0 {
             return Ok(());
         }
-        self.write_direct(offset, vec![0; len as usize]).await
+        self.write_direct(offset, vec![0; len as usize])
+            .await
+            .map(drop)
     }
 
     async fn write_zeroes_direct(&self, offset: u64, len: u64) -> Result<()> {
@@ -254,23 +262,27 @@ impl BlockDriver for FileDriver {
     fn grows_on_write(&self) -> bool {
         true
     }
+    // Each path boxes only its own future: the common one (no `O_DIRECT`,
+    // or an aligned read) stays small to move.
     fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
-        Box::pin(async move {
-            if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
-                self.read_raw(offset, buf).await
-            } else {
-                self.read_bounced(offset, buf).await
-            }
-        })
+        if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
+            Box::pin(self.read_raw(offset, buf))
+        } else {
+            Box::pin(self.read_bounced(offset, buf))
+        }
     }
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            if self.align.is_trivial() {
-                self.write_raw(offset, buf).await
-            } else {
-                self.write_direct(offset, buf).await
-            }
-        })
+        if self.align.is_trivial() {
+            Box::pin(self.write_raw(offset, buf))
+        } else {
+            Box::pin(async move { self.write_direct(offset, buf).await.map(drop) })
+        }
+    }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        if self.align.is_trivial() {
+            return Box::pin(self.write_raw_keep(offset, buf));
+        }
+        Box::pin(self.write_direct(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {

@@ -144,6 +144,13 @@ pub trait BlockDriver: Send + Sync {
     fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>>;
     /// Writes `buf` at `offset`.
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>>;
+    /// Writes `buf` at `offset` and hands the buffer back, for a caller
+    /// that writes from the same buffer again. The default writes a copy;
+    /// drivers on the request path (`file`, `raw`, `qcow2` in place)
+    /// return the buffer their child gave back, copying nothing.
+    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move { self.write(offset, buf.clone()).await.map(|()| buf) })
+    }
     /// Makes `len` bytes at `offset` read as zeroes.
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>>;
     /// Discards `len` bytes at `offset` (contents afterwards: unspecified

@@ -39,6 +39,9 @@ impl BlockDriver for RawDriver {
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.f().write(offset, buf))
     }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(self.f().write_keep(offset, buf))
+    }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.f().write_zeroes(offset, len))
     }

@@ -166,7 +166,9 @@ async fn run(node: &Arc<BlockNode>, plan: &Arc<Plan>) -> Result<()> {
     for _ in 0..plan.depth.min(plan.count) {
         let (node, plan, next) = (node.clone(), plan.clone(), next.clone());
         tasks.push(ctx.spawn(async move {
-            let data = vec![plan.pattern; plan.size as usize];
+            // Filled once and handed back by each write, as QEMU's bench
+            // reuses its buffer.
+            let mut data = vec![plan.pattern; plan.size as usize];
             let mut buf = vec![0u8; plan.size as usize];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +177,7 @@ async fn run(node: &Arc<BlockNode>, plan: &Arc<Plan>) -> Result<()> {
                 }
                 let off = plan.offset(i);
                 if plan.write {
-                    node.write(off, data.clone()).await?;
+                    data = node.write_keep(off, data).await?;
                     if plan.flush_each {
                         node.flush().await?;
                     }

@@ -65,9 +65,11 @@ pub(crate) struct Qcow2 {
 
 /// Requests doing data I/O after releasing the metadata lock (reads, and
 /// writes in place to clusters with refcount 1). Operations that change
-/// what those clusters mean (snapshot create and revert) take the lock,
-/// so no new one starts, and wait for these to finish: QEMU's drain,
-/// for this driver only.
+/// what those clusters mean (snapshot create and revert, and discards
+/// and zero writes that free clusters) take the lock, so no new one
+/// starts, and wait for these to finish: QEMU's drain, for this driver
+/// only. Without that wait a freed cluster could be allocated again
+/// while a late in-place write was still on its way to it.
 #[derive(Default)]
 struct InFlight {
     n: AtomicUsize,
@@ -75,7 +77,7 @@ struct InFlight {
 }
 
 /// One request counted in [`InFlight`]; dropping it ends the request.
-struct InFlightGuard<'a>(&'a InFlight);
+pub(super) struct InFlightGuard<'a>(&'a InFlight);
 
 impl InFlight {
     /// Counts a request; call with the metadata lock held.
@@ -392,7 +394,32 @@ impl Qcow2 {
         }
     }
 
-    async fn do_read(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// A read: straight from the file into the caller's buffer when the
+    /// whole request is one run of data clusters (no copy, no boxed
+    /// future), else run by run through [`read_runs`](Self::read_runs).
+    async fn do_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if let Some((host, _io)) = self.data_at(offset, buf.len() as u64).await? {
+            return self.g.read_file_into(host, buf).await;
+        }
+        Box::pin(self.read_runs(offset, buf)).await
+    }
+
+    /// The host offset of `len` bytes at `offset` if they are one run of
+    /// data clusters, the read counted in flight (see
+    /// [`in_place`](Self::in_place) for the locking).
+    async fn data_at(&self, offset: u64, len: u64) -> Result<Option<(u64, InFlightGuard<'_>)>> {
+        let mut m = match self.meta.try_lock() {
+            Some(m) => m,
+            None => self.meta.lock().await,
+        };
+        let run = m.lookup(&self.g, offset, len).await?;
+        match run.map {
+            Mapping::Data { host } if run.len == len => Ok(Some((host, self.in_flight.enter()))),
+            _ => Ok(None),
+        }
+    }
+
+    async fn read_runs(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
         let total = buf.len() as u64;
         let mut pos = 0u64;
         while pos < total {
@@ -530,6 +557,9 @@ impl BlockDriver for Qcow2 {
     }
     fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_write(offset, buf))
+    }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(self.do_write_keep(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_write_zeroes(offset, len, write::Zeroing::Zero))

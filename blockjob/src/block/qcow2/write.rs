@@ -269,7 +269,58 @@ impl Qcow2 {
         Ok(out)
     }
 
-    pub(super) async fn do_write(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
+    /// A write: in place when the whole request falls in clusters this
+    /// image owns alone (the common case of a guest rewriting its data),
+    /// else through [`write_runs`](Self::write_runs), boxed so that the
+    /// in-place path's future stays small.
+    pub(super) async fn do_write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+        if let Some((host, _io)) = self.in_place(offset, buf.len() as u64).await? {
+            return self.g.write_file(host, buf).await;
+        }
+        Box::pin(self.write_runs(offset, buf)).await
+    }
+
+    /// [`do_write`](Self::do_write) handing the buffer back: in place
+    /// without a copy, else a copy goes down the other paths.
+    pub(super) async fn do_write_keep(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if let Some((host, _io)) = self.in_place(offset, buf.len() as u64).await? {
+            return self.g.file.write_keep(host, buf).await;
+        }
+        Box::pin(self.write_runs(offset, buf.clone())).await?;
+        Ok(buf)
+    }
+
+    /// Where a write of `len` bytes at `offset` can go in place: one run
+    /// of data clusters with refcount 1 (COPIED) that no allocating write
+    /// is replacing. The request is counted in flight before the metadata
+    /// lock is released, so discards, zero writes and snapshot operations
+    /// that free or share those clusters wait for it (`InFlight::drain`).
+    /// The lock is taken at once when it is free (no queueing behind the
+    /// lock's future), and a lookup that hits the L2 cache does no I/O.
+    pub(super) async fn in_place(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, super::InFlightGuard<'_>)>> {
+        let mut m = match self.meta.try_lock() {
+            Some(m) => m,
+            None => self.meta.lock().await,
+        };
+        let run = m.lookup(&self.g, offset, len).await?;
+        if run.len < len || self.allocating.overlaps(offset, len) {
+            return Ok(None);
+        }
+        match run.map {
+            Mapping::Data { host } if run.entry.word & COPIED != 0 => {
+                Ok(Some((host, self.in_flight.enter())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A write run by run: in place, allocating whole clusters with the
+    /// lock released, or copy-on-write of partial clusters.
+    async fn write_runs(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
         let g = &self.g;
         let total = buf.len() as u64;
         let mut pos = 0u64;
@@ -493,6 +544,14 @@ impl Qcow2 {
                 }
                 b.freed.push(f);
             }
+        }
+        if !b.freed.is_empty() {
+            // Reads and in-place writes counted in flight may still be on
+            // the clusters freed below: once free, an allocation could
+            // hand them to another cluster or a table, and a late write
+            // would land there. No new one starts (they look up under
+            // the lock held here), so wait for those running.
+            self.in_flight.drain().await;
         }
         self.commit(&mut m, b).await?;
         // Only clusters nobody uses any more (a snapshot may still).

@@ -284,7 +284,14 @@ fn nbd_offers_the_bitmap_as_a_metadata_context() {
         ]
     );
 
-    c.ok("block-export-del", json!({"id": "e1"}));
+    // qemu-img has exited, but the server may not have seen its
+    // connection close yet (a safe delete is refused until then, in QEMU
+    // too).
+    util::wait_until("export deleted", || {
+        c.execute("block-export-del", json!({"id": "e1"}))
+            .get("return")
+            .is_some()
+    });
     util::wait_until("bitmap released", || {
         bitmaps(&mut c)[1]["busy"] == json!(false)
     });

@@ -410,7 +410,12 @@ fn a_guest_read_through_an_export_during_a_stream_populates_the_top() {
         );
         c.ok("block-job-cancel", json!({"device": "j", "force": true}));
         events_until_null(&mut c);
-        c.ok("block-export-del", json!({"id": "e"}));
+        // qemu-io has exited; its connection may not be gone yet.
+        util::wait_until("export deleted", || {
+            c.execute("block-export-del", json!({"id": "e"}))
+                .get("return")
+                .is_some()
+        });
         c.execute("quit", Value::Null);
         assert!(wait_exit(&mut child).success(), "{daemon} exit");
         let top = d.join("top.qcow2");

@@ -109,16 +109,11 @@ fn jobs_view(c: &mut QmpClient) -> Value {
             .unwrap()
             .iter()
             .map(|j| {
-                // `actively-synced` (mirror) is not reported by aiod yet.
-                let mut keys: Vec<&String> = j
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .filter(|k| k.as_str() != "actively-synced")
-                    .collect();
+                let mut keys: Vec<&String> = j.as_object().unwrap().keys().collect();
                 keys.sort();
                 json!({"keys": keys, "device": j["device"], "type": j["type"],
-                    "speed": j["speed"], "io-status": j["io-status"]})
+                    "speed": j["speed"], "io-status": j["io-status"],
+                    "actively-synced": j.get("actively-synced")})
             })
             .collect(),
     )

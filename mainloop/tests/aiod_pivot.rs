@@ -195,3 +195,52 @@ fn active_commit_complete_moves_the_export_to_the_base_like_qemu_storage_daemon(
     assert_eq!(ours, qsd);
     assert_eq!(ours, [Value::Null, json!("base")]);
 }
+
+/// `actively-synced` in `query-block-jobs`: false while a write-blocking
+/// mirror copies, true once it is READY; always false in background mode.
+fn actively_synced(daemon: &str, d: &Path) -> Vec<Value> {
+    let (src, tgt) = (
+        d.join(format!("{daemon}-as-src.qcow2")),
+        d.join(format!("{daemon}-as-tgt.qcow2")),
+    );
+    create_qcow2(&src, "4M", None);
+    create_qcow2(&tgt, "4M", None);
+    qemu_io(&["-c", "write -P 0x42 0 1M", &s(&src)]);
+    let qmp = d.join(format!("{daemon}-as.qmp"));
+    let (mut child, mut c) = start_daemon(
+        daemon,
+        &qmp,
+        &[blockdev("src", &src), blockdev("tgt", &tgt)],
+    );
+    let mut seen = Vec::new();
+    for mode in ["background", "write-blocking"] {
+        c.ok(
+            "blockdev-mirror",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "copy-mode": mode}),
+        );
+        wait_event(&mut c, "BLOCK_JOB_READY");
+        let jobs = c.ok("query-block-jobs", Value::Null);
+        seen.push(json!([mode, jobs[0]["actively-synced"]]));
+        c.ok("block-job-cancel", json!({"device": "j"}));
+        wait_event(&mut c, "BLOCK_JOB_COMPLETED");
+    }
+    c.ok("quit", Value::Null);
+    assert!(wait_exit(&mut child).success());
+    seen
+}
+
+#[test]
+fn actively_synced_like_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = actively_synced("aiod", dir.path());
+    let qsd = actively_synced("qsd", dir.path());
+    assert_eq!(ours, qsd);
+    assert_eq!(
+        ours,
+        [
+            json!(["background", false]),
+            json!(["write-blocking", true])
+        ]
+    );
+}

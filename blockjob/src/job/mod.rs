@@ -113,6 +113,11 @@ pub trait JobDriver: Send + Sync + 'static {
         let _ = job;
         Box::pin(async { Ok(()) })
     }
+    /// Mirror jobs: QMP's `actively-synced` (see
+    /// [`JobInfo::actively_synced`]); `None` for other jobs.
+    fn actively_synced(&self) -> Option<bool> {
+        None
+    }
     /// The job succeeded: make its effect permanent.
     fn commit(&self) {}
     /// The job failed or was cancelled: undo.
@@ -308,6 +313,10 @@ pub struct JobInfo {
     pub auto_dismiss: bool,
     /// Why the job failed, once it has.
     pub error: Option<String>,
+    /// Mirror only: whether guest writes reach the target before they
+    /// complete (`copy-mode: write-blocking` and in sync), QMP's
+    /// `actively-synced`.
+    pub actively_synced: Option<bool>,
 }
 
 impl JobInfo {
@@ -322,6 +331,9 @@ impl JobInfo {
         });
         if let Some(e) = &self.error {
             v["error"] = json!(e);
+        }
+        if let Some(a) = self.actively_synced {
+            v["actively-synced"] = json!(a);
         }
         v
     }
@@ -726,6 +738,7 @@ impl Shared {
             auto_finalize: st.auto_finalize,
             auto_dismiss: st.auto_dismiss,
             error: st.error.clone(),
+            actively_synced: self.driver.actively_synced(),
         }
     }
 

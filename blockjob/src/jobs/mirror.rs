@@ -392,6 +392,8 @@ struct MirrorJob {
     graph: GraphRef,
     /// What the target replaces at the pivot: the source, or `replaces`.
     replaced: Arc<BlockNode>,
+    /// `copy-mode: write-blocking`.
+    write_blocking: bool,
 }
 
 impl JobDriver for MirrorJob {
@@ -406,6 +408,10 @@ impl JobDriver for MirrorJob {
     }
     fn complete(&self, _job: &JobControl) -> Result<()> {
         Ok(())
+    }
+    fn actively_synced(&self) -> Option<bool> {
+        // QEMU sets it once a write-blocking mirror is in sync.
+        Some(self.write_blocking && self.core.ready.load(Ordering::Acquire))
     }
     fn prepare<'a>(&'a self, job: &'a JobControl) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
@@ -570,6 +576,7 @@ pub fn start_mirror(
         held: Held::default(),
         graph: graph.handle(),
         replaced,
+        write_blocking: args.copy_mode == CopyMode::WriteBlocking,
     });
     let job = registry.create(
         ctx,

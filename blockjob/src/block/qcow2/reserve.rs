@@ -9,9 +9,15 @@
 //! following whole-cluster writes in order, so consecutive requests also
 //! land contiguously in the file.
 //!
-//! Crash safety: reserved clusters have refcount 1 on disk before any
-//! table names them (the order refcounts → data and L2 → L1 is
-//! unchanged), so a crash leaves them as leaks, nothing worse. What is
+//! Crash safety: reserved clusters have refcount 1 on disk, flushed,
+//! before any table names them, so a crash leaves them as leaks, nothing
+//! worse. Because that flush already happened, mapping clusters from the
+//! reserve needs no flush before the L2 update when the entries replaced
+//! read as zeroes with nothing behind them (no backing file): an entry
+//! that reaches the disk before its data then reads zeroes, as it did
+//! before the write — QEMU's qcow2 likewise orders only refcounts
+//! before L2 for whole-cluster writes (it flushes first only after
+//! copy-on-write). What is
 //! left of the reserve is given back (refcounts to 0) before a flush, at
 //! close and before every whole-image metadata operation (check,
 //! snapshots, bitmaps, truncate, preallocation), so an image that was
@@ -26,28 +32,32 @@ pub(super) const RESERVE_BYTES: u64 = 32 << 20;
 
 impl Meta {
     /// `n` contiguous clusters for a whole-cluster data write or a new L2
-    /// table (refcount 1, written, not flushed), from the reserve, which is refilled when
-    /// it is short. Returns the byte offset of the first.
-    pub(crate) async fn alloc_data(&mut self, g: &Geom, n: u64) -> Result<u64> {
+    /// table (refcount 1, written), from the reserve, which is refilled
+    /// when it is short. Returns the byte offset of the first and
+    /// whether their refcounts are flushed already (a reserve taken from
+    /// the tail is flushed once when taken; a hole filled exactly is not).
+    pub(crate) async fn alloc_data(&mut self, g: &Geom, n: u64) -> Result<(u64, bool)> {
         let (first, count) = self.data_reserve;
         if count >= n {
             self.data_reserve = (first + n, count - n);
-            return Ok(first * g.cs());
+            return Ok((first * g.cs(), true));
         }
         self.release_data_reserve(g).await?;
         // Holes are filled exactly; only the free tail of the image is
         // taken ahead, within one refcount block (one refcount write per
         // refill).
         let c = self.find_free(g, n).await?;
-        let ahead = if c + n >= self.end_cluster {
-            (RESERVE_BYTES / g.cs()).min(g.rpb()).max(n)
-        } else {
-            n
-        };
+        if c + n < self.end_cluster {
+            return Ok((self.alloc(g, n).await?, false));
+        }
+        let ahead = (RESERVE_BYTES / g.cs()).min(g.rpb()).max(n);
         let off = self.alloc(g, ahead).await?;
+        // One flush per refill: the mappings of its clusters need none
+        // for their refcounts.
+        g.flush().await?;
         let c = off / g.cs();
         self.data_reserve = (c + n, ahead - n);
-        Ok(off)
+        Ok((off, true))
     }
 
     /// Gives back what is left of the reserve (one refcount write per

@@ -21,6 +21,13 @@ struct Batch {
     entries: Vec<(u64, u64, u64)>,
     /// What to free afterwards.
     freed: Vec<Freed>,
+    /// No flush needed before the L2 writes: every cluster the batch
+    /// maps has its refcount on disk already (a flushed reserve) and
+    /// every entry it replaces read as zeroes with nothing behind it, so
+    /// an L2 entry reaching the disk before its data shows zeroes, as
+    /// before the write (QEMU orders only refcounts before L2 for
+    /// whole-cluster writes).
+    no_flush: bool,
 }
 
 /// What [`Qcow2::do_write_zeroes`] leaves in whole clusters.
@@ -98,17 +105,25 @@ struct QueuedMap {
     ci: u64,
     n: u64,
     host: u64,
+    /// The clusters' refcounts are on disk (flushed).
+    durable: bool,
 }
 
 impl MapQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn push(&self, ci: u64, n: u64, host: u64) -> u64 {
+    fn push(&self, ci: u64, n: u64, host: u64, durable: bool) -> u64 {
         let mut st = self.lock();
         st.next += 1;
         let id = st.next;
-        st.queued.push(QueuedMap { id, ci, n, host });
+        st.queued.push(QueuedMap {
+            id,
+            ci,
+            n,
+            host,
+            durable,
+        });
         id
     }
     /// The outcome of run `id` if another request mapped it.
@@ -161,14 +176,16 @@ impl Qcow2 {
                 .iter()
                 .map(|e| e & !COPIED)
                 .collect();
-            let new = m.alloc_data(g, 1).await?;
+            let (new, durable) = m.alloc_data(g, 1).await?;
+            b.no_flush &= durable;
             m.cache_l2(new, t);
             b.new_l2.push((l1i, new));
             b.freed.push((off, g.cs()));
             return Ok((new, l2i));
         }
         // From the reserve too: not past it, leaving a hole in the file.
-        let off = m.alloc_data(g, 1).await?;
+        let (off, durable) = m.alloc_data(g, 1).await?;
+        b.no_flush &= durable;
         m.cache_l2(off, vec![0; (g.cs() / 8) as usize]);
         b.new_l2.push((l1i, off));
         Ok((off, l2i))
@@ -204,7 +221,9 @@ impl Qcow2 {
         if b.new_l2.is_empty() && b.entries.is_empty() {
             return Ok(());
         }
-        g.flush().await?;
+        if !b.no_flush {
+            g.flush().await?;
+        }
         for &(_, off) in &b.new_l2 {
             let t = m.l2_table(g, 0, off).await?;
             let bytes = to_bytes(t);
@@ -354,7 +373,7 @@ impl Qcow2 {
                 // Whole clusters: allocate them, write the data without
                 // the lock (other requests go on meanwhile), then map them.
                 let n = run.len / g.cs();
-                let host = m.alloc_data(g, n).await?;
+                let (host, durable) = m.alloc_data(g, n).await?;
                 let io = self.in_flight.enter();
                 let claim = self.allocating.claim(at, run.len);
                 drop(m);
@@ -368,7 +387,7 @@ impl Qcow2 {
                     m.free(g, host, n).await?;
                     return Err(e);
                 }
-                let id = self.maps.push(at / g.cs(), n, host);
+                let id = self.maps.push(at / g.cs(), n, host, durable);
                 let mut m = self.meta.lock().await;
                 let r = match self.maps.result(id) {
                     // Mapped by another request's batch meanwhile.
@@ -463,7 +482,11 @@ impl Qcow2 {
         let g = &self.g;
         let runs = self.maps.take();
         let r = async {
-            let mut b = Batch::default();
+            let mut b = Batch {
+                no_flush: runs.iter().all(|q| q.durable),
+                ..Batch::default()
+            };
+            let nothing_behind = self.backing_node().is_none();
             for q in &runs {
                 let mut olds = Vec::with_capacity(q.n as usize);
                 for c in q.ci..q.ci + q.n {
@@ -472,6 +495,9 @@ impl Qcow2 {
                 let (l2off, l2i) = self.l2_for(m, &mut b, q.ci).await?;
                 for (k, old) in olds.into_iter().enumerate() {
                     let k = k as u64;
+                    let read_zero = self.old_host(old).is_none()
+                        && (old & ZERO != 0 || (old == 0 && nothing_behind));
+                    b.no_flush &= read_zero;
                     let v = (q.host + k * g.cs()) | COPIED;
                     self.set_entry(m, &mut b, l2off, l2i + k, v).await?;
                     b.freed.extend(self.old_host(old));

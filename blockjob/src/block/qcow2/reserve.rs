@@ -52,6 +52,15 @@ impl Meta {
         }
         let ahead = (RESERVE_BYTES / g.cs()).min(g.rpb()).max(n);
         let off = self.alloc(g, ahead).await?;
+        // The file covers the reserve before the flush: an L2 entry that
+        // reaches the disk before its data (mapped without a flush, below)
+        // must still point inside the file, where it reads zeroes — past
+        // the end, `qemu-img check` calls it corruption. (Found by the
+        // crash model that reorders writes between flushes.)
+        let end = off + ahead * g.cs();
+        if g.file.len() < end {
+            g.file.truncate(end).await?;
+        }
         // One flush per refill: the mappings of its clusters need none
         // for their refcounts.
         g.flush().await?;
@@ -72,6 +81,14 @@ impl Meta {
             // are not handed out again either.
             log::warn!("{}: giving back {count} reserved clusters: {e}", g.name);
             return Err(e);
+        }
+        // A reserve at the tail grew the file (see `alloc_data`): shrink
+        // it back once the refcounts saying so are on disk, so a crash in
+        // between leaves at worst leaked clusters inside the file.
+        let (start, end) = (first * g.cs(), (first + count) * g.cs());
+        if g.file.len() == end {
+            g.flush().await?;
+            g.file.truncate(start).await?;
         }
         Ok(())
     }

@@ -345,6 +345,9 @@ pub(crate) struct Inner {
     shuffle: AtomicU64,
     /// The io_uring file engine, created on first use.
     pub(crate) uring_io: Mutex<Option<Arc<crate::uring_file::UringEngine>>>,
+    /// Set by the io_uring engine's completion handler: the outermost poll
+    /// resumes the woken tasks right after dispatching, in this iteration.
+    pub(crate) resume_after_dispatch: AtomicBool,
 }
 
 impl Inner {
@@ -510,6 +513,7 @@ impl AioContext {
             children: Mutex::new(Vec::new()),
             has_children: AtomicBool::new(false),
             uring_io: Mutex::new(None),
+            resume_after_dispatch: AtomicBool::new(false),
             shuffle: AtomicU64::new(opts.dispatch_seed.map_or(0, |s| s | 1)),
         });
         vclock.attach(Arc::downgrade(&inner));
@@ -998,6 +1002,16 @@ impl AioContext {
             progress |= self.dispatch(ev, seq, block_ns, params);
         }
         return_event_buffer(events);
+        if outermost && inner.resume_after_dispatch.swap(false, Ordering::Relaxed) {
+            crate::uring_file::resume_tasks(self);
+            // Waking those tasks (and their requests' submit bottom half)
+            // notified this context, and they have run: consume that, so
+            // the next wait may block. Work announced meanwhile by another
+            // thread is still found there: bottom halves (the task runner
+            // among them) and timers by `compute_timeout`, a caller's
+            // condition by its check after this poll returns.
+            inner.notify.accept();
+        }
 
         progress |= self.run_timers();
 

@@ -76,15 +76,20 @@ fn within_a_minute(f: impl FnOnce() + Send + 'static) {
 /// io_uring engine, on a thread of its own (see [`within_a_minute`]);
 /// returns the file's bytes afterwards.
 fn with_file(name: &str, body: impl FnOnce(&AioContext, Arc<File>) + Send + 'static) -> Vec<u8> {
-    let p = stamped_file(name);
-    let q = p.clone();
+    /// Removes the file however the test ends.
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let p = Remove(stamped_file(name));
+    let q = p.0.clone();
     within_a_minute(move || {
         let ctx = AioContext::new().unwrap();
         body(&ctx, open(&q));
     });
-    let data = std::fs::read(&p).unwrap();
-    std::fs::remove_file(&p).unwrap();
-    data
+    std::fs::read(&p.0).unwrap()
 }
 
 #[test]

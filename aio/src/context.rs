@@ -1003,14 +1003,12 @@ impl AioContext {
         }
         return_event_buffer(events);
         if outermost && inner.resume_after_dispatch.swap(false, Ordering::Relaxed) {
+            // The notification raised by waking those tasks is left
+            // pending: the runner (cancelled) is still queued, and a bottom
+            // half that is queued relies on it so that no wait blocks
+            // before the queue is taken (another thread scheduling it again
+            // does not notify). So the next wait does not block.
             crate::uring_file::resume_tasks(self);
-            // Waking those tasks (and their requests' submit bottom half)
-            // notified this context, and they have run: consume that, so
-            // the next wait may block. Work announced meanwhile by another
-            // thread is still found there: bottom halves (the task runner
-            // among them) and timers by `compute_timeout`, a caller's
-            // condition by its check after this poll returns.
-            inner.notify.accept();
         }
 
         progress |= self.run_timers();

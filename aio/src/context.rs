@@ -345,6 +345,9 @@ pub(crate) struct Inner {
     shuffle: AtomicU64,
     /// The io_uring file engine, created on first use.
     pub(crate) uring_io: Mutex<Option<Arc<crate::uring_file::UringEngine>>>,
+    /// Set by the io_uring engine's completion handler: the outermost poll
+    /// resumes the woken tasks right after dispatching, in this iteration.
+    pub(crate) resume_after_dispatch: AtomicBool,
 }
 
 impl Inner {
@@ -510,6 +513,7 @@ impl AioContext {
             children: Mutex::new(Vec::new()),
             has_children: AtomicBool::new(false),
             uring_io: Mutex::new(None),
+            resume_after_dispatch: AtomicBool::new(false),
             shuffle: AtomicU64::new(opts.dispatch_seed.map_or(0, |s| s | 1)),
         });
         vclock.attach(Arc::downgrade(&inner));
@@ -998,6 +1002,14 @@ impl AioContext {
             progress |= self.dispatch(ev, seq, block_ns, params);
         }
         return_event_buffer(events);
+        if outermost && inner.resume_after_dispatch.swap(false, Ordering::Relaxed) {
+            // The notification raised by waking those tasks is left
+            // pending: the runner (cancelled) is still queued, and a bottom
+            // half that is queued relies on it so that no wait blocks
+            // before the queue is taken (another thread scheduling it again
+            // does not notify). So the next wait does not block.
+            crate::uring_file::resume_tasks(self);
+        }
 
         progress |= self.run_timers();
 

@@ -482,6 +482,17 @@ impl AioContext {
         Sleep::new(Some(self.clone()), clock, Deadline::In(ns))
     }
 
+    /// Runs the queued tasks now, from the outermost poll right after its
+    /// fd handlers ran (for the io_uring engine's completions), instead of
+    /// one loop iteration later from the runner bottom half. The runner's
+    /// scheduled run is cancelled first, before the queue is taken, so a
+    /// task queued by another thread meanwhile either runs here or
+    /// reschedules the runner.
+    pub(crate) fn run_tasks_now(&self) {
+        self.inner().executor.runner.cancel();
+        self.run_tasks();
+    }
+
     /// Runs the queued tasks (the runner bottom half). Tasks woken while
     /// these run are queued for the next iteration.
     pub(crate) fn run_tasks(&self) {

@@ -21,25 +21,60 @@ fn add_target(ctx: &AioContext, g: &BlockGraph, name: &str, img: &std::path::Pat
         .expect("blockdev-add target");
 }
 
-#[test]
-fn guest_writes_during_mirror_land_in_the_target_after_complete() {
+/// A mirror's setting: the chain base <- mid <- top opened as `src`, an
+/// empty 4 MiB `tgt` added as node `tgt`, and `want`: a copy of top with
+/// the guest writes `ops` applied by qemu-io — what the target must hold
+/// once the test made the same writes through `src` during the job.
+struct Fixture {
+    /// Holds the images (kept alive by the test binding it).
+    dir: tempfile::TempDir,
+    top: std::path::PathBuf,
+    tgt: std::path::PathBuf,
+    want: std::path::PathBuf,
+    ctx: AioContext,
+    g: BlockGraph,
+    src: std::sync::Arc<blockjob::block::BlockNode>,
+}
+
+fn fixture(ops: &[&str]) -> Fixture {
     let dir = tmp();
     let (base, mid, top) = make_chain(dir.path());
     let want = snapshot(&top, dir.path(), "want.qcow2");
-    qemu_io(
-        &want,
-        &[
-            "write -P 0xa1 0 8k".into(),
-            "write -P 0xa2 3M 100k".into(),
-            "write -z 1M 64k".into(),
-        ],
-    );
+    let ops: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+    qemu_io(&want, &ops);
     let tgt = dir.path().join("tgt.qcow2");
     create(&tgt, "4M", None);
     let ctx = AioContext::new().unwrap();
     let g = BlockGraph::new();
     let src = add_chain(&ctx, &g, &base, &mid, &top);
     add_target(&ctx, &g, "tgt", &tgt);
+    Fixture {
+        dir,
+        top,
+        tgt,
+        want,
+        ctx,
+        g,
+        src,
+    }
+}
+
+#[test]
+fn guest_writes_during_mirror_land_in_the_target_after_complete() {
+    let Fixture {
+        dir: _dir,
+        top,
+        tgt,
+        want,
+        ctx,
+        g,
+        src,
+        ..
+    } = fixture(&[
+        "write -P 0xa1 0 8k",
+        "write -P 0xa2 3M 100k",
+        "write -z 1M 64k",
+    ]);
     let (reg, log) = registry(ClockType::Virtual);
     let mut a = MirrorArgs::new("mirror0", "top", "tgt", SyncMode::Full);
     a.speed = 1 << 20;
@@ -252,19 +287,15 @@ fn mirror_refusals() {
 
 #[test]
 fn write_blocking_puts_guest_writes_on_the_target_before_they_complete() {
-    let dir = tmp();
-    let (base, mid, top) = make_chain(dir.path());
-    let want = snapshot(&top, dir.path(), "want.qcow2");
-    qemu_io(
-        &want,
-        &["write -P 0xb1 3M 64k".into(), "write -P 0xb2 5k 3k".into()],
-    );
-    let tgt = dir.path().join("tgt.qcow2");
-    create(&tgt, "4M", None);
-    let ctx = AioContext::new().unwrap();
-    let g = BlockGraph::new();
-    let src = add_chain(&ctx, &g, &base, &mid, &top);
-    add_target(&ctx, &g, "tgt", &tgt);
+    let Fixture {
+        dir: _dir,
+        tgt,
+        want,
+        ctx,
+        g,
+        src,
+        ..
+    } = fixture(&["write -P 0xb1 3M 64k", "write -P 0xb2 5k 3k"]);
     let tgtn = g.find("tgt").unwrap();
     let (reg, log) = registry(ClockType::Virtual);
     let mut a = MirrorArgs::new("m", "top", "tgt", SyncMode::Full);
@@ -304,19 +335,15 @@ fn write_blocking_puts_guest_writes_on_the_target_before_they_complete() {
 /// and a zero write) are copied before the switch, not lost.
 #[test]
 fn writes_while_pending_reach_the_target_before_the_pivot() {
-    let dir = tmp();
-    let (base, mid, top) = make_chain(dir.path());
-    let want = snapshot(&top, dir.path(), "want.qcow2");
-    qemu_io(
-        &want,
-        &["write -P 0xb1 2M 12k".into(), "write -z 3M 64k".into()],
-    );
-    let tgt = dir.path().join("tgt.qcow2");
-    create(&tgt, "4M", None);
-    let ctx = AioContext::new().unwrap();
-    let g = BlockGraph::new();
-    let src = add_chain(&ctx, &g, &base, &mid, &top);
-    add_target(&ctx, &g, "tgt", &tgt);
+    let Fixture {
+        dir: _dir,
+        tgt,
+        want,
+        ctx,
+        g,
+        src,
+        ..
+    } = fixture(&["write -P 0xb1 2M 12k", "write -z 3M 64k"]);
     let (reg, _log) = registry(ClockType::Virtual);
     let mut a = MirrorArgs::new("mirror0", "top", "tgt", SyncMode::Full);
     a.auto_finalize = false;

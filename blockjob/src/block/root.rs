@@ -78,6 +78,11 @@ impl BlockRoot {
         drop(guard);
     }
 
+    /// Takes this root's permissions on `node`.
+    fn take_perms(&self, node: &Arc<BlockNode>) -> Result<PermGuard> {
+        node.attach(&self.user, "root", self.perm, self.shared)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RootState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -101,7 +106,7 @@ impl std::fmt::Debug for BlockRoot {
 ///
 /// The permission error of the first root `to` cannot take; then no root
 /// has moved.
-pub(crate) fn move_roots(from: &Arc<BlockNode>, to: &Arc<BlockNode>) -> Result<usize> {
+pub(crate) fn move_roots(from: &Arc<BlockNode>, to: &Arc<BlockNode>) -> Result<()> {
     let roots: Vec<Arc<BlockRoot>> = from
         .roots()
         .into_iter()
@@ -116,12 +121,12 @@ pub(crate) fn move_roots(from: &Arc<BlockNode>, to: &Arc<BlockNode>) -> Result<u
     drop(old);
     let mut guards = Vec::with_capacity(roots.len());
     for r in &roots {
-        match to.attach(&r.user, "root", r.perm, r.shared) {
+        match r.take_perms(to) {
             Ok(g) => guards.push(g),
             Err(e) => {
                 drop(guards);
                 for r in &roots {
-                    match from.attach(&r.user, "root", r.perm, r.shared) {
+                    match r.take_perms(from) {
                         Ok(g) => r.lock().guard = Some(g),
                         Err(e) => {
                             log::error!("{} lost its permissions on '{}': {e}", r.user, from.name())
@@ -141,7 +146,7 @@ pub(crate) fn move_roots(from: &Arc<BlockNode>, to: &Arc<BlockNode>) -> Result<u
         to.add_root(r);
     }
     from.forget_roots(|r| !Arc::ptr_eq(&r.node(), from));
-    Ok(roots.len())
+    Ok(())
 }
 
 /// The roots a node keeps: weak, so that a dropped root is simply gone.

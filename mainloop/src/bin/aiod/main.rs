@@ -331,13 +331,25 @@ fn stop_exports(ml: &MainLoop, exports: &Exports) {
     if exports.stop().is_err() {
         return;
     }
+    poll_until(ml, Duration::from_secs(5), || {
+        exports.connection_count() == 0
+    });
+}
+
+/// Runs the main loop until `done` holds or `limit` has passed (it
+/// wakes at least every 10 ms to look); returns whether `done` held.
+fn poll_until(ml: &MainLoop, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let main = ml.main_context();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let timer = main.timer_new(ClockType::Realtime, |_| {});
-    while exports.connection_count() > 0 && Instant::now() < deadline {
-        timer.mod_in_ns(10_000_000);
+    let deadline = Instant::now() + limit;
+    let tick = main.timer_new(ClockType::Realtime, |_| {});
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tick.mod_in_ns(10_000_000);
         main.poll(true);
     }
+    true
 }
 
 /// Cancels running jobs, waits (bounded) for them to finish, closes every
@@ -351,31 +363,21 @@ fn shutdown(ml: &MainLoop, state: &BlockState) {
             }
         }
     }
-    let main = ml.main_context();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let _guard = main.timer_new(ClockType::Realtime, |_| {});
-    while state
-        .jobs
-        .list()
-        .iter()
-        .any(|j| !matches!(j.status, JobStatus::Concluded | JobStatus::Null))
-        && Instant::now() < deadline
-    {
-        _guard.mod_in_ns(10_000_000);
-        main.poll(true);
-    }
+    poll_until(ml, Duration::from_secs(10), || {
+        state
+            .jobs
+            .list()
+            .iter()
+            .all(|j| matches!(j.status, JobStatus::Concluded | JobStatus::Null))
+    });
     // Requests still in flight finish before the images close; a device
     // that never completes one must not hang the shutdown, so the wait is
     // bounded and the images are then left open (a qcow2 image keeps its
     // dirty bit and is repaired on its next open).
+    let main = ml.main_context();
     let graph = state.graph.clone();
     let closing = main.spawn(async move { graph.close_all().await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !closing.is_finished() && Instant::now() < deadline {
-        _guard.mod_in_ns(10_000_000);
-        main.poll(true);
-    }
-    if !closing.is_finished() {
+    if !poll_until(ml, Duration::from_secs(10), || closing.is_finished()) {
         log::error!("requests still in flight after 10 s; leaving the images open");
         return;
     }

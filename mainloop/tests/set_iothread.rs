@@ -98,10 +98,17 @@ fn nodes_move_with_their_chain_and_jobs_follow() {
     c.ok(set, json!({"node-name": "top", "iothread": Value::Null}));
     assert!(!on_io0("top") && on_io0("base"));
 
-    // A node a job holds is not moved under it.
+    // A node a job holds is not moved under it. The job must still run
+    // when the move is tried: a stream of top would end at once (top has
+    // no backing file any more), a mirror at 1 byte/s does not.
     c.ok(
-        "block-stream",
-        json!({"job-id": "s2", "device": "top", "speed": 1}),
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "sink", "size": 4 << 20}),
+    );
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id": "s2", "device": "top", "target": "sink", "sync": "full",
+            "speed": 1}),
     );
     let (_, desc) = c.err(set, json!({"node-name": "top", "iothread": "io0"}));
     assert!(

@@ -37,6 +37,11 @@ pub struct JobsOpts {
     pub targets: Vec<JobTarget>,
     /// The directory of [`JobTarget::Disk`] (default /var/tmp).
     pub disk_dir: Option<PathBuf>,
+    /// Image size in MiB (default 1024, the 1 GiB chain; 128
+    /// with `quick`).
+    pub size_mib: Option<u64>,
+    /// Alternating rounds per job (default 3; 1 with `quick`).
+    pub rounds: Option<usize>,
 }
 
 impl JobsOpts {
@@ -437,7 +442,9 @@ fn run_target(
 /// A missing tool or binary, or a job that fails.
 pub fn run(opts: &JobsOpts) -> Result<(), String> {
     let aiod = aiod_path(opts.aiod.as_deref())?;
-    let (mib, rounds) = if opts.quick { (128, 1) } else { (512, 3) };
+    let (mib, rounds) = if opts.quick { (128, 1) } else { (1024, 3) };
+    let mib = opts.size_mib.unwrap_or(mib).max(1);
+    let rounds = opts.rounds.unwrap_or(rounds).max(1);
     let targets = if opts.targets.is_empty() {
         vec![JobTarget::Shm]
     } else {

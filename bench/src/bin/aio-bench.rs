@@ -71,8 +71,9 @@ commands:
                                /dev/shm and disk with -t none (needs a release
                                aio-img next to this binary)
 
-  jobs    [--quick] [--json]   stream, commit, mirror and backup of 512 MiB
-          [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm
+  jobs    [--quick] [--json]   stream, commit, mirror and backup of 1 GiB
+          [--aiod PATH]        (--quick 128 MiB; --size MIB) fully allocated
+          [--size MIB] [--rounds N]  qcow2 chains on /dev/shm
           [--target shm|disk|both]  (default shm) and/or on disk (--disk-dir,
           [--disk-dir DIR]     default /var/tmp, cache.direct=on), no
                                speed limit, in aiod and in qemu-storage-daemon,
@@ -219,6 +220,14 @@ fn parse_jobs(rest: &[String]) -> Result<Command, String> {
             }
             "--disk-dir" => {
                 o.disk_dir = Some(PathBuf::from(it.next().ok_or("--disk-dir needs a value")?));
+            }
+            "--size" => {
+                let v = it.next().ok_or("--size needs a value (MiB)")?;
+                o.size_mib = Some(v.parse().map_err(|_| format!("bad --size {v} (MiB)"))?);
+            }
+            "--rounds" => {
+                let v = it.next().ok_or("--rounds needs a value")?;
+                o.rounds = Some(v.parse().map_err(|_| format!("bad --rounds {v}"))?);
             }
             other => return Err(format!("unknown option for jobs: {other}")),
         }

@@ -139,12 +139,15 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for Vec<u8> {}
     impl Sealed for super::AlignedBuf {}
+    impl Sealed for super::Buffer {}
 }
+
+pub use crate::buffer::{Buffer, BUFFER_ALIGN};
 
 /// An owned buffer that can move to a worker thread for I/O and come back.
 ///
 /// Implemented for `Vec<u8>` (its length, not its capacity, is the
-/// transfer size) and [`AlignedBuf`]. Sealed.
+/// transfer size), [`AlignedBuf`] and [`Buffer`]. Sealed.
 pub trait IoBuf: sealed::Sealed + Send + 'static {
     /// The bytes to write, or the space to read into.
     fn bytes(&self) -> &[u8];
@@ -162,6 +165,15 @@ impl IoBuf for Vec<u8> {
 }
 
 impl IoBuf for AlignedBuf {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl IoBuf for Buffer {
     fn bytes(&self) -> &[u8] {
         self
     }
@@ -214,6 +226,30 @@ impl AlignedBuf {
     /// The alignment the buffer was allocated with.
     pub fn align(&self) -> usize {
         self.0.align()
+    }
+
+    /// The bytes the allocation holds: the most [`set_len`](Self::set_len)
+    /// can make visible.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
+    /// Makes the first `len` bytes visible (clamped to the capacity), so
+    /// one allocation can serve requests of different sizes. Bytes that
+    /// come back into view hold what was last written there (zeroes for
+    /// bytes never written), never uninitialised memory.
+    ///
+    /// ```
+    /// use aio::file::AlignedBuf;
+    /// let mut buf = AlignedBuf::new(8192, 4096)?;
+    /// buf.set_len(512);
+    /// assert_eq!(buf.len(), 512);
+    /// buf.set_len(8192);
+    /// assert_eq!(buf.len(), 8192);
+    /// # Ok::<(), aio::Error>(())
+    /// ```
+    pub fn set_len(&mut self, len: usize) {
+        self.0.set_len(len);
     }
 }
 

@@ -3,32 +3,46 @@
 //! retried, errors naming the operation, offset and file), on the current
 //! context's io_uring.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::error::{Error, Result};
-use crate::file::{AlignedBuf, FileInner, IoBuf};
+use crate::file::{AlignedBuf, Buffer, FileInner, IoBuf};
 use crate::sys::uring_io::{IoOp, OwnedBuf};
 use crate::uring_file::UringOp;
 
 /// Moves a caller's buffer into the form the ring owns.
 pub(crate) fn to_owned_buf<B: IoBuf>(b: B) -> OwnedBuf {
-    let any: Box<dyn Any> = Box::new(b);
+    let mut any: Box<dyn Any> = Box::new(b);
+    if let Some(buf) = any.downcast_mut::<Buffer>() {
+        any = match std::mem::take(buf).into_repr() {
+            Ok(v) => Box::new(v),
+            Err(a) => Box::new(a),
+        };
+    }
     match any.downcast::<Vec<u8>>() {
         Ok(v) => OwnedBuf::Vec(*v),
         Err(any) => match any.downcast::<AlignedBuf>() {
             Ok(a) => OwnedBuf::Aligned(a.into_raw()),
-            Err(_) => unreachable!("IoBuf is sealed to Vec<u8> and AlignedBuf"),
+            Err(_) => unreachable!("IoBuf is sealed to Vec<u8>, AlignedBuf and Buffer"),
         },
     }
 }
 
 /// The inverse of [`to_owned_buf`].
 pub(crate) fn from_owned_buf<B: IoBuf>(o: OwnedBuf) -> B {
-    let any: Box<dyn Any> = match o {
-        OwnedBuf::Vec(v) => Box::new(v),
-        OwnedBuf::Aligned(a) => Box::new(AlignedBuf::from_raw(a)),
+    let r = match o {
+        OwnedBuf::Vec(v) => Ok(v),
+        OwnedBuf::Aligned(a) => Err(AlignedBuf::from_raw(a)),
+    };
+    let any: Box<dyn Any> = if TypeId::of::<B>() == TypeId::of::<Buffer>() {
+        Box::new(Buffer::from_repr(r))
+    } else {
+        match r {
+            Ok(v) => Box::new(v),
+            Err(a) => Box::new(a),
+        }
     };
     match any.downcast::<B>() {
         Ok(b) => *b,

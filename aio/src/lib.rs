@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod bh;
+mod buffer;
 mod clock;
 mod context;
 mod error;

@@ -60,6 +60,19 @@ impl RawAlignedBuf {
     pub(crate) fn align(&self) -> usize {
         self.layout.align()
     }
+
+    /// The bytes the allocation holds (the most `set_len` accepts).
+    pub(crate) fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Makes the first `len` bytes of the allocation the visible ones.
+    /// Every byte of the allocation was initialised (zeroed) when it was
+    /// made, so growing back within the capacity exposes only bytes that
+    /// were written before. `len` above the capacity is clamped to it.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.capacity());
+    }
 }
 
 impl Drop for RawAlignedBuf {
@@ -85,6 +98,20 @@ mod tests {
             assert!(b.as_slice().iter().all(|&x| x == 7));
             assert_eq!(b.align(), align);
         }
+    }
+
+    #[test]
+    fn set_len_stays_within_the_allocation() {
+        let mut b = RawAlignedBuf::zeroed(8192, 4096).unwrap();
+        b.as_mut_slice().fill(3);
+        b.set_len(100);
+        assert_eq!(b.as_slice().len(), 100);
+        b.set_len(1 << 20);
+        assert_eq!(b.as_slice().len(), 8192, "clamped to the capacity");
+        assert!(b.as_slice().iter().all(|&x| x == 3));
+        let mut e = RawAlignedBuf::zeroed(0, 512).unwrap();
+        e.set_len(1);
+        assert_eq!(e.as_slice().len(), 1, "the one byte allocated for len 0");
     }
 
     #[test]

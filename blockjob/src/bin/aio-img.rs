@@ -591,7 +591,7 @@ async fn compare(args: &[String]) -> Outcome {
         let n = CHUNK.min(common - pos);
         let x = na.read(pos, vec![0; n as usize]).await?;
         let y = nb.read(pos, vec![0; n as usize]).await?;
-        if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
             println!("Content mismatch at offset {}!", pos + i as u64);
             return Ok(1);
         }

@@ -19,6 +19,7 @@
 //! is the kind of request reaching this node, so the filter works on top
 //! of an image too (how the job tests use it).
 
+use crate::block::Buffer;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -182,16 +183,22 @@ impl BlockDriver for BlkdebugDriver {
     fn file_child(&self) -> Option<Arc<BlockNode>> {
         Some(self.child().clone())
     }
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(async move {
             self.check(Event::Read, offset, buf.len() as u64)?;
             self.child().read(offset, buf).await
         })
     }
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check(Event::Write, offset, buf.len() as u64)?;
             self.child().write(offset, buf).await
+        })
+    }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
+        Box::pin(async move {
+            self.check(Event::Write, offset, buf.len() as u64)?;
+            self.child().write_keep(offset, buf).await
         })
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {

@@ -18,6 +18,7 @@
 //! see the filter where QEMU shows it, and guest reads (exports) are sent
 //! through it ([`BlockNode::guest_read`]); other I/O goes to the node.
 
+use crate::block::Buffer;
 use std::sync::Arc;
 
 use super::graph::GraphRef;
@@ -146,7 +147,7 @@ impl BlockDriver for FilterDriver {
     fn backing(&self) -> Option<Arc<BlockNode>> {
         self.kind.backing_child().then(|| self.child().clone())
     }
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(async move {
             if self.kind == FilterKind::CopyOnRead {
                 self.copy_on_read(offset, buf.len() as u64).await?;
@@ -154,8 +155,11 @@ impl BlockDriver for FilterDriver {
             self.child().read(offset, buf).await
         })
     }
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.child().write(offset, buf))
+    }
+    fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
+        Box::pin(self.child().write_keep(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.child().write_zeroes(offset, len))

@@ -30,6 +30,7 @@ mod reopen;
 mod root;
 mod status;
 
+pub use aio::file::Buffer;
 pub use bitmap::{BitmapAddOptions, BitmapInfo, BitmapUndo, DirtyBitmap, Extent};
 pub use drain::{DrainOptions, Drained};
 pub use external_snapshot::{
@@ -141,14 +142,14 @@ pub trait BlockDriver: Send + Sync {
         None
     }
     /// Reads `buf.len()` bytes at `offset` into `buf`.
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>>;
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>>;
     /// Writes `buf` at `offset`.
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>>;
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>>;
     /// Writes `buf` at `offset` and hands the buffer back, for a caller
     /// that writes from the same buffer again. The default writes a copy;
     /// drivers on the request path (`file`, `raw`, `qcow2` in place)
     /// return the buffer their child gave back, copying nothing.
-    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(async move { self.write(offset, buf.clone()).await.map(|()| buf) })
     }
     /// Makes `len` bytes at `offset` read as zeroes.

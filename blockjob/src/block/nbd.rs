@@ -15,6 +15,7 @@
 //! The node's context must keep running for requests to progress, and a
 //! node cannot move to another context later.
 
+use crate::block::Buffer;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -284,7 +285,20 @@ impl NbdDriver {
         }
     }
 
-    async fn read_impl(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// A read into the caller's buffer: a vector is filled as it is, an
+    /// aligned buffer gets a copy of what came off the socket.
+    async fn read_impl(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
+        match buf.try_into_vec() {
+            Ok(v) => self.read_vec(offset, v).await.map(Buffer::from),
+            Err(mut buf) => {
+                let v = self.read_vec(offset, vec![0; buf.len()]).await?;
+                buf.copy_from_slice(&v);
+                Ok(buf)
+            }
+        }
+    }
+
+    async fn read_vec(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let len = buf.len() as u64;
         self.check_aligned(CMD_READ, offset, len)?;
         let max = self.max_payload();
@@ -334,11 +348,12 @@ impl NbdDriver {
         Ok(())
     }
 
-    async fn write_impl(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    async fn write_impl(&self, offset: u64, buf: Buffer) -> Result<()> {
         self.check_writable(CMD_WRITE)?;
         let len = buf.len() as u64;
         self.check_aligned(CMD_WRITE, offset, len)?;
-        self.write_shared(offset, Arc::new(buf), 0, len).await
+        self.write_shared(offset, Arc::new(buf.into_vec()), 0, len)
+            .await
     }
 
     /// A command without payload over a range, split at [`MAX_NO_PAYLOAD`].
@@ -469,10 +484,10 @@ impl BlockDriver for NbdDriver {
     fn len(&self) -> u64 {
         self.client.info().size
     }
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.read_impl(offset, buf))
     }
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.write_impl(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, Check, DirtyBitmap};
 use super::perm::PermUser;
 use super::{
-    BlockDriver, BlockStatus, BoxFuture, CheckOptions, CheckReport, ImageInfo, Perm, PermGuard,
-    SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
+    BlockDriver, BlockStatus, BoxFuture, Buffer, CheckOptions, CheckReport, ImageInfo, Perm,
+    PermGuard, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use crate::{Error, Result};
 
@@ -625,7 +625,8 @@ impl BlockNode {
     /// reads into this node), else [`read`](Self::read). QEMU moves the
     /// node's parents onto the filter; here they keep the node and their
     /// reads are sent up.
-    pub async fn guest_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    pub async fn guest_read(&self, offset: u64, buf: impl Into<Buffer>) -> Result<Buffer> {
+        let buf = buf.into();
         let filter = self
             .read_filter
             .lock()
@@ -645,7 +646,8 @@ impl BlockNode {
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
-    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    pub async fn read(&self, offset: u64, buf: impl Into<Buffer>) -> Result<Buffer> {
+        let buf = buf.into();
         let _req = self.enter();
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -656,15 +658,15 @@ impl BlockNode {
 
     /// Writes `buf` at `offset` (with `detect-zeroes`, a buffer of zeroes
     /// becomes a zero write).
-    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
-        self.write_inner(offset, buf, false).await.map(drop)
+    pub async fn write(&self, offset: u64, buf: impl Into<Buffer>) -> Result<()> {
+        self.write_inner(offset, buf.into(), false).await.map(drop)
     }
 
     /// Writes `buf` at `offset` as [`write`](Self::write) does and hands
     /// the buffer back, so a caller writing the same bytes again (`aio-img
     /// bench`) needs no copy per request.
-    pub async fn write_keep(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
-        self.write_inner(offset, buf, true)
+    pub async fn write_keep(&self, offset: u64, buf: impl Into<Buffer>) -> Result<Buffer> {
+        self.write_inner(offset, buf.into(), true)
             .await
             .map(Option::unwrap_or_default)
     }
@@ -674,9 +676,9 @@ impl BlockNode {
     async fn write_inner(
         &self,
         offset: u64,
-        buf: Vec<u8>,
+        buf: Buffer,
         give_back: bool,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Buffer>> {
         let _req = self.enter();
         self.check_writable()?;
         if !self.driver.grows_on_write() {
@@ -708,18 +710,21 @@ impl BlockNode {
 
     /// A write that does not change what the node reads as (copy-on-read
     /// by a stream job; QEMU's `BDRV_REQ_WRITE_UNCHANGED`): write hooks do
-    /// not see it. An all-zero buffer becomes a zero write.
-    pub async fn write_unchanged(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    /// not see it. An all-zero buffer becomes a zero write. The buffer
+    /// comes back, for a caller that reuses it.
+    pub async fn write_unchanged(&self, offset: u64, buf: impl Into<Buffer>) -> Result<Buffer> {
+        let buf = buf.into();
         let _req = self.enter();
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return Ok(());
+            return Ok(buf);
         }
         if buf.iter().all(|&b| b == 0) {
-            return self.driver.write_zeroes(offset, buf.len() as u64).await;
+            self.driver.write_zeroes(offset, buf.len() as u64).await?;
+            return Ok(buf);
         }
-        self.driver.write(offset, buf).await
+        self.driver.write_keep(offset, buf).await
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.

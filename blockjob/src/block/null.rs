@@ -2,6 +2,7 @@
 //! `latency-ns`, takes that long for each request (a slow device for
 //! tests and benchmarks, as in QEMU).
 
+use crate::block::Buffer;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aio::{AioContext, ClockType};
@@ -53,15 +54,18 @@ impl BlockDriver for NullDriver {
     fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
-    fn read<'a>(&'a self, _offset: u64, mut buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, _offset: u64, mut buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(async move {
             self.delay().await?;
             buf.fill(0);
             Ok(buf)
         })
     }
-    fn write<'a>(&'a self, _offset: u64, _buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, _offset: u64, _buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.delay())
+    }
+    fn write_keep<'a>(&'a self, _offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
+        Box::pin(async move { self.delay().await.map(|()| buf) })
     }
     fn write_zeroes<'a>(&'a self, _offset: u64, _len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.delay())

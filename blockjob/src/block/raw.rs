@@ -1,5 +1,6 @@
 //! The `raw` format driver: passes everything to its `file` child.
 
+use crate::block::Buffer;
 use std::sync::Arc;
 
 use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, ImageInfo, PermGuard};
@@ -33,13 +34,13 @@ impl BlockDriver for RawDriver {
     fn file_child(&self) -> Option<Arc<BlockNode>> {
         Some(self.f().clone())
     }
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.f().read(offset, buf))
     }
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.f().write(offset, buf))
     }
-    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.f().write_keep(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {

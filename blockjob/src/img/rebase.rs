@@ -208,7 +208,7 @@ impl RebaseJob {
 
     /// Writes the pieces of `old` (at `off`) that differ from `new`, one
     /// granule at a time; returns the bytes written.
-    async fn write_differences(&self, off: u64, old: Vec<u8>, new: &[u8]) -> Result<u64> {
+    async fn write_differences(&self, off: u64, old: &[u8], new: &[u8]) -> Result<u64> {
         let end = off + old.len() as u64;
         let mut written = 0;
         let mut s = off;
@@ -246,7 +246,7 @@ impl RebaseJob {
         // Unallocated in the image: it reads the old chain here.
         let old = self.img.read(off, vec![0; n as usize]).await?;
         let new = self.read_new(off, n).await?;
-        Ok((n, self.write_differences(off, old, &new).await?))
+        Ok((n, self.write_differences(off, &old, &new).await?))
     }
 }
 

@@ -30,6 +30,7 @@ use aio::{AioContext, CoQueue};
 use parking_lot::Mutex;
 use serde::Deserialize;
 
+use super::pool::BufPool;
 use super::window::{CopyResult, Window};
 use super::{
     check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held, Holds, OnError,
@@ -190,6 +191,8 @@ struct CopyState {
     done_bytes: AtomicU64,
     /// Bytes to copy at job start (the job's total).
     todo_bytes: u64,
+    /// Copy buffers, one per copy in flight.
+    pool: BufPool,
 }
 
 impl CopyState {
@@ -268,7 +271,7 @@ impl CopyState {
     async fn copy_claimed(&self, src: &BlockNode, first: u64, n: u64) -> CopyResult {
         let (off, len) = self.span(first, n);
         if !self.top_only {
-            copy_range(src, &self.target, off, len).await?;
+            copy_range(src, &self.target, off, len, &self.pool).await?;
             return Ok(len);
         }
         let (end, cs) = (off + len, self.cluster);
@@ -288,7 +291,7 @@ impl CopyState {
             }
             let stop = (pos + k).div_ceil(cs) * cs;
             let n = stop.min(end) - pos;
-            copy_range(src, &self.target, pos, n).await?;
+            copy_range(src, &self.target, pos, n, &self.pool).await?;
             copied += n;
             pos += n;
         }
@@ -733,6 +736,7 @@ pub fn create_backup(
         changed: CoQueue::new(),
         done_bytes: AtomicU64::new(0),
         todo_bytes,
+        pool: BufPool::new(max_workers),
     });
     let sync_bitmap = match (bitmap, bitmap_mode) {
         (Some(b), Some(mode)) => Some(SyncBitmap {

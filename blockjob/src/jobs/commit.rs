@@ -21,8 +21,9 @@ use std::sync::Arc;
 use aio::AioContext;
 use serde::Deserialize;
 
-use super::mirror::{default_granularity, Initial, MirrorCore, DEFAULT_BUF_SIZE};
-use super::window::{copy_chunks, ChunkCopy, CopyResult};
+use super::mirror::{default_granularity, Initial, MirrorCore, DEFAULT_BUF_SIZE, MAX_IN_FLIGHT};
+use super::pool::BufPool;
+use super::window::{copy_chunks, ChunkCopy, CopyResult, CHUNKS_IN_FLIGHT};
 use super::{
     allocated_above, check_speed, copy_range, drop_layers, find_backing_image, find_device,
     find_node, job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
@@ -113,6 +114,8 @@ struct CommitJob {
     on_error: OnError,
     graph: GraphRef,
     held: Held,
+    /// Copy buffers, one per chunk in flight.
+    pool: Arc<BufPool>,
 }
 
 impl CommitJob {
@@ -132,8 +135,8 @@ impl ChunkCopy for CommitJob {
         Box::pin(allocated_above(&self.layers, off, want))
     }
     fn copy(&self, off: u64, len: u64) -> NodeFuture<'static, CopyResult> {
-        let (top, base) = (self.top.clone(), self.base.clone());
-        Box::pin(async move { copy_range(&top, &base, off, len).await.map(|()| len) })
+        let (top, base, pool) = (self.top.clone(), self.base.clone(), self.pool.clone());
+        Box::pin(async move { copy_range(&top, &base, off, len, &pool).await.map(|()| len) })
     }
 }
 
@@ -360,6 +363,7 @@ pub fn start_commit(
                 ready: AtomicBool::new(false),
                 grow_target: true,
                 busy: Arc::default(),
+                pool: Arc::new(BufPool::new(MAX_IN_FLIGHT as usize)),
             },
             held: Held::default(),
             graph: graph.handle(),
@@ -395,6 +399,7 @@ pub fn start_commit(
         on_error: args.on_error,
         graph: graph.handle(),
         held: Held::default(),
+        pool: Arc::new(BufPool::new(CHUNKS_IN_FLIGHT)),
     });
     let job = registry.create(ctx, opts, driver.clone())?;
     for n in nodes {

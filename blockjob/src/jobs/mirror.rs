@@ -15,6 +15,7 @@ use std::sync::Arc;
 use aio::{AioContext, ClientType};
 use serde::Deserialize;
 
+use super::pool::BufPool;
 use super::window::Window;
 use super::{
     allocated_above, check_speed, copy_range, find_device, handle_io_error, job_options, yes, Held,
@@ -159,6 +160,8 @@ pub(crate) struct MirrorCore {
     /// Ranges the background copies are working on (write-blocking mode
     /// must not mark those clean).
     pub(crate) busy: Arc<BusyRanges>,
+    /// Copy buffers, one per copy in flight (at most `buf-size` in all).
+    pub(crate) pool: Arc<BufPool>,
 }
 
 /// Byte ranges of copies in flight.
@@ -290,10 +293,10 @@ impl MirrorCore {
                 }
                 self.bitmap.set(off, n, false);
                 let (src, dst) = (self.source.clone(), self.target.clone());
-                let busy = self.busy.clone();
+                let (busy, pool) = (self.busy.clone(), self.pool.clone());
                 busy.add(off, n);
                 win.spawn(off, n, async move {
-                    let r = copy_range(&src, &dst, off, n).await.map(|()| n);
+                    let r = copy_range(&src, &dst, off, n, &pool).await.map(|()| n);
                     busy.remove(off, n);
                     r
                 });
@@ -338,7 +341,7 @@ impl MirrorCore {
         loop {
             while let Some((off, n)) = self.bitmap.next_run(self.max_io) {
                 self.bitmap.set(off, n, false);
-                if let Err(e) = copy_range(&self.source, &self.target, off, n).await {
+                if let Err(e) = copy_range(&self.source, &self.target, off, n, &self.pool).await {
                     self.bitmap.set(off, n, true);
                     return Err(e.1);
                 }
@@ -572,6 +575,7 @@ pub fn start_mirror(
             ready: AtomicBool::new(false),
             grow_target: false,
             busy: Arc::default(),
+            pool: Arc::new(BufPool::new(MAX_IN_FLIGHT as usize)),
         },
         held: Held::default(),
         graph: graph.handle(),

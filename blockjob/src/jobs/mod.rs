@@ -29,12 +29,14 @@ use crate::block::{
 };
 use crate::job::{ErrorAction, IoOperation, Job, JobControl, JobOptions, JobType};
 use crate::{Error, Result};
+use pool::BufPool;
 
 pub mod backup;
 pub mod commit;
 pub mod create;
 mod job_filter;
 pub mod mirror;
+mod pool;
 pub mod stream;
 mod window;
 
@@ -177,22 +179,25 @@ pub(crate) async fn allocated_above(
 }
 
 /// Copies `len` bytes at `offset` from `src` (its whole chain's view) to
-/// `dst`; an all-zero range becomes a zero write. Errors carry the
-/// direction for the error policy.
+/// `dst` through a buffer of the job's `pool`; an all-zero range becomes a
+/// zero write. Errors carry the direction for the error policy.
 pub(crate) async fn copy_range(
     src: &BlockNode,
     dst: &BlockNode,
     offset: u64,
     len: u64,
+    pool: &BufPool,
 ) -> std::result::Result<(), (IoOperation, Error)> {
+    let buf = pool.get(len as usize).map_err(|e| (IoOperation::Read, e))?;
     let buf = src
-        .read(offset, vec![0; len as usize])
+        .read(offset, buf)
         .await
         .map_err(|e| (IoOperation::Read, e))?;
     let r = if buf.iter().all(|&b| b == 0) {
+        pool.put(buf);
         dst.write_zeroes(offset, len).await
     } else {
-        dst.write(offset, buf).await
+        dst.write_keep(offset, buf).await.map(|b| pool.put(b))
     };
     r.map_err(|e| (IoOperation::Write, e))
 }

@@ -8,7 +8,8 @@ use aio::{AioContext, ClockType};
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use super::window::{copy_chunks, ChunkCopy, CopyResult};
+use super::pool::BufPool;
+use super::window::{copy_chunks, ChunkCopy, CopyResult, CHUNKS_IN_FLIGHT};
 use super::{
     allocated_above, check_speed, drop_layers, find_backing_image, find_device, find_node,
     job_options, layers_above, yes, Held, Holds, OnError, CHUNK,
@@ -170,6 +171,8 @@ struct StreamJob {
     graph: GraphRef,
     held: Held,
     ser: Arc<Serialise>,
+    /// Copy buffers, one per chunk in flight.
+    pool: Arc<BufPool>,
 }
 
 impl StreamJob {
@@ -195,16 +198,18 @@ impl ChunkCopy for StreamJob {
     /// Copy-on-read: the top's own view, written into the top, serialised
     /// with guest writes to the range.
     fn copy(&self, off: u64, len: u64) -> NodeFuture<'static, CopyResult> {
-        let (top, ser) = (self.top.clone(), self.ser.clone());
+        let (top, ser, pool) = (self.top.clone(), self.ser.clone(), self.pool.clone());
         Box::pin(async move {
             ser.claim(off, len).await;
             let r = async {
+                let buf = pool.get(len as usize).map_err(|e| (IoOperation::Read, e))?;
                 let buf = top
-                    .read(off, vec![0; len as usize])
+                    .read(off, buf)
                     .await
                     .map_err(|e| (IoOperation::Read, e))?;
                 top.write_unchanged(off, buf)
                     .await
+                    .map(|b| pool.put(b))
                     .map_err(|e| (IoOperation::Write, e))
             }
             .await;
@@ -340,6 +345,7 @@ pub fn start_stream(
         graph: graph.handle(),
         held: Held::default(),
         ser: Arc::new(Serialise::default()),
+        pool: Arc::new(BufPool::new(CHUNKS_IN_FLIGHT)),
     });
     let job = registry.create(
         ctx,

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use super::proto::*;
 use super::server::{quiesced, Conn, ConnGuard, ExportOptions};
-use crate::block::{BlockNode, BlockRoot, DirtyBitmap};
+use crate::block::{BlockNode, BlockRoot, Buffer, DirtyBitmap};
 use crate::Error;
 
 /// Requests served at once per connection (QEMU's `MAX_NBD_REQUESTS`).
@@ -135,6 +135,12 @@ struct Failure {
     msg: String,
 }
 
+/// An aligned buffer for `len` bytes of a request: an export of an
+/// `O_DIRECT` image then needs no bounce copy below.
+fn request_buffer(len: usize) -> Result<Buffer, Failure> {
+    Buffer::aligned(len).map_err(|e| fail(ENOMEM, e.to_string()))
+}
+
 fn fail(errno: u32, msg: impl Into<String>) -> Failure {
     Failure {
         errno,
@@ -160,7 +166,7 @@ impl From<Error> for Failure {
 
 /// One piece of a structured `READ` reply.
 enum Piece {
-    Data(u64, Vec<u8>),
+    Data(u64, Buffer),
     Hole(u64, u32),
 }
 
@@ -228,12 +234,19 @@ async fn read_requests(c: &Arc<Connection>, ctx: &AioContext) -> io::Result<()> 
                     ),
                 ))
             } else {
-                let mut data = vec![0u8; req.len as usize];
-                c.fd.read_exact(&mut data).await?;
-                Ok(data)
+                match request_buffer(req.len as usize) {
+                    Ok(mut data) => {
+                        c.fd.read_exact(&mut data).await?;
+                        Ok(data)
+                    }
+                    Err(f) => {
+                        discard(&c.fd, u64::from(req.len)).await?;
+                        Err(f)
+                    }
+                }
             }
         } else {
-            Ok(Vec::new())
+            Ok(Buffer::default())
         };
         c.slots.lock().in_flight += 1;
         ctx.spawn(handle(c.clone(), req, payload)).detach();
@@ -251,7 +264,7 @@ async fn discard(fd: &AsyncFd<Conn>, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
-async fn handle(c: Arc<Connection>, req: Request, payload: Result<Vec<u8>, Failure>) {
+async fn handle(c: Arc<Connection>, req: Request, payload: Result<Buffer, Failure>) {
     let r = match payload.and_then(|p| c.check(&req).map(|()| p)) {
         Ok(p) => c.run(&req, p).await,
         Err(f) => c.send_error(&req, f).await,
@@ -341,7 +354,7 @@ impl Connection {
         Ok(())
     }
 
-    async fn run(&self, req: &Request, payload: Vec<u8>) -> io::Result<()> {
+    async fn run(&self, req: &Request, payload: Buffer) -> io::Result<()> {
         let node = &self.export.node();
         let fua = req.flags & CMD_FLAG_FUA != 0 || self.export.writethrough;
         let len = u64::from(req.len);
@@ -376,16 +389,24 @@ impl Connection {
         let node = &self.export.node();
         let len = req.len as usize;
         if !self.structured {
-            return match node.guest_read(req.offset, vec![0u8; len]).await {
+            let data = match request_buffer(len) {
+                Ok(b) => node.guest_read(req.offset, b).await.map_err(Failure::from),
+                Err(f) => Err(f),
+            };
+            return match data {
                 Ok(data) => self.send_simple(req.cookie, 0, &data).await,
-                Err(e) => self.send_error(req, e.into()).await,
+                Err(f) => self.send_error(req, f).await,
             };
         }
         let pieces = if req.flags & CMD_FLAG_DF != 0 {
-            node.guest_read(req.offset, vec![0u8; len])
-                .await
-                .map(|d| vec![Piece::Data(req.offset, d)])
-                .map_err(Failure::from)
+            match request_buffer(len) {
+                Ok(b) => node
+                    .guest_read(req.offset, b)
+                    .await
+                    .map(|d| vec![Piece::Data(req.offset, d)])
+                    .map_err(Failure::from),
+                Err(f) => Err(f),
+            }
         } else {
             self.sparse_read(req.offset, req.len).await
         };
@@ -453,7 +474,10 @@ impl Connection {
             pieces.push(if zero {
                 Piece::Hole(start, n as u32)
             } else {
-                Piece::Data(start, node.guest_read(start, vec![0u8; n as usize]).await?)
+                Piece::Data(
+                    start,
+                    node.guest_read(start, request_buffer(n as usize)?).await?,
+                )
             });
         }
         Ok(pieces)

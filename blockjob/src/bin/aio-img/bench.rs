@@ -22,7 +22,7 @@ use std::time::Instant;
 use super::out;
 
 use aio::file::Engine;
-use blockjob::block::{BlockGraph, BlockNode, OpenOptions};
+use blockjob::block::{BlockGraph, BlockNode, Buffer, OpenOptions};
 use blockjob::{Error, Result};
 
 /// What one run does.
@@ -166,10 +166,17 @@ async fn run(node: &Arc<BlockNode>, plan: &Arc<Plan>) -> Result<()> {
     for _ in 0..plan.depth.min(plan.count) {
         let (node, plan, next) = (node.clone(), plan.clone(), next.clone());
         tasks.push(ctx.spawn(async move {
-            // Filled once and handed back by each write, as QEMU's bench
+            // Aligned (qemu-img bench allocates with qemu_blockalign too),
+            // filled once and handed back by each write, as QEMU's bench
             // reuses its buffer.
-            let mut data = vec![plan.pattern; plan.size as usize];
-            let mut buf = vec![0u8; plan.size as usize];
+            let aligned = |what: &str| {
+                Buffer::aligned(plan.size as usize).map_err(|e| {
+                    Error::InvalidArgument(format!("bench: allocating the {what} buffer: {e}"))
+                })
+            };
+            let mut data = aligned("write")?;
+            data.fill(plan.pattern);
+            let mut buf = aligned("read")?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= plan.count {

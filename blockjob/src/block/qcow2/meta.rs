@@ -6,6 +6,7 @@
 //! is made, in the order refcounts → (flush) → data and L2 → (flush) → L1,
 //! so a crash leaves at worst leaked clusters. Eviction is therefore free.
 
+use crate::block::Buffer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -46,10 +47,12 @@ impl Geom {
         Error::corrupt(&self.name, reason)
     }
     pub(crate) async fn read_file(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.read_file_into(offset, vec![0u8; len as usize]).await
+        self.read_file_into(offset, Buffer::zeroed(len as usize))
+            .await
+            .map(Buffer::into_vec)
     }
     /// Reads `buf.len()` bytes at `offset` into `buf`.
-    pub(crate) async fn read_file_into(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    pub(crate) async fn read_file_into(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         let len = buf.len() as u64;
         let flen = self.file.len();
         if offset.checked_add(len).is_none_or(|e| e > flen) {
@@ -64,7 +67,7 @@ impl Geom {
         }
         self.file.read(offset, buf).await
     }
-    pub(crate) async fn write_file(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    pub(crate) async fn write_file(&self, offset: u64, buf: impl Into<Buffer>) -> Result<()> {
         self.file.write(offset, buf).await
     }
     pub(crate) async fn flush(&self) -> Result<()> {
@@ -347,7 +350,7 @@ impl Meta {
                 )));
             }
             let b = g.file.read(block_off, vec![0; g.cs() as usize]).await?;
-            self.rb_cache.insert(block_off, b);
+            self.rb_cache.insert(block_off, b.into_vec());
         }
         match self.rb_cache.get(block_off) {
             Some(b) => Ok(b),

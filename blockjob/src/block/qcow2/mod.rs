@@ -10,6 +10,7 @@
 //! Metadata changes are serialised by one `CoMutex`; reads and writes to
 //! clusters already allocated (refcount 1) run concurrently.
 
+use crate::block::Buffer;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -334,7 +335,7 @@ impl Qcow2 {
     /// Reads `buf.len()` bytes at `offset` from the backing chain into
     /// `buf` (zeroes where there is none or past its end); a backing node
     /// covering the whole range reads straight into it.
-    pub(crate) async fn read_backing(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    pub(crate) async fn read_backing(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         let len = buf.len() as u64;
         let Some(b) = self.backing_node() else {
             buf.fill(0);
@@ -347,7 +348,13 @@ impl Qcow2 {
         buf.fill(0);
         if offset < blen {
             let n = (blen - offset).min(len);
-            let part = b.read(offset, vec![0; n as usize]).await?;
+            let part = b
+                .read(
+                    offset,
+                    buf.zeroed_like(n as usize)
+                        .map_err(|e| Error::io(&self.g.name, e))?,
+                )
+                .await?;
             buf[..n as usize].copy_from_slice(&part);
         }
         Ok(buf)
@@ -371,12 +378,15 @@ impl Qcow2 {
     }
 
     /// Reads a run as mapped.
-    async fn read_run(&self, offset: u64, len: u64, map: Mapping) -> Result<Vec<u8>> {
-        self.read_run_into(offset, map, vec![0; len as usize]).await
+    async fn read_run(&self, offset: u64, map: Mapping, like: &Buffer, len: u64) -> Result<Buffer> {
+        let buf = like
+            .zeroed_like(len as usize)
+            .map_err(|e| Error::io(&self.g.name, e))?;
+        self.read_run_into(offset, map, buf).await
     }
 
     /// Reads a run as mapped into `buf` (its length is the run's).
-    async fn read_run_into(&self, offset: u64, map: Mapping, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    async fn read_run_into(&self, offset: u64, map: Mapping, mut buf: Buffer) -> Result<Buffer> {
         let len = buf.len() as u64;
         match map {
             Mapping::Unallocated => self.read_backing(offset, buf).await,
@@ -397,7 +407,7 @@ impl Qcow2 {
     /// A read: straight from the file into the caller's buffer when the
     /// whole request is one run of data clusters (no copy, no boxed
     /// future), else run by run through [`read_runs`](Self::read_runs).
-    async fn do_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    async fn do_read(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
         if let Some((host, _io)) = self.data_at(offset, buf.len() as u64).await? {
             return self.g.read_file_into(host, buf).await;
         }
@@ -419,7 +429,7 @@ impl Qcow2 {
         }
     }
 
-    async fn read_runs(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    async fn read_runs(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         let total = buf.len() as u64;
         let mut pos = 0u64;
         while pos < total {
@@ -432,7 +442,7 @@ impl Qcow2 {
                 // One run: read straight into the caller's buffer.
                 return self.read_run_into(offset, run.map, buf).await;
             }
-            let data = self.read_run(offset + pos, run.len, run.map).await?;
+            let data = self.read_run(offset + pos, run.map, &buf, run.len).await?;
             buf[pos as usize..(pos + run.len) as usize].copy_from_slice(&data);
             pos += run.len;
         }
@@ -552,13 +562,13 @@ impl BlockDriver for Qcow2 {
     fn backing(&self) -> Option<Arc<BlockNode>> {
         self.backing_node()
     }
-    fn read<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.do_read(offset, buf))
     }
-    fn write<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+    fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.do_write(offset, buf))
     }
-    fn write_keep<'a>(&'a self, offset: u64, buf: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>>> {
+    fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.do_write_keep(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {

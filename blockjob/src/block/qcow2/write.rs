@@ -6,6 +6,7 @@ use super::header::field;
 use super::meta::{to_bytes, Meta};
 use super::Qcow2;
 use crate::block::BlockDriver as _;
+use crate::block::Buffer;
 use crate::{Error, Result};
 
 /// A cluster freed once the tables no longer point to it: byte offset and
@@ -282,7 +283,10 @@ impl Qcow2 {
         let mut pos = start;
         while pos < end {
             let run = m.lookup(&self.g, pos, end - pos).await?;
-            out.extend_from_slice(&self.read_run(pos, run.len, run.map).await?);
+            let piece = self
+                .read_run(pos, run.map, &Buffer::default(), run.len)
+                .await?;
+            out.extend_from_slice(&piece);
             pos += run.len;
         }
         Ok(out)
@@ -292,21 +296,21 @@ impl Qcow2 {
     /// image owns alone (the common case of a guest rewriting its data),
     /// else through [`write_runs`](Self::write_runs), boxed so that the
     /// in-place path's future stays small.
-    pub(super) async fn do_write(&self, offset: u64, buf: Vec<u8>) -> Result<()> {
+    pub(super) async fn do_write(&self, offset: u64, buf: Buffer) -> Result<()> {
         if let Some((host, _io)) = self.in_place(offset, buf.len() as u64).await? {
             return self.g.write_file(host, buf).await;
         }
-        Box::pin(self.write_runs(offset, buf)).await
+        Box::pin(self.write_runs(offset, buf)).await.map(drop)
     }
 
-    /// [`do_write`](Self::do_write) handing the buffer back: in place
-    /// without a copy, else a copy goes down the other paths.
-    pub(super) async fn do_write_keep(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// [`do_write`](Self::do_write) handing the buffer back, copying
+    /// nothing when the request is one run (in place, or whole clusters
+    /// newly allocated); a job's copy buffers go back to its pool this way.
+    pub(super) async fn do_write_keep(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
         if let Some((host, _io)) = self.in_place(offset, buf.len() as u64).await? {
             return self.g.file.write_keep(host, buf).await;
         }
-        Box::pin(self.write_runs(offset, buf.clone())).await?;
-        Ok(buf)
+        Box::pin(self.write_runs(offset, buf)).await
     }
 
     /// Where a write of `len` bytes at `offset` can go in place: one run
@@ -338,8 +342,9 @@ impl Qcow2 {
     }
 
     /// A write run by run: in place, allocating whole clusters with the
-    /// lock released, or copy-on-write of partial clusters.
-    async fn write_runs(&self, offset: u64, mut buf: Vec<u8>) -> Result<()> {
+    /// lock released, or copy-on-write of partial clusters. The buffer
+    /// comes back.
+    async fn write_runs(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         let g = &self.g;
         let total = buf.len() as u64;
         let mut pos = 0u64;
@@ -353,17 +358,23 @@ impl Qcow2 {
                 w.await;
                 continue;
             }
-            // One run covering the whole request takes the buffer as is.
-            let chunk = if pos == 0 && run.len == total {
+            // One run covering the whole request takes the buffer as is
+            // (and gives it back when written).
+            let whole = pos == 0 && run.len == total;
+            let chunk = if whole {
                 std::mem::take(&mut buf)
             } else {
-                buf[pos as usize..(pos + run.len) as usize].to_vec()
+                buf.copy_of(&buf[pos as usize..(pos + run.len) as usize])
+                    .map_err(|e| Error::io(&g.name, e))?
             };
             if let Mapping::Data { host } = run.map {
                 if run.entry.word & COPIED != 0 {
                     let _io = self.in_flight.enter();
                     drop(m);
-                    g.write_file(host, chunk).await?;
+                    let back = g.file.write_keep(host, chunk).await?;
+                    if whole {
+                        buf = back;
+                    }
                     pos += run.len;
                     continue;
                 }
@@ -377,15 +388,19 @@ impl Qcow2 {
                 let io = self.in_flight.enter();
                 let claim = self.allocating.claim(at, run.len);
                 drop(m);
-                let r = g.write_file(host, chunk).await;
+                let r = g.file.write_keep(host, chunk).await;
                 // Not counted while waiting for the lock: a snapshot
                 // operation holding it waits for the requests counted.
                 drop(io);
-                if let Err(e) = r {
-                    let mut m = self.meta.lock().await;
-                    drop(claim);
-                    m.free(g, host, n).await?;
-                    return Err(e);
+                match r {
+                    Ok(back) if whole => buf = back,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let mut m = self.meta.lock().await;
+                        drop(claim);
+                        m.free(g, host, n).await?;
+                        return Err(e);
+                    }
                 }
                 let id = self.maps.push(at / g.cs(), n, host, durable);
                 let mut m = self.meta.lock().await;
@@ -410,17 +425,20 @@ impl Qcow2 {
                 pos += run.len;
                 continue;
             }
-            self.write_alloc(&mut m, at, chunk).await?;
+            let back = self.write_alloc(&mut m, at, chunk).await?;
+            if whole {
+                buf = back;
+            }
             pos += run.len;
         }
-        Ok(())
+        Ok(buf)
     }
 
     /// Writes `data` at `offset` into newly allocated clusters, copying
     /// the rest of partially written clusters from their old contents.
     /// The clusters under one L2 table are allocated as one contiguous
-    /// run and written with one write.
-    async fn write_alloc(&self, m: &mut Meta, offset: u64, mut data: Vec<u8>) -> Result<()> {
+    /// run and written with one write. `data` comes back.
+    async fn write_alloc(&self, m: &mut Meta, offset: u64, mut data: Buffer) -> Result<Buffer> {
         let g = &self.g;
         let cs = g.cs();
         let end = offset + data.len() as u64;
@@ -436,30 +454,38 @@ impl Qcow2 {
             for c in ci..=group_last {
                 olds.push(m.l2_entry(g, c).await?.0.word);
             }
-            let content = if offset == gstart && end == gend {
+            let whole = offset == gstart && end == gend;
+            let content = if whole {
                 // Aligned and whole: the caller's buffer.
                 std::mem::take(&mut data)
             } else {
-                let mut out = Vec::with_capacity((n * cs) as usize);
+                let mut out = data
+                    .zeroed_like((n * cs) as usize)
+                    .map_err(|e| Error::io(&g.name, e))?;
                 for c in ci..=group_last {
                     let cstart = c * cs;
+                    let at = (cstart - gstart) as usize;
                     let s = offset.max(cstart);
                     let e = end.min(cstart + cs);
-                    let part = &data[(s - offset) as usize..(e - offset) as usize];
-                    if s == cstart && e == cstart + cs {
-                        out.extend_from_slice(part);
-                    } else {
-                        let mut old = self.cluster_content(m, c).await?;
-                        old.resize(cs as usize, 0);
-                        old[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(part);
-                        out.extend_from_slice(&old);
+                    if s != cstart || e != cstart + cs {
+                        // Partly written: the rest keeps its contents
+                        // (the buffer is zeroed beyond what they cover).
+                        let old = self.cluster_content(m, c).await?;
+                        let k = old.len().min(cs as usize);
+                        out[at..at + k].copy_from_slice(&old[..k]);
                     }
+                    let from = (s - cstart) as usize;
+                    out[at + from..at + from + (e - s) as usize]
+                        .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
                 }
                 out
             };
             let (l2off, l2i) = self.l2_for(m, &mut b, ci).await?;
             let host = m.alloc(g, n).await?;
-            g.write_file(host, content).await?;
+            let back = g.file.write_keep(host, content).await?;
+            if whole {
+                data = back;
+            }
             for (k, old) in olds.into_iter().enumerate() {
                 let k = k as u64;
                 self.set_entry(m, &mut b, l2off, l2i + k, (host + k * cs) | COPIED)
@@ -468,7 +494,8 @@ impl Qcow2 {
             }
             ci = group_last + 1;
         }
-        self.commit(m, b).await
+        self.commit(m, b).await?;
+        Ok(data)
     }
 
     /// Maps every queued run of newly written clusters (this request's
@@ -540,7 +567,7 @@ impl Qcow2 {
             let mut pos = a;
             while pos < z {
                 let n = (z - pos).min(1 << 20);
-                self.do_write(pos, vec![0; n as usize]).await?;
+                self.do_write(pos, Buffer::zeroed(n as usize)).await?;
                 pos += n;
             }
             return Ok(());
@@ -616,7 +643,7 @@ impl Qcow2 {
         if already {
             return Ok(());
         }
-        self.do_write(s, vec![0; (e - s) as usize]).await
+        self.do_write(s, Buffer::zeroed((e - s) as usize)).await
     }
 
     pub(super) async fn do_truncate(&self, len: u64) -> Result<()> {

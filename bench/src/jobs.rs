@@ -42,6 +42,8 @@ pub struct JobsOpts {
     pub size_mib: Option<u64>,
     /// Alternating rounds per job (default 3; 1 with `quick`).
     pub rounds: Option<usize>,
+    /// The jobs to run (empty: all four).
+    pub jobs: Vec<String>,
 }
 
 impl JobsOpts {
@@ -381,7 +383,10 @@ fn run_target(
         aiod.display()
     );
     let mut rows = Vec::new();
-    for job in JOBS {
+    for job in JOBS
+        .into_iter()
+        .filter(|j| opts.jobs.is_empty() || opts.jobs.iter().any(|o| o == j))
+    {
         let (mut a, mut q) = (Vec::new(), Vec::new());
         let (mut a_rss, mut q_rss) = (0u64, 0u64);
         for round in 0..rounds {

@@ -74,6 +74,7 @@ commands:
   jobs    [--quick] [--json]   stream, commit, mirror and backup of 1 GiB
           [--aiod PATH]        (--quick 128 MiB; --size MIB) fully allocated
           [--size MIB] [--rounds N]  qcow2 chains on /dev/shm
+          [--job J[,J..]]      (only these jobs)
           [--target shm|disk|both]  (default shm) and/or on disk (--disk-dir,
           [--disk-dir DIR]     default /var/tmp, cache.direct=on), no
                                speed limit, in aiod and in qemu-storage-daemon,
@@ -228,6 +229,15 @@ fn parse_jobs(rest: &[String]) -> Result<Command, String> {
             "--rounds" => {
                 let v = it.next().ok_or("--rounds needs a value")?;
                 o.rounds = Some(v.parse().map_err(|_| format!("bad --rounds {v}"))?);
+            }
+            "--job" => {
+                let v = it.next().ok_or("--job needs a value")?;
+                for j in v.split(',') {
+                    if !["stream", "commit", "mirror", "backup"].contains(&j) {
+                        return Err(format!("bad --job {j} (stream, commit, mirror or backup)"));
+                    }
+                    o.jobs.push(j.to_string());
+                }
             }
             other => return Err(format!("unknown option for jobs: {other}")),
         }

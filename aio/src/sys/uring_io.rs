@@ -141,6 +141,10 @@ pub(crate) struct IoRing {
     ops: Slab<InFlight>,
     eventfd: EventFd,
     queued: usize,
+    /// Wakers of requests reaped while submitting (CQ full), for the next
+    /// [`IoRing::reap`] to return: before, they were dropped, and their
+    /// tasks never resumed.
+    unwoken: Vec<Waker>,
 }
 
 impl std::fmt::Debug for IoRing {
@@ -199,6 +203,7 @@ impl IoRing {
             ops: Slab::new(),
             eventfd,
             queued: 0,
+            unwoken: Vec::new(),
         })
     }
 
@@ -341,9 +346,13 @@ impl IoRing {
                     return Ok(());
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => continue,
-                // The CQ is full: the caller must reap first.
+                // The CQ is full: reap, and leave the SQEs queued for the
+                // next submission. The wakers are kept for the eventfd
+                // handler's reap (the completions reaped here signalled
+                // the eventfd), not woken here under the caller's lock.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
-                    self.reap();
+                    let woken = self.reap();
+                    self.unwoken.extend(woken);
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -353,13 +362,30 @@ impl IoRing {
 
     /// Moves completions into the table; returns the wakers to wake. Frees
     /// the entries of abandoned requests.
+    ///
+    /// Completions that overflowed the CQ ring wait in the kernel until an
+    /// `io_uring_enter(GETEVENTS)` moves them into the ring, and nothing
+    /// signals the eventfd for them again: so while the kernel flags an
+    /// overflow, the ring is drained and flushed (that enter also submits
+    /// whatever is queued) until it does not.
     pub(crate) fn reap(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let mut wakers = std::mem::take(&mut self.unwoken);
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        loop {
+            done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if !self.ring.submission().cq_overflow() {
+                break;
+            }
+            // With the overflow flag set, `submit` enters with GETEVENTS.
+            match self.ring.submit() {
+                Ok(_) => self.queued = 0,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => {}
+                Err(e) => {
+                    log::error!("io_uring: flushing overflowed completions: {e}");
+                    break;
+                }
+            }
+        }
         for (ud, res) in done {
             let key = ud as usize;
             let Some(op) = self.ops.get_mut(key) else {

@@ -10,6 +10,7 @@ use crate::block::Buffer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::cache::Lru;
 use super::entry::{self, L2Entry, Mapping, COPIED, OFFSET_MASK};
 use super::header::field;
 use crate::block::BlockNode;
@@ -89,37 +90,18 @@ pub(crate) fn to_bytes(w: &[u64]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_be_bytes()).collect()
 }
 
-/// A tiny LRU: a map plus a use counter; evicts the least recent entry.
-struct Lru<V> {
-    map: HashMap<u64, (V, u64)>,
-    clock: u64,
-    cap: usize,
-}
-
-impl<V> Lru<V> {
-    fn new(cap: usize) -> Self {
-        Lru {
-            map: HashMap::new(),
-            clock: 0,
-            cap: cap.max(2),
+/// Entry `l2i` of an L2 table (of extended entries when `ext`).
+fn entry_at(t: &[u64], l2i: usize, ext: bool) -> L2Entry {
+    if ext {
+        L2Entry {
+            word: t[2 * l2i],
+            bitmap: Some(t[2 * l2i + 1]),
         }
-    }
-    fn get(&mut self, k: u64) -> Option<&mut V> {
-        self.clock += 1;
-        let c = self.clock;
-        self.map.get_mut(&k).map(|(v, t)| {
-            *t = c;
-            v
-        })
-    }
-    fn insert(&mut self, k: u64, v: V) {
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
-            if let Some((&old, _)) = self.map.iter().min_by_key(|(_, (_, t))| *t) {
-                self.map.remove(&old);
-            }
+    } else {
+        L2Entry {
+            word: t[l2i],
+            bitmap: None,
         }
-        self.clock += 1;
-        self.map.insert(k, (v, self.clock));
     }
 }
 
@@ -241,17 +223,11 @@ impl Meta {
             return Ok((e, 0));
         }
         let ext = g.extended_l2;
-        let t = self.l2_table(g, l1i, l2_off).await?;
-        let e = if ext {
-            L2Entry {
-                word: t[2 * l2i as usize],
-                bitmap: Some(t[2 * l2i as usize + 1]),
-            }
-        } else {
-            L2Entry {
-                word: t[l2i as usize],
-                bitmap: None,
-            }
+        // A cached table is read without building `l2_table`'s future
+        // (the common case on the request path).
+        let e = match self.l2_cache.get(l2_off) {
+            Some(t) => entry_at(t, l2i as usize, ext),
+            None => entry_at(self.l2_table(g, l1i, l2_off).await?, l2i as usize, ext),
         };
         Ok((e, l2_off))
     }

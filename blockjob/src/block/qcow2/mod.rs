@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use aio::{CoMutex, CoQueue};
 
 mod bitmaps;
+mod cache;
 mod check;
 mod create;
 pub(crate) mod entry;
@@ -74,6 +75,9 @@ pub(crate) struct Qcow2 {
 #[derive(Default)]
 struct InFlight {
     n: AtomicUsize,
+    /// Set while `drain` waits, so the last guard of a request that
+    /// nobody drains does not take the queue's lock to wake no one.
+    draining: AtomicBool,
     idle: CoQueue,
 }
 
@@ -89,11 +93,18 @@ impl InFlight {
 
     /// Waits until no request is counted; call with the metadata lock held.
     async fn drain(&self) {
+        // Announce first, then queue, then look; a guard decrements,
+        // then looks for the announcement. With sequentially consistent
+        // operations on both sides, either this sees the count at 0 or
+        // the last guard sees `draining` and wakes the queued waiter.
+        self.draining.store(true, Ordering::SeqCst);
         loop {
-            // Queue first, then look: a guard dropped in between still
-            // wakes us (the waiter is registered when `wait` is called).
+            // A guard dropped after `wait` still wakes us (the waiter is
+            // registered when `wait` is called).
             let w = self.idle.wait();
-            if self.n.load(Ordering::Acquire) == 0 {
+            if self.n.load(Ordering::SeqCst) == 0 {
+                // One drain at a time (the metadata lock is held).
+                self.draining.store(false, Ordering::SeqCst);
                 return;
             }
             w.await;
@@ -103,8 +114,8 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        // Pairs with the load in `drain`.
-        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Pairs with the stores and the load in `drain`.
+        if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.draining.load(Ordering::SeqCst) {
             self.0.idle.notify_all();
         }
     }

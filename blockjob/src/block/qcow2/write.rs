@@ -50,6 +50,9 @@ pub(super) enum Zeroing {
 #[derive(Default)]
 pub(super) struct Allocating {
     ranges: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// How many ranges `ranges` holds, so the common case (none) is
+    /// answered without taking its mutex on every in-place write.
+    count: std::sync::atomic::AtomicUsize,
     /// Woken when a range ends.
     pub(super) done: aio::CoQueue,
 }
@@ -63,12 +66,18 @@ impl Allocating {
         self.ranges.lock().unwrap_or_else(|e| e.into_inner())
     }
     pub(super) fn overlaps(&self, off: u64, len: u64) -> bool {
+        // Pairs with the updates in `claim` and `AllocClaim::drop`, all
+        // made under the metadata lock like this read.
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return false;
+        }
         self.list()
             .iter()
             .any(|&(o, l)| o < off + len && off < o + l)
     }
     fn claim(&self, off: u64, len: u64) -> AllocClaim<'_> {
         self.list().push((off, len));
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         AllocClaim(self, (off, len))
     }
 }
@@ -79,6 +88,9 @@ impl Drop for AllocClaim<'_> {
             let mut l = self.0.list();
             if let Some(i) = l.iter().position(|&r| r == self.1) {
                 l.swap_remove(i);
+                self.0
+                    .count
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             }
         }
         self.0.done.notify_all();

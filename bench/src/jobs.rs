@@ -37,6 +37,10 @@ pub struct JobsOpts {
     pub targets: Vec<JobTarget>,
     /// The directory of [`JobTarget::Disk`] (default /var/tmp).
     pub disk_dir: Option<PathBuf>,
+    /// Only these jobs (empty: all four).
+    pub jobs: Vec<String>,
+    /// Rounds per job (default 3, 1 with `quick`).
+    pub rounds: Option<usize>,
 }
 
 impl JobsOpts {
@@ -376,7 +380,10 @@ fn run_target(
         aiod.display()
     );
     let mut rows = Vec::new();
-    for job in JOBS {
+    for job in JOBS
+        .into_iter()
+        .filter(|j| opts.jobs.is_empty() || opts.jobs.iter().any(|o| o == j))
+    {
         let (mut a, mut q) = (Vec::new(), Vec::new());
         let (mut a_rss, mut q_rss) = (0u64, 0u64);
         for round in 0..rounds {
@@ -438,6 +445,10 @@ fn run_target(
 pub fn run(opts: &JobsOpts) -> Result<(), String> {
     let aiod = aiod_path(opts.aiod.as_deref())?;
     let (mib, rounds) = if opts.quick { (128, 1) } else { (512, 3) };
+    let rounds = opts.rounds.unwrap_or(rounds).max(1);
+    if let Some(j) = opts.jobs.iter().find(|j| !JOBS.contains(&j.as_str())) {
+        return Err(format!("unknown job {j} (stream, commit, mirror, backup)"));
+    }
     let targets = if opts.targets.is_empty() {
         vec![JobTarget::Shm]
     } else {

@@ -75,6 +75,7 @@ commands:
           [--aiod PATH]        (--quick 128 MiB) qcow2 images on /dev/shm
           [--target shm|disk|both]  (default shm) and/or on disk (--disk-dir,
           [--disk-dir DIR]     default /var/tmp, cache.direct=on), no
+          [--job NAME]...      (only these jobs) [--rounds N] (default 3)
                                speed limit, in aiod and in qemu-storage-daemon,
                                alternating; MiB/s and ratios (needs a release
                                aiod next to this binary)
@@ -219,6 +220,11 @@ fn parse_jobs(rest: &[String]) -> Result<Command, String> {
             }
             "--disk-dir" => {
                 o.disk_dir = Some(PathBuf::from(it.next().ok_or("--disk-dir needs a value")?));
+            }
+            "--job" => o.jobs.push(it.next().ok_or("--job needs a value")?.clone()),
+            "--rounds" => {
+                let v = it.next().ok_or("--rounds needs a value")?;
+                o.rounds = Some(v.parse().map_err(|_| format!("bad --rounds {v}"))?);
             }
             other => return Err(format!("unknown option for jobs: {other}")),
         }

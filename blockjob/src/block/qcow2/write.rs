@@ -155,6 +155,9 @@ impl MapQueue {
     }
 }
 
+/// The unit L2 entries are written in: a common file system block.
+const ENTRY_BLOCK: u64 = 4096;
+
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -242,29 +245,7 @@ impl Qcow2 {
             let bytes = to_bytes(t);
             g.write_file(off, bytes).await?;
         }
-        let mut entries = b.entries;
-        // Stable: of two changes of one entry the later one wins below.
-        entries.sort_by_key(|&(off, i, _)| (off, i));
-        let mut k = 0;
-        while k < entries.len() {
-            let (off, i0, _) = entries[k];
-            let mut words: Vec<u64> = Vec::new();
-            let mut next = i0;
-            while k < entries.len() && entries[k].0 == off && entries[k].1 <= next {
-                let (_, i, v) = entries[k];
-                if i < next {
-                    // A second change of the entry just recorded.
-                    if let Some(w) = words.last_mut() {
-                        *w = v;
-                    }
-                } else {
-                    words.push(v);
-                    next = i + 1;
-                }
-                k += 1;
-            }
-            g.write_file(off + i0 * 8, to_bytes(&words)).await?;
-        }
+        self.write_entries(m, b.entries).await?;
         if !b.new_l2.is_empty() || !b.freed.is_empty() {
             // New tables are on disk before the L1 names them; tables no
             // longer name the clusters freed below.
@@ -282,6 +263,43 @@ impl Qcow2 {
                 let last = (off + len - 1) / g.cs();
                 m.free(g, first * g.cs(), last - first + 1).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes changed L2 entries `(table offset, word index, value)`:
+    /// whole [`ENTRY_BLOCK`]-aligned pieces of each table, the words
+    /// around the changes taken from the cache (which holds what the
+    /// tables should contain), the changes themselves from the list (the
+    /// later of two changes of one word wins). On an `O_DIRECT` file a
+    /// piece smaller than the file system block costs a read before the
+    /// write and, on ext4, waits for every write in flight to the file;
+    /// whole pieces cost one write each, neighbours merged.
+    async fn write_entries(&self, m: &mut Meta, mut entries: Vec<(u64, u64, u64)>) -> Result<()> {
+        let g = &self.g;
+        let table_words = g.cs() / 8;
+        let block_words = (ENTRY_BLOCK / 8).clamp(1, table_words);
+        // Stable: of two changes of one word the later one is applied last.
+        entries.sort_by_key(|&(off, i, _)| (off, i));
+        let mut k = 0;
+        while k < entries.len() {
+            let off = entries[k].0;
+            let first = entries[k].1 / block_words * block_words;
+            let mut end = (entries[k].1 / block_words + 1) * block_words;
+            let mut j = k;
+            // Changes in this block or the next one join the piece.
+            while j < entries.len() && entries[j].0 == off && entries[j].1 < end + block_words {
+                end = end.max((entries[j].1 / block_words + 1) * block_words);
+                j += 1;
+            }
+            let end = end.min(table_words);
+            let t = m.l2_table(g, 0, off).await?;
+            let mut words = t[first as usize..end as usize].to_vec();
+            for &(_, i, v) in &entries[k..j] {
+                words[(i - first) as usize] = v;
+            }
+            g.write_file(off + first * 8, to_bytes(&words)).await?;
+            k = j;
         }
         Ok(())
     }

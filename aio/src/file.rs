@@ -309,10 +309,6 @@ pub(crate) struct FileInner {
     /// `Some` for `O_DIRECT` files.
     direct: Option<Align>,
     engine: Engine,
-    /// Held by a worker around a buffered write to a regular file (see
-    /// [`FileInner::buffered_write_turn`]); `None` for `O_DIRECT` files
-    /// and block devices.
-    buffered_writes: Option<std::sync::Mutex<()>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -359,7 +355,6 @@ impl File {
         } else {
             None
         };
-        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         if let Some(a) = direct {
             log::debug!(
                 "{}: O_DIRECT, offsets/lengths aligned to {}, memory to {}",
@@ -375,7 +370,6 @@ impl File {
                 pool: opts.pool.clone().unwrap_or_else(default_pool),
                 direct,
                 engine: opts.engine,
-                buffered_writes: (direct.is_none() && regular).then(|| std::sync::Mutex::new(())),
             }),
         })
     }
@@ -478,7 +472,6 @@ impl File {
             });
         }
         boxed(self.submit(check, move |inner| {
-            let _turn = inner.buffered_write_turn();
             inner.write_full(buf.bytes(), offset)?;
             Ok(buf)
         }))
@@ -521,7 +514,6 @@ impl File {
             });
         }
         boxed(self.submit(check, move |inner| {
-            let _turn = inner.buffered_write_turn();
             inner.writev_full(&bufs, offset)?;
             Ok(bufs)
         }))
@@ -817,21 +809,6 @@ fn is_unsupported(e: &io::Error) -> bool {
 
 /// The operations, run on a pool worker.
 impl FileInner {
-    /// One buffered write at a time per file. Linux holds the inode's
-    /// lock exclusively for the whole copy of a buffered write (tmpfs,
-    /// ext4, xfs), so parallel buffered writes to one file never overlap;
-    /// the waiting workers spin on the lock (`rwsem_spin_on_owner` was
-    /// 15-20 % of a mirror's profile on tmpfs) and take CPU from the reads
-    /// that could run meanwhile. Waiting here sleeps instead, as io_uring
-    /// serializes buffered writes to one file in its io-wq. `O_DIRECT`
-    /// writes run in parallel (the file system allows it) and take no
-    /// turn, nor do writes to a block device (no inode lock there).
-    fn buffered_write_turn(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        self.buffered_writes
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
     /// "pread of 4096 bytes at offset 8192 in /tmp/x"
     pub(crate) fn what(&self, op: &str, len: usize, offset: u64) -> String {
         format!(

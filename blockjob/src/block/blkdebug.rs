@@ -19,12 +19,11 @@
 //! is the kind of request reaching this node, so the filter works on top
 //! of an image too (how the job tests use it).
 
-use crate::block::Buffer;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, ImageInfo, PermGuard};
+use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, Buffer, ImageInfo, PermGuard};
 use crate::{Error, Result};
 
 /// The requests a rule applies to.

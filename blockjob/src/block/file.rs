@@ -3,14 +3,13 @@
 //! With `cache.direct` the file is opened `O_DIRECT` and requests of any
 //! shape are made to fit it by [`super::direct`].
 
-use crate::block::Buffer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use aio::file::{Engine, File, OpenOptions as FileOpen};
 
 use super::direct::{Alignment, RangeLock};
-use super::{BlockDriver, BlockStatus, BoxFuture, ImageInfo};
+use super::{BlockDriver, BlockStatus, BoxFuture, Buffer, ImageInfo};
 use crate::{Error, Result};
 
 /// How to open a host file: QMP's `aio`, `cache` and `auto-read-only`.

@@ -18,12 +18,11 @@
 //! see the filter where QEMU shows it, and guest reads (exports) are sent
 //! through it ([`BlockNode::guest_read`]); other I/O goes to the node.
 
-use crate::block::Buffer;
 use std::sync::Arc;
 
 use super::graph::GraphRef;
 use super::PermGuard;
-use super::{BlockDriver, BlockGraph, BlockNode, BlockStatus, BoxFuture, ImageInfo, Perm};
+use super::{BlockDriver, BlockGraph, BlockNode, BlockStatus, BoxFuture, Buffer, ImageInfo, Perm};
 use crate::{Error, Result};
 
 /// Which filter a job inserts.

@@ -15,14 +15,13 @@
 //! The node's context must keep running for requests to progress, and a
 //! node cannot move to another context later.
 
-use crate::block::Buffer;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{BlockDriver, BlockStatus, BoxFuture, ImageInfo};
+use super::{BlockDriver, BlockStatus, BoxFuture, Buffer, ImageInfo};
 use crate::nbd::client::{cmd_name, Client, ClientOptions, Cmd, Payload, Reply, ServerAddr};
 use crate::nbd::proto::*;
 use crate::{Error, Result};

@@ -2,12 +2,11 @@
 //! `latency-ns`, takes that long for each request (a slow device for
 //! tests and benchmarks, as in QEMU).
 
-use crate::block::Buffer;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aio::{AioContext, ClockType};
 
-use super::{BlockDriver, BlockStatus, BoxFuture, ImageInfo};
+use super::{BlockDriver, BlockStatus, BoxFuture, Buffer, ImageInfo};
 use crate::{Error, Result};
 
 /// A sink and a source of zeroes of a given size.

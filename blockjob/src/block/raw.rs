@@ -1,9 +1,8 @@
 //! The `raw` format driver: passes everything to its `file` child.
 
-use crate::block::Buffer;
 use std::sync::Arc;
 
-use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, ImageInfo, PermGuard};
+use super::{BlockDriver, BlockNode, BlockStatus, BoxFuture, Buffer, ImageInfo, PermGuard};
 use crate::Result;
 
 /// Raw image: guest offset = file offset.

@@ -6,14 +6,13 @@
 //! is made, in the order refcounts → (flush) → data and L2 → (flush) → L1,
 //! so a crash leaves at worst leaked clusters. Eviction is therefore free.
 
-use crate::block::Buffer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::cache::Lru;
 use super::entry::{self, L2Entry, Mapping, COPIED, OFFSET_MASK};
 use super::header::field;
-use crate::block::BlockNode;
+use crate::block::{BlockNode, Buffer};
 use crate::{Error, Result};
 
 /// The immutable geometry of an open image and its file child.

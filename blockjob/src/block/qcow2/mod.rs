@@ -10,7 +10,6 @@
 //! Metadata changes are serialised by one `CoMutex`; reads and writes to
 //! clusters already allocated (refcount 1) run concurrently.
 
-use crate::block::Buffer;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +37,7 @@ use self::header::{field, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCO
 use self::meta::{Geom, Meta};
 use super::bitmap::DirtyBitmap;
 use super::{
-    BlockDriver, BlockNode, BlockStatus, BoxFuture, CheckOptions, CheckReport, ImageInfo,
+    BlockDriver, BlockNode, BlockStatus, BoxFuture, Buffer, CheckOptions, CheckReport, ImageInfo,
     PermGuard, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
 };
 use crate::{Error, Result};

@@ -108,7 +108,8 @@ impl Run<'_> {
             .block_on(self.node.write(off, vec![b; len as usize]))
             .expect("write");
     }
-    /// `n` random writes, zero writes and discards of up to `max` sectors.
+    /// `n` random writes, zero writes, discards of up to `max` sectors and
+    /// guest flushes (one in 12), and growth (one in `grow_every`).
     fn random_ops(&mut self, n: usize, max_sectors: u64, grow_every: u64) {
         for _ in 0..n {
             let cur = self.node.len();
@@ -120,16 +121,18 @@ impl Run<'_> {
             }
             let off = self.rng.below(cur / 512) * 512;
             let len = ((self.rng.below(max_sectors) + 1) * 512).min(cur - off);
-            match self.rng.below(10) {
-                0..=5 => self.write(off, len),
+            match self.rng.below(12) {
+                0..=5 | 11 => self.write(off, len),
                 6..=7 => self
                     .ctx
                     .block_on(self.node.write_zeroes(off, len))
                     .expect("zero"),
-                _ => self
+                8..=9 => self
                     .ctx
                     .block_on(self.node.discard(off, len))
                     .expect("discard"),
+                // A guest flush: the write-back L2 cache is written.
+                _ => self.ctx.block_on(self.node.flush()).expect("flush"),
             }
         }
     }
@@ -177,11 +180,19 @@ struct Recording {
 
 /// Opens `img` read-write, records `body` and the close.
 fn record(img: &Path, seed: u64, body: impl FnOnce(&mut Run<'_>)) -> Recording {
+    record_with(img, &OpenOptions::new(), seed, body)
+}
+
+/// [`record`] with the image opened with `opts`.
+fn record_with(
+    img: &Path,
+    opts: &OpenOptions,
+    seed: u64,
+    body: impl FnOnce(&mut Run<'_>),
+) -> Recording {
     let ctx = aio::AioContext::new().expect("ctx");
     let g = BlockGraph::new();
-    let node: Arc<BlockNode> = ctx
-        .block_on(g.open_image(img, &OpenOptions::new()))
-        .expect("open rw");
+    let node: Arc<BlockNode> = ctx.block_on(g.open_image(img, opts)).expect("open rw");
     let rec = Arc::new(Recorder {
         path: node
             .file_child()
@@ -528,6 +539,25 @@ fn crash_reorder_4k_clusters() {
     let r = record(&img, 0xdead_beef, |run| run.random_ops(150, 16, 1000));
     let c = check_crashes(dir.path(), &r, Sampling::new(30, 3));
     assert!(c.images > 60);
+}
+
+#[test]
+fn crash_reorder_l2_cache_eviction() {
+    // An L2 cache of two tables over 128 of them (512 B clusters, 4 MiB):
+    // nearly every request evicts a table, so changed entries reach the
+    // disk through eviction as well as through guest flushes.
+    let dir = tmp();
+    let img = new_image(dir.path(), &CreateOptions::new(4 << 20).cluster_size(512));
+    let opts = OpenOptions::new().l2_cache_size(1024);
+    let r = record_with(&img, &opts, 0xe71c7, |run| {
+        // Every table allocated, so later writes change existing tables.
+        for i in 0..128 {
+            run.write(i << 15, 512);
+        }
+        run.random_ops(200, 8, 1000);
+    });
+    let c = check_crashes(dir.path(), &r, Sampling::new(30, 3));
+    assert!(c.epochs > 20, "only {} epochs", c.epochs);
 }
 
 #[test]

@@ -37,6 +37,18 @@ fn apply_model(model: &mut Vec<u8>, cs: u64, op: &Op) {
 /// Runs `ops` on a fresh image (optionally over `backing`), checks it
 /// with qemu-img and compares it with the model.
 fn run(dir: &Path, cs: u64, size: u64, backing: Option<&Path>, ops: &[Op]) {
+    run_with(dir, cs, size, backing, ops, &OpenOptions::new());
+}
+
+/// [`run`] with the image opened with `opts`.
+fn run_with(
+    dir: &Path,
+    cs: u64,
+    size: u64,
+    backing: Option<&Path>,
+    ops: &[Op],
+    opts: &OpenOptions,
+) {
     let img = dir.join("img.qcow2");
     let ctx = aio::AioContext::new().unwrap();
     let mut model = match backing {
@@ -53,9 +65,7 @@ fn run(dir: &Path, cs: u64, size: u64, backing: Option<&Path>, ops: &[Op]) {
     }
     ctx.block_on(create_qcow2(&img, &co)).expect("create");
     let g = BlockGraph::new();
-    let node = ctx
-        .block_on(g.open_image(&img, &OpenOptions::new()))
-        .expect("open rw");
+    let node = ctx.block_on(g.open_image(&img, opts)).expect("open rw");
     for op in ops {
         let r = match *op {
             Op::Write { off, len, pat } => ctx.block_on(node.write(off, vec![pat; len as usize])),
@@ -160,6 +170,23 @@ fn random_ops_cs512_grow_refcount_table_pass_check_and_compare() {
         pat: 0x43,
     });
     run(dir.path(), 512, 6 << 20, None, &v);
+}
+
+#[test]
+fn random_ops_with_a_two_table_l2_cache_pass_check_and_compare() {
+    // 512 B clusters (a table covers 32 KiB) and an L2 cache of two
+    // tables: changed tables are written back when evicted, also new
+    // tables of a request that spans more tables than the cache holds.
+    let dir = tmp();
+    let opts = OpenOptions::new().l2_cache_size(1024);
+    run_with(
+        dir.path(),
+        512,
+        2 << 20,
+        None,
+        &ops(7, 60, 2 << 20, true),
+        &opts,
+    );
 }
 
 #[test]

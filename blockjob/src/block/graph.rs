@@ -37,6 +37,10 @@ pub struct OpenOptions {
     /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache.direct`);
     /// the backing chain inherits it.
     pub direct: bool,
+    /// The qcow2 L2 table cache's size in bytes (QEMU's `l2-cache-size`);
+    /// `None`: 8 MiB. At least two tables are cached. Not inherited by
+    /// the backing chain.
+    pub l2_cache_size: Option<u64>,
 }
 
 impl OpenOptions {
@@ -72,6 +76,11 @@ impl OpenOptions {
     /// Opens the files `O_DIRECT` (`cache.direct=on`).
     pub fn direct(mut self, on: bool) -> Self {
         self.direct = on;
+        self
+    }
+    /// Sets the qcow2 L2 cache size in bytes (`l2-cache-size`).
+    pub fn l2_cache_size(mut self, bytes: u64) -> Self {
+        self.l2_cache_size = Some(bytes);
         self
     }
 }
@@ -322,6 +331,7 @@ impl BlockGraph {
                 backing,
                 &path,
                 fopts,
+                opts.l2_cache_size,
                 seen,
             )
             .await
@@ -356,6 +366,7 @@ impl BlockGraph {
         backing: Backing,
         path: &Path,
         file_opts: FileOpenOptions,
+        l2_cache_size: Option<u64>,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Arc<BlockNode>> {
         let name = node_name.unwrap_or_else(|| self.auto_name());
@@ -387,6 +398,7 @@ impl BlockGraph {
                                 no_backing: false,
                                 engine: file_opts.engine,
                                 direct: file_opts.direct,
+                                l2_cache_size: None,
                             };
                             let n =
                                 self.open_chain(bpath, bopts, seen)
@@ -410,7 +422,7 @@ impl BlockGraph {
                     )?),
                     None => None,
                 };
-                let d = Qcow2::open(file_perm, header, bperm, writable).await?;
+                let d = Qcow2::open(file_perm, header, bperm, writable, l2_cache_size).await?;
                 self.add(BlockNode::new(name, Box::new(d), !writable))
             }
             other => Err(Error::open(
@@ -513,7 +525,7 @@ impl BlockGraph {
                 "file" => &["filename", "aio"],
                 "null-co" => &["size", "latency-ns", "read-zeroes"],
                 "raw" => &["file"],
-                "qcow2" => &["file", "backing"],
+                "qcow2" => &["file", "backing", "l2-cache-size"],
                 "blkdebug" => &["image", "inject-error"],
                 "nbd" => &["server", "export", "reconnect-delay"],
                 other => {
@@ -668,6 +680,14 @@ impl BlockGraph {
                         no_flush: common.no_flush,
                         ..FileOpenOptions::new(false, Engine::Threads)
                     };
+                    let l2_cache_size = match obj.get("l2-cache-size") {
+                        None => None,
+                        Some(v) => Some(v.as_u64().ok_or_else(|| {
+                            Error::InvalidArgument(
+                                "Parameter 'l2-cache-size' expects a non-negative integer".into(),
+                            )
+                        })?),
+                    };
                     let r = self
                         .open_format_inner(
                             file.clone(),
@@ -677,6 +697,7 @@ impl BlockGraph {
                             backing,
                             &path,
                             file_opts,
+                            l2_cache_size,
                             &mut seen,
                         )
                         .await;

@@ -63,18 +63,37 @@ impl<V> Lru<V> {
     }
 
     /// Whether `k` is cached (does not count as a use).
-    #[cfg(test)]
     pub(crate) fn contains(&self, k: u64) -> bool {
         self.map.contains_key(&k)
+    }
+
+    /// The entry for `k`, without counting a use.
+    pub(crate) fn peek(&self, k: u64) -> Option<&V> {
+        self.map.get(&k).map(|(v, _)| v)
+    }
+
+    /// The key [`insert`](Self::insert) would evict to make room for
+    /// `k`: none when `k` is cached or there is room.
+    pub(crate) fn victim(&self, k: u64) -> Option<u64> {
+        if self.map.len() < self.cap || self.map.contains_key(&k) {
+            return None;
+        }
+        self.map
+            .iter()
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(&k, _)| k)
+    }
+
+    /// Drops `k` from the cache.
+    pub(crate) fn remove(&mut self, k: u64) -> Option<V> {
+        self.map.remove(&k).map(|(v, _)| v)
     }
 
     /// Inserts or replaces `k`, evicting the least recently used entry
     /// first when the cache is full and `k` is new.
     pub(crate) fn insert(&mut self, k: u64, v: V) {
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
-            if let Some((&old, _)) = self.map.iter().min_by_key(|(_, (_, t))| *t) {
-                self.map.remove(&old);
-            }
+        if let Some(old) = self.victim(k) {
+            self.map.remove(&old);
         }
         self.clock += 1;
         self.map.insert(k, (v, self.clock));
@@ -100,6 +119,24 @@ mod tests {
         assert!(c.contains(0x30000));
         assert!(c.contains(0x40000));
         assert_eq!(c.get(0x20000), None);
+    }
+
+    #[test]
+    fn the_victim_is_what_insert_evicts() {
+        let mut c = Lru::new(2);
+        assert_eq!(c.victim(0x10000), None);
+        c.insert(0x10000, 1);
+        c.insert(0x20000, 2);
+        // Cached keys and a cache with room evict nothing.
+        assert_eq!(c.victim(0x20000), None);
+        assert_eq!(c.victim(0x30000), Some(0x10000));
+        assert_eq!(c.peek(0x10000).copied(), Some(1));
+        // `peek` is not a use: the first key is still the victim.
+        assert_eq!(c.victim(0x30000), Some(0x10000));
+        c.get(0x10000);
+        assert_eq!(c.victim(0x30000), Some(0x20000));
+        assert_eq!(c.remove(0x20000), Some(2));
+        assert_eq!(c.victim(0x30000), None);
     }
 
     #[test]

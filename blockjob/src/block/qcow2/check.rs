@@ -202,6 +202,10 @@ impl Qcow2 {
         let cs = g.cs();
         let mut r = CheckReport::default();
         let mut m = self.meta.lock().await;
+        if fix {
+            // A repair rewrites tables and refcounts from what is on disk.
+            m.write_back_l2(g).await?;
+        }
         let mut t = self.tally(&mut m).await?;
         if fix {
             // What a dirty open repaired belongs to this repair's report.

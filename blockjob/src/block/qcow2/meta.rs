@@ -2,11 +2,17 @@
 //! refcount table and a refcount block cache; mapping lookups, cluster
 //! allocation and refcount updates.
 //!
-//! Caches are write-through: every change is written to the file when it
-//! is made, in the order refcounts → (flush) → data and L2 → (flush) → L1,
-//! so a crash leaves at worst leaked clusters. Eviction is therefore free.
+//! The refcount block cache is write-through: a change is written when it
+//! is made. The L2 cache is write-back, like QEMU's: a changed entry is
+//! written when the image is flushed or closed, when its table leaves the
+//! cache, or when a request must have it on disk (before an L1 entry names
+//! a new table, before a cluster it no longer names is freed). Writes are
+//! whole 4 KiB pieces of a table. Ordering keeps a crash harmless (at worst
+//! leaked clusters): refcounts and data → (flush) → L2 → (flush) → L1 and
+//! frees. A flush comes before an L2 piece is written whenever some dirty
+//! entry names a cluster whose refcount or data may not be durable yet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::cache::Lru;
@@ -85,6 +91,15 @@ pub(crate) fn words(buf: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// The unit L2 tables are written in: a common file system block.
+pub(crate) const ENTRY_BLOCK: u64 = 4096;
+
+/// How many [`ENTRY_BLOCK`] pieces an L2 table has (1 for clusters
+/// smaller than a piece).
+fn l2_pieces(g: &Geom) -> u64 {
+    (g.cs() / ENTRY_BLOCK).max(1)
+}
+
 pub(crate) fn to_bytes(w: &[u64]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_be_bytes()).collect()
 }
@@ -109,6 +124,13 @@ pub(crate) struct Meta {
     pub(crate) l1: Vec<u64>,
     pub(crate) l1_offset: u64,
     l2_cache: Lru<Vec<u64>>,
+    /// Cached L2 tables changed since they were last written: table
+    /// offset → bitset of its [`ENTRY_BLOCK`] pieces that changed. A dirty
+    /// table is always in `l2_cache` (eviction writes it first).
+    l2_dirty: BTreeMap<u64, Vec<u64>>,
+    /// Some dirty L2 entry names a cluster whose refcount or data was
+    /// written but not flushed: flush before writing any L2 piece.
+    l2_flush_first: bool,
     pub(crate) reftable: Vec<u64>,
     pub(crate) reftable_offset: u64,
     rb_cache: Lru<Vec<u8>>,
@@ -151,6 +173,7 @@ impl Meta {
         l1_size: u32,
         reftable_offset: u64,
         reftable_clusters: u32,
+        l2_cache_size: Option<u64>,
     ) -> Result<Meta> {
         let l1 = words(&g.read_file(l1_offset, u64::from(l1_size) * 8).await?);
         let reftable = words(
@@ -158,10 +181,17 @@ impl Meta {
                 .await?,
         );
         let l2_cap = ((8u64 << 20) / g.cs()).clamp(4, 256) as usize;
+        // QEMU's `l2-cache-size`: bytes of tables, at least two.
+        let l2_tables = match l2_cache_size {
+            Some(b) => (b / g.cs()).clamp(2, 1 << 16) as usize,
+            None => l2_cap,
+        };
         Ok(Meta {
             l1,
             l1_offset,
-            l2_cache: Lru::new(l2_cap),
+            l2_cache: Lru::new(l2_tables),
+            l2_dirty: BTreeMap::new(),
+            l2_flush_first: false,
             reftable,
             reftable_offset,
             rb_cache: Lru::new(l2_cap),
@@ -195,7 +225,7 @@ impl Meta {
                 )));
             }
             let t = words(&g.file.read(l2_offset, vec![0; g.cs() as usize]).await?);
-            self.l2_cache.insert(l2_offset, t);
+            self.insert_l2(g, l2_offset, t).await?;
         }
         match self.l2_cache.get(l2_offset) {
             Some(t) => Ok(t),
@@ -203,9 +233,127 @@ impl Meta {
         }
     }
 
-    /// Puts a freshly built L2 table into the cache.
-    pub(crate) fn cache_l2(&mut self, l2_offset: u64, t: Vec<u64>) {
+    /// Puts an L2 table just written whole into the cache (clean).
+    pub(crate) async fn cache_l2(&mut self, g: &Geom, l2_offset: u64, t: Vec<u64>) -> Result<()> {
+        self.l2_dirty.remove(&l2_offset);
+        self.insert_l2(g, l2_offset, t).await
+    }
+
+    /// Puts a table not on disk yet (new, or a copy) into the cache, all
+    /// of it dirty; `flush_first` when its cluster's refcount is not
+    /// durable.
+    pub(crate) async fn cache_new_l2(
+        &mut self,
+        g: &Geom,
+        l2_offset: u64,
+        t: Vec<u64>,
+        flush_first: bool,
+    ) -> Result<()> {
+        self.insert_l2(g, l2_offset, t).await?;
+        let pieces = l2_pieces(g);
+        let mut bits = vec![u64::MAX; pieces.div_ceil(64) as usize];
+        if pieces % 64 != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last = (1 << (pieces % 64)) - 1;
+            }
+        }
+        self.l2_dirty.insert(l2_offset, bits);
+        self.l2_flush_first |= flush_first;
+        Ok(())
+    }
+
+    /// Inserts a table into the cache, first writing the one it evicts
+    /// if that is dirty (on failure nothing is evicted).
+    async fn insert_l2(&mut self, g: &Geom, l2_offset: u64, t: Vec<u64>) -> Result<()> {
+        if let Some(victim) = self.l2_cache.victim(l2_offset) {
+            if self.l2_dirty.contains_key(&victim) {
+                self.write_back_l2_table(g, victim).await?;
+            }
+        }
         self.l2_cache.insert(l2_offset, t);
+        Ok(())
+    }
+
+    /// Records that word `word` of cached table `l2_offset` changed;
+    /// `flush_first` when the cluster it names has a refcount or data not
+    /// flushed yet (or the data it replaces must not be lost to a crash
+    /// that keeps the entry but not the new data).
+    pub(crate) fn mark_l2_dirty(&mut self, g: &Geom, l2_offset: u64, word: u64, flush_first: bool) {
+        let pieces = l2_pieces(g);
+        let p = word / (g.cs() / 8 / pieces);
+        let bits = self
+            .l2_dirty
+            .entry(l2_offset)
+            .or_insert_with(|| vec![0; pieces.div_ceil(64) as usize]);
+        if let Some(w) = bits.get_mut((p / 64) as usize) {
+            *w |= 1 << (p % 64);
+        }
+        self.l2_flush_first |= flush_first;
+    }
+
+    /// Writes every changed L2 piece (after a flush when needed). The
+    /// writes are not flushed; a table whose write fails stays dirty.
+    pub(crate) async fn write_back_l2(&mut self, g: &Geom) -> Result<()> {
+        while let Some(&off) = self.l2_dirty.keys().next() {
+            self.write_back_l2_table(g, off).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changed pieces of table `off`: runs of dirty pieces
+    /// (with at most one clean piece between two dirty ones) in one write
+    /// each. On an `O_DIRECT` file a write smaller than the file system
+    /// block costs a read first and, on ext4, waits for every write in
+    /// flight to the file; whole pieces do not.
+    async fn write_back_l2_table(&mut self, g: &Geom, off: u64) -> Result<()> {
+        let Some(bits) = self.l2_dirty.get(&off).cloned() else {
+            return Ok(());
+        };
+        if self.l2_flush_first {
+            g.flush().await?;
+            self.l2_flush_first = false;
+        }
+        let pieces = l2_pieces(g);
+        let piece_words = g.cs() / 8 / pieces;
+        let dirty = |p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let mut p = 0;
+        while p < pieces {
+            if !dirty(p) {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            let mut end = p + 1;
+            while end < pieces && (dirty(end) || (end + 1 < pieces && dirty(end + 1))) {
+                end += 1;
+            }
+            let bytes = match self.l2_cache.peek(off) {
+                Some(t) => {
+                    to_bytes(&t[(first * piece_words) as usize..(end * piece_words) as usize])
+                }
+                None => return Err(g.corrupt(format!("dirty L2 table {off:#x} left the cache"))),
+            };
+            g.write_file(off + first * piece_words * 8, bytes).await?;
+            p = end;
+        }
+        self.l2_dirty.remove(&off);
+        Ok(())
+    }
+
+    /// Forgets cached L2 tables among clusters `c0..c0 + n` whose refcount
+    /// is now 0: their clusters may be reused, and a late write of a dirty
+    /// one would land on whatever took them.
+    async fn forget_freed_l2(&mut self, g: &Geom, c0: u64, n: u64) -> Result<()> {
+        for c in c0..c0 + n {
+            let off = c * g.cs();
+            if (self.l2_cache.contains(off) || self.l2_dirty.contains_key(&off))
+                && self.refcount(g, c).await? == 0
+            {
+                self.l2_cache.remove(off);
+                self.l2_dirty.remove(&off);
+            }
+        }
+        Ok(())
     }
 
     /// The L2 entry for guest cluster `ci`, with its L2 table offset (0 if
@@ -422,15 +570,22 @@ impl Meta {
             let off = self.reftable[t as usize] & OFFSET_MASK;
             let b = self.refblock(g, off).await?;
             let mut lowest_free = None;
+            let mut unused = Vec::new();
             for &(c, v) in block {
                 let old = entry::get_refcount(b, order, c % rpb);
                 let new = (i128::from(old) + i128::from(v)).max(0) as u64;
                 entry::set_refcount(b, order, c % rpb, new);
-                if new == 0 && lowest_free.is_none() {
-                    lowest_free = Some(c);
+                if new == 0 {
+                    lowest_free.get_or_insert(c);
+                    unused.push(c);
                 }
             }
             let bytes = b.clone();
+            for c in unused {
+                // A table no longer used: see `forget_freed_l2`.
+                self.l2_cache.remove(c * g.cs());
+                self.l2_dirty.remove(&(c * g.cs()));
+            }
             g.write_file(off, bytes).await?;
             if let Some(c) = lowest_free {
                 self.free_hint = self.free_hint.min(c);
@@ -593,7 +748,7 @@ impl Meta {
         for c in c0..c0 + n {
             self.update_refcount(g, c, -1).await?;
         }
-        Ok(())
+        self.forget_freed_l2(g, c0, n).await
     }
 
     /// Replaces the refcount table with a bigger one of at least `min`

@@ -135,6 +135,7 @@ impl Qcow2 {
         header: Header,
         backing: Option<PermGuard>,
         writable: bool,
+        l2_cache_size: Option<u64>,
     ) -> Result<Qcow2> {
         let name = file.node().filename().to_string();
         if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
@@ -166,6 +167,7 @@ impl Qcow2 {
             header.l1_size,
             header.refcount_table_offset,
             header.refcount_table_clusters,
+            l2_cache_size,
         )
         .await?;
         let (snapshots, table_len) =
@@ -539,11 +541,20 @@ impl Qcow2 {
         r
     }
 
+    /// Writes the L2 cache's changed entries (not flushed).
+    async fn write_back(&self) -> Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.meta.lock().await.write_back_l2(&self.g).await
+    }
+
     async fn do_close(&self) -> Result<()> {
         if self.is_read_only() {
             return Ok(());
         }
         self.settle_reserve().await?;
+        self.write_back().await?;
         self.g.flush().await?;
         if self.dirty_set.swap(false, Ordering::AcqRel) {
             let v = self.header().incompatible_features & !INCOMPAT_DIRTY;
@@ -598,6 +609,7 @@ impl BlockDriver for Qcow2 {
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle_reserve().await?;
+            self.write_back().await?;
             self.g.flush().await
         })
     }

@@ -79,7 +79,7 @@ impl Qcow2 {
             }
             g.flush().await?;
             g.write_file(table_off, to_bytes(&table)).await?;
-            m.cache_l2(table_off, table);
+            m.cache_l2(g, table_off, table).await?;
             g.flush().await?;
             if cur == 0 {
                 m.set_l1(g, l1i, table_off | COPIED).await?;

@@ -296,7 +296,7 @@ impl Qcow2 {
             }
             if changed {
                 g.write_file(off, to_bytes(&t)).await?;
-                m.cache_l2(off, t);
+                m.cache_l2(g, off, t).await?;
             }
             let rc = m.refcount(g, off >> g.cluster_bits).await?;
             let want = if rc == 1 { e | COPIED } else { e & !COPIED };
@@ -412,6 +412,8 @@ impl Qcow2 {
             ));
         }
         let mut m = self.meta.lock().await;
+        // The snapshot shares the active tables as they are on disk.
+        m.write_back_l2(g).await?;
         if m.snapshots.iter().any(|s| s.name == opts.name.as_bytes()) {
             return Err(Error::InvalidArgument(format!(
                 "{}: a snapshot named '{}' already exists",
@@ -458,6 +460,8 @@ impl Qcow2 {
         let g = &self.g;
         self.refuse_read_only("change snapshots")?;
         let mut m = self.meta.lock().await;
+        // Tables this frees or shares are written, never left dirty.
+        m.write_back_l2(g).await?;
         let sn = m.snapshots[self.find(&m, which)?].clone();
         let sn_l1 = self.snapshot_l1(&sn).await?;
         let size = sn.disk_size().unwrap_or_else(|| self.len());
@@ -516,6 +520,7 @@ impl Qcow2 {
         let g = &self.g;
         self.refuse_read_only("change snapshots")?;
         let mut m = self.meta.lock().await;
+        m.write_back_l2(g).await?;
         let i = self.find(&m, which)?;
         let sn = m.snapshots[i].clone();
         let sn_l1 = self.snapshot_l1(&sn).await?;

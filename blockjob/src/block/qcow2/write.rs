@@ -3,7 +3,7 @@
 
 use super::entry::{Mapping, COPIED, OFFSET_MASK, ZERO};
 use super::header::field;
-use super::meta::{to_bytes, Meta};
+use super::meta::Meta;
 use super::Qcow2;
 use crate::block::BlockDriver as _;
 use crate::block::Buffer;
@@ -18,12 +18,10 @@ type Freed = (u64, u64);
 struct Batch {
     /// L2 tables allocated by this request: (L1 index, offset).
     new_l2: Vec<(u64, u64)>,
-    /// Entries changed in existing tables: (table offset, index, words).
-    entries: Vec<(u64, u64, u64)>,
     /// What to free afterwards.
     freed: Vec<Freed>,
-    /// No flush needed before the L2 writes: every cluster the batch
-    /// maps has its refcount on disk already (a flushed reserve) and
+    /// No flush needed before its L2 entries are written: every cluster
+    /// the batch maps has its refcount on disk already (a flushed reserve) and
     /// every entry it replaces read as zeroes with nothing behind it, so
     /// an L2 entry reaching the disk before its data shows zeroes, as
     /// before the write (QEMU orders only refcounts before L2 for
@@ -155,9 +153,6 @@ impl MapQueue {
     }
 }
 
-/// The unit L2 entries are written in: a common file system block.
-const ENTRY_BLOCK: u64 = 4096;
-
 impl Qcow2 {
     /// The L2 table for `ci` (allocating one, refcount only, if needed)
     /// and the entry index in it.
@@ -194,7 +189,7 @@ impl Qcow2 {
                 .collect();
             let (new, durable) = m.alloc_data(g, 1).await?;
             b.no_flush &= durable;
-            m.cache_l2(new, t);
+            m.cache_new_l2(g, new, t, !durable).await?;
             b.new_l2.push((l1i, new));
             b.freed.push((off, g.cs()));
             return Ok((new, l2i));
@@ -202,12 +197,14 @@ impl Qcow2 {
         // From the reserve too: not past it, leaving a hole in the file.
         let (off, durable) = m.alloc_data(g, 1).await?;
         b.no_flush &= durable;
-        m.cache_l2(off, vec![0; (g.cs() / 8) as usize]);
+        m.cache_new_l2(g, off, vec![0; (g.cs() / 8) as usize], !durable)
+            .await?;
         b.new_l2.push((l1i, off));
         Ok((off, l2i))
     }
 
-    /// Sets entry `l2i` of table `off` in the cache and records it.
+    /// Sets entry `l2i` of table `off` in the cache, to be written back
+    /// (a flush first unless the batch needs none).
     async fn set_entry(
         &self,
         m: &mut Meta,
@@ -218,9 +215,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let t = m.l2_table(&self.g, 0, off).await?;
         t[l2i as usize] = v;
-        if !b.new_l2.iter().any(|(_, o)| *o == off) {
-            b.entries.push((off, l2i, v));
-        }
+        m.mark_l2_dirty(&self.g, off, l2i, !b.no_flush);
         Ok(())
     }
 
@@ -229,28 +224,20 @@ impl Qcow2 {
         super::entry::host_range(word, self.g.cluster_bits)
     }
 
-    /// Applies a batch: flush (refcounts and data), L2 writes (new tables
-    /// whole, changed entries of existing tables one write per run of
-    /// neighbours), flush, L1 entries, then frees replaced clusters.
+    /// Completes a batch whose entries are set in the cache. Changed
+    /// entries of existing tables stay in the write-back cache. New tables
+    /// and replaced clusters need them on disk first: the dirty L2 pieces
+    /// are written (a flush first when some entry needs it), flush, then
+    /// the L1 entries of new tables, then the replaced clusters are freed.
     async fn commit(&self, m: &mut Meta, b: Batch) -> Result<()> {
         let g = &self.g;
-        if b.new_l2.is_empty() && b.entries.is_empty() {
+        if b.new_l2.is_empty() && b.freed.is_empty() {
             return Ok(());
         }
-        if !b.no_flush {
-            g.flush().await?;
-        }
-        for &(_, off) in &b.new_l2 {
-            let t = m.l2_table(g, 0, off).await?;
-            let bytes = to_bytes(t);
-            g.write_file(off, bytes).await?;
-        }
-        self.write_entries(m, b.entries).await?;
-        if !b.new_l2.is_empty() || !b.freed.is_empty() {
-            // New tables are on disk before the L1 names them; tables no
-            // longer name the clusters freed below.
-            g.flush().await?;
-        }
+        m.write_back_l2(g).await?;
+        // New tables are on disk before the L1 names them; tables no
+        // longer name the clusters freed below.
+        g.flush().await?;
         for &(l1i, off) in &b.new_l2 {
             m.set_l1(g, l1i, off | COPIED).await?;
         }
@@ -263,43 +250,6 @@ impl Qcow2 {
                 let last = (off + len - 1) / g.cs();
                 m.free(g, first * g.cs(), last - first + 1).await?;
             }
-        }
-        Ok(())
-    }
-
-    /// Writes changed L2 entries `(table offset, word index, value)`:
-    /// whole [`ENTRY_BLOCK`]-aligned pieces of each table, the words
-    /// around the changes taken from the cache (which holds what the
-    /// tables should contain), the changes themselves from the list (the
-    /// later of two changes of one word wins). On an `O_DIRECT` file a
-    /// piece smaller than the file system block costs a read before the
-    /// write and, on ext4, waits for every write in flight to the file;
-    /// whole pieces cost one write each, neighbours merged.
-    async fn write_entries(&self, m: &mut Meta, mut entries: Vec<(u64, u64, u64)>) -> Result<()> {
-        let g = &self.g;
-        let table_words = g.cs() / 8;
-        let block_words = (ENTRY_BLOCK / 8).clamp(1, table_words);
-        // Stable: of two changes of one word the later one is applied last.
-        entries.sort_by_key(|&(off, i, _)| (off, i));
-        let mut k = 0;
-        while k < entries.len() {
-            let off = entries[k].0;
-            let first = entries[k].1 / block_words * block_words;
-            let mut end = (entries[k].1 / block_words + 1) * block_words;
-            let mut j = k;
-            // Changes in this block or the next one join the piece.
-            while j < entries.len() && entries[j].0 == off && entries[j].1 < end + block_words {
-                end = end.max((entries[j].1 / block_words + 1) * block_words);
-                j += 1;
-            }
-            let end = end.min(table_words);
-            let t = m.l2_table(g, 0, off).await?;
-            let mut words = t[first as usize..end as usize].to_vec();
-            for &(_, i, v) in &entries[k..j] {
-                words[(i - first) as usize] = v;
-            }
-            g.write_file(off + first * 8, to_bytes(&words)).await?;
-            k = j;
         }
         Ok(())
     }
@@ -529,10 +479,10 @@ impl Qcow2 {
     }
 
     /// Maps every queued run of newly written clusters (this request's
-    /// and those of requests still waiting for the lock) in one batch:
-    /// one flush before the L2 tables change, neighbouring entries
-    /// written together (QEMU gets the same effect from its writeback
-    /// metadata cache). What a run's clusters mapped before is read now,
+    /// and those of requests still waiting for the lock) in one batch;
+    /// the entries go to the write-back L2 cache (a flush before they are
+    /// written unless every cluster comes from a flushed reserve over
+    /// zeroes). What a run's clusters mapped before is read now,
     /// under the lock, and freed: a request that changed them while the
     /// data was written came first.
     async fn map_pending(&self, m: &mut Meta) -> Result<()> {

@@ -9,8 +9,9 @@
 //! a new table, before a cluster it no longer names is freed). Writes are
 //! whole 4 KiB pieces of a table. Ordering keeps a crash harmless (at worst
 //! leaked clusters): refcounts and data → (flush) → L2 → (flush) → L1 and
-//! frees. A flush comes before an L2 piece is written whenever some dirty
-//! entry names a cluster whose refcount or data may not be durable yet.
+//! frees; a write-back flushes first when an entry changed since the
+//! last one (QEMU's L2-depends-on-refcount-cache ordering, which also
+//! keeps an entry from reaching the disk before its data).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -128,8 +129,9 @@ pub(crate) struct Meta {
     /// offset → bitset of its [`ENTRY_BLOCK`] pieces that changed. A dirty
     /// table is always in `l2_cache` (eviction writes it first).
     l2_dirty: BTreeMap<u64, Vec<u64>>,
-    /// Some dirty L2 entry names a cluster whose refcount or data was
-    /// written but not flushed: flush before writing any L2 piece.
+    /// An L2 entry changed since the last write-back's flush: the data and
+    /// refcounts it depends on may not be durable, so flush before
+    /// writing any L2 piece.
     l2_flush_first: bool,
     pub(crate) reftable: Vec<u64>,
     pub(crate) reftable_offset: u64,
@@ -240,14 +242,12 @@ impl Meta {
     }
 
     /// Puts a table not on disk yet (new, or a copy) into the cache, all
-    /// of it dirty; `flush_first` when its cluster's refcount is not
-    /// durable.
+    /// of it dirty.
     pub(crate) async fn cache_new_l2(
         &mut self,
         g: &Geom,
         l2_offset: u64,
         t: Vec<u64>,
-        flush_first: bool,
     ) -> Result<()> {
         self.insert_l2(g, l2_offset, t).await?;
         let pieces = l2_pieces(g);
@@ -258,7 +258,7 @@ impl Meta {
             }
         }
         self.l2_dirty.insert(l2_offset, bits);
-        self.l2_flush_first |= flush_first;
+        self.l2_flush_first = true;
         Ok(())
     }
 
@@ -274,11 +274,10 @@ impl Meta {
         Ok(())
     }
 
-    /// Records that word `word` of cached table `l2_offset` changed;
-    /// `flush_first` when the cluster it names has a refcount or data not
-    /// flushed yet (or the data it replaces must not be lost to a crash
-    /// that keeps the entry but not the new data).
-    pub(crate) fn mark_l2_dirty(&mut self, g: &Geom, l2_offset: u64, word: u64, flush_first: bool) {
+    /// Records that word `word` of cached table `l2_offset` changed. The
+    /// data and refcounts the new entry depends on are written (not
+    /// necessarily flushed) by now: the next write-back flushes first.
+    pub(crate) fn mark_l2_dirty(&mut self, g: &Geom, l2_offset: u64, word: u64) {
         let pieces = l2_pieces(g);
         let p = word / (g.cs() / 8 / pieces);
         let bits = self
@@ -288,7 +287,7 @@ impl Meta {
         if let Some(w) = bits.get_mut((p / 64) as usize) {
             *w |= 1 << (p % 64);
         }
-        self.l2_flush_first |= flush_first;
+        self.l2_flush_first = true;
     }
 
     /// Writes every changed L2 piece (after a flush when needed). The

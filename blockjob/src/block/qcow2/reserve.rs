@@ -9,15 +9,11 @@
 //! following whole-cluster writes in order, so consecutive requests also
 //! land contiguously in the file.
 //!
-//! Crash safety: reserved clusters have refcount 1 on disk, flushed,
-//! before any table names them, so a crash leaves them as leaks, nothing
-//! worse. Because that flush already happened, mapping clusters from the
-//! reserve needs no flush before the L2 update when the entries replaced
-//! read as zeroes with nothing behind them (no backing file): an entry
-//! that reaches the disk before its data then reads zeroes, as it did
-//! before the write — QEMU's qcow2 likewise orders only refcounts
-//! before L2 for whole-cluster writes (it flushes first only after
-//! copy-on-write). What is
+//! Crash safety: reserved clusters have refcount 1 (written) before any
+//! table names them, and L2 entries are written back only after a flush
+//! (see `meta`), so a crash leaves them as leaks, nothing worse. The
+//! reserve itself is not flushed: nothing needs its refcounts durable
+//! before the next write-back, which flushes anyway. What is
 //! left of the reserve is given back (refcounts to 0) before a flush, at
 //! close and before every whole-image metadata operation (check,
 //! snapshots, bitmaps, truncate, preallocation), so an image that was
@@ -32,15 +28,13 @@ pub(super) const RESERVE_BYTES: u64 = 32 << 20;
 
 impl Meta {
     /// `n` contiguous clusters for a whole-cluster data write or a new L2
-    /// table (refcount 1, written), from the reserve, which is refilled
-    /// when it is short. Returns the byte offset of the first and
-    /// whether their refcounts are flushed already (a reserve taken from
-    /// the tail is flushed once when taken; a hole filled exactly is not).
-    pub(crate) async fn alloc_data(&mut self, g: &Geom, n: u64) -> Result<(u64, bool)> {
+    /// table (refcount 1, written, not flushed), from the reserve, which is
+    /// refilled when it is short. Returns the byte offset of the first.
+    pub(crate) async fn alloc_data(&mut self, g: &Geom, n: u64) -> Result<u64> {
         let (first, count) = self.data_reserve;
         if count >= n {
             self.data_reserve = (first + n, count - n);
-            return Ok((first * g.cs(), true));
+            return Ok(first * g.cs());
         }
         self.release_data_reserve(g).await?;
         // Holes are filled exactly; only the free tail of the image is
@@ -48,25 +42,20 @@ impl Meta {
         // refill).
         let c = self.find_free(g, n).await?;
         if c + n < self.end_cluster {
-            return Ok((self.alloc(g, n).await?, false));
+            return self.alloc(g, n).await;
         }
         let ahead = (RESERVE_BYTES / g.cs()).min(g.rpb()).max(n);
         let off = self.alloc(g, ahead).await?;
-        // The file covers the reserve before the flush: an L2 entry that
-        // reaches the disk before its data (mapped without a flush, below)
-        // must still point inside the file, where it reads zeroes — past
-        // the end, `qemu-img check` calls it corruption. (Found by the
-        // crash model that reorders writes between flushes.)
+        // The file covers the reserve, so the data writes into it do not
+        // extend the file one by one (on ext4 an `O_DIRECT` write past the
+        // end takes the inode lock exclusively, serialising the copies).
         let end = off + ahead * g.cs();
         if g.file.len() < end {
             g.file.truncate(end).await?;
         }
-        // One flush per refill: the mappings of its clusters need none
-        // for their refcounts.
-        g.flush().await?;
         let c = off / g.cs();
         self.data_reserve = (c + n, ahead - n);
-        Ok((off, true))
+        Ok(off)
     }
 
     /// Gives back what is left of the reserve (one refcount write per

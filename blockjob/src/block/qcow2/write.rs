@@ -20,13 +20,6 @@ struct Batch {
     new_l2: Vec<(u64, u64)>,
     /// What to free afterwards.
     freed: Vec<Freed>,
-    /// No flush needed before its L2 entries are written: every cluster
-    /// the batch maps has its refcount on disk already (a flushed reserve) and
-    /// every entry it replaces read as zeroes with nothing behind it, so
-    /// an L2 entry reaching the disk before its data shows zeroes, as
-    /// before the write (QEMU orders only refcounts before L2 for
-    /// whole-cluster writes).
-    no_flush: bool,
 }
 
 /// What [`Qcow2::do_write_zeroes`] leaves in whole clusters.
@@ -116,25 +109,17 @@ struct QueuedMap {
     ci: u64,
     n: u64,
     host: u64,
-    /// The clusters' refcounts are on disk (flushed).
-    durable: bool,
 }
 
 impl MapQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn push(&self, ci: u64, n: u64, host: u64, durable: bool) -> u64 {
+    fn push(&self, ci: u64, n: u64, host: u64) -> u64 {
         let mut st = self.lock();
         st.next += 1;
         let id = st.next;
-        st.queued.push(QueuedMap {
-            id,
-            ci,
-            n,
-            host,
-            durable,
-        });
+        st.queued.push(QueuedMap { id, ci, n, host });
         id
     }
     /// The outcome of run `id` if another request mapped it.
@@ -187,35 +172,27 @@ impl Qcow2 {
                 .iter()
                 .map(|e| e & !COPIED)
                 .collect();
-            let (new, durable) = m.alloc_data(g, 1).await?;
-            b.no_flush &= durable;
-            m.cache_new_l2(g, new, t, !durable).await?;
+            let new = m.alloc_data(g, 1).await?;
+            m.cache_new_l2(g, new, t).await?;
             b.new_l2.push((l1i, new));
             b.freed.push((off, g.cs()));
             return Ok((new, l2i));
         }
         // From the reserve too: not past it, leaving a hole in the file.
-        let (off, durable) = m.alloc_data(g, 1).await?;
-        b.no_flush &= durable;
-        m.cache_new_l2(g, off, vec![0; (g.cs() / 8) as usize], !durable)
+        let off = m.alloc_data(g, 1).await?;
+        m.cache_new_l2(g, off, vec![0; (g.cs() / 8) as usize])
             .await?;
         b.new_l2.push((l1i, off));
         Ok((off, l2i))
     }
 
     /// Sets entry `l2i` of table `off` in the cache, to be written back
-    /// (a flush first unless the batch needs none).
-    async fn set_entry(
-        &self,
-        m: &mut Meta,
-        b: &mut Batch,
-        off: u64,
-        l2i: u64,
-        v: u64,
-    ) -> Result<()> {
+    /// after a flush (which makes the data and refcounts it depends on
+    /// durable first).
+    async fn set_entry(&self, m: &mut Meta, off: u64, l2i: u64, v: u64) -> Result<()> {
         let t = m.l2_table(&self.g, 0, off).await?;
         t[l2i as usize] = v;
-        m.mark_l2_dirty(&self.g, off, l2i, !b.no_flush);
+        m.mark_l2_dirty(&self.g, off, l2i);
         Ok(())
     }
 
@@ -364,7 +341,7 @@ impl Qcow2 {
                 // Whole clusters: allocate them, write the data without
                 // the lock (other requests go on meanwhile), then map them.
                 let n = run.len / g.cs();
-                let (host, durable) = m.alloc_data(g, n).await?;
+                let host = m.alloc_data(g, n).await?;
                 let io = self.in_flight.enter();
                 let claim = self.allocating.claim(at, run.len);
                 drop(m);
@@ -382,7 +359,7 @@ impl Qcow2 {
                         return Err(e);
                     }
                 }
-                let id = self.maps.push(at / g.cs(), n, host, durable);
+                let id = self.maps.push(at / g.cs(), n, host);
                 let mut m = self.meta.lock().await;
                 let r = match self.maps.result(id) {
                     // Mapped by another request's batch meanwhile.
@@ -468,7 +445,7 @@ impl Qcow2 {
             }
             for (k, old) in olds.into_iter().enumerate() {
                 let k = k as u64;
-                self.set_entry(m, &mut b, l2off, l2i + k, (host + k * cs) | COPIED)
+                self.set_entry(m, l2off, l2i + k, (host + k * cs) | COPIED)
                     .await?;
                 b.freed.extend(self.old_host(old));
             }
@@ -489,11 +466,7 @@ impl Qcow2 {
         let g = &self.g;
         let runs = self.maps.take();
         let r = async {
-            let mut b = Batch {
-                no_flush: runs.iter().all(|q| q.durable),
-                ..Batch::default()
-            };
-            let nothing_behind = self.backing_node().is_none();
+            let mut b = Batch::default();
             for q in &runs {
                 let mut olds = Vec::with_capacity(q.n as usize);
                 for c in q.ci..q.ci + q.n {
@@ -502,11 +475,8 @@ impl Qcow2 {
                 let (l2off, l2i) = self.l2_for(m, &mut b, q.ci).await?;
                 for (k, old) in olds.into_iter().enumerate() {
                     let k = k as u64;
-                    let read_zero = self.old_host(old).is_none()
-                        && (old & ZERO != 0 || (old == 0 && nothing_behind));
-                    b.no_flush &= read_zero;
                     let v = (q.host + k * g.cs()) | COPIED;
-                    self.set_entry(m, &mut b, l2off, l2i + k, v).await?;
+                    self.set_entry(m, l2off, l2i + k, v).await?;
                     b.freed.extend(self.old_host(old));
                 }
             }
@@ -570,7 +540,7 @@ impl Qcow2 {
                 continue;
             }
             let (l2off, l2i) = self.l2_for(&mut m, &mut b, ci).await?;
-            self.set_entry(&mut m, &mut b, l2off, l2i, new).await?;
+            self.set_entry(&mut m, l2off, l2i, new).await?;
             if let Some(f) = self.old_host(old.word) {
                 if old.word & super::entry::COMPRESSED == 0 {
                     freed_data.push(f);

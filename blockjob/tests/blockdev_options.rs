@@ -201,6 +201,61 @@ fn common_options_are_checked_like_qemu() {
 }
 
 #[test]
+fn qcow2_l2_cache_size_is_taken_and_checked() {
+    let d = tmp();
+    let img = path(&d, "c.qcow2");
+    // 512 B clusters: a table covers 32 KiB, so 1 MiB spans 32 tables.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        p(&img),
+        "1M",
+    ]);
+    let ctx = aio::AioContext::new().unwrap();
+    let g = BlockGraph::new();
+    let node = |size: Value| {
+        json!({"driver": "qcow2", "node-name": "c", "l2-cache-size": size,
+            "file": {"driver": "file", "filename": p(&img)}})
+    };
+    for (size, want) in [
+        (
+            json!("1M"),
+            "Invalid parameter type for 'l2-cache-size', expected: integer",
+        ),
+        (json!(-1), "l2-cache-size must not be negative"),
+        (
+            json!(1.5),
+            "Invalid parameter type for 'l2-cache-size', expected: integer",
+        ),
+    ] {
+        let e = add(&ctx, &g, node(size.clone())).unwrap_err();
+        assert_eq!(e.to_string(), want, "{size}");
+    }
+    assert!(g.nodes().is_empty(), "a refused blockdev-add adds nothing");
+    // Two tables' worth of cache (0 is raised to that minimum) over 32
+    // tables: writes across the image, last to first, evict changed
+    // tables.
+    let n = add(&ctx, &g, node(json!(0))).unwrap();
+    let data = bytes(9, 1 << 20);
+    for i in (0..32u64).rev() {
+        let off = (i * 32 + 7) << 10;
+        let end = (off + (40 << 10)).min(1 << 20);
+        ctx.block_on(n.write(off, data[off as usize..end as usize].to_vec()))
+            .unwrap();
+    }
+    ctx.block_on(n.write(0, data[..7 << 10].to_vec())).unwrap();
+    ctx.block_on(g.close_all()).unwrap();
+    qemu_img(&["check", p(&img)]);
+    let raw = path(&d, "c.raw");
+    std::fs::write(&raw, &data).unwrap();
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&raw), p(&img)]);
+}
+
+#[test]
 fn discard_ignore_keeps_data_and_detect_zeroes_makes_zero_clusters() {
     let d = tmp();
     let img = path(&d, "z.qcow2");

@@ -638,6 +638,21 @@ impl BlockGraph {
                     Ok(node)
                 }
                 fmt => {
+                    // Checked before an inline `file` is added.
+                    let l2_cache_size = match obj.get("l2-cache-size") {
+                        None => None,
+                        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+                            Some(n.as_u64().ok_or_else(|| {
+                                Error::InvalidArgument("l2-cache-size must not be negative".into())
+                            })?)
+                        }
+                        Some(_) => {
+                            return Err(Error::InvalidArgument(
+                                "Invalid parameter type for 'l2-cache-size', expected: integer"
+                                    .into(),
+                            ))
+                        }
+                    };
                     // Inline children inherit these, as in QEMU.
                     let file = self
                         .child_arg(obj, "file", read_only, &["cache", "auto-read-only"])
@@ -679,14 +694,6 @@ impl BlockGraph {
                         direct: common.direct,
                         no_flush: common.no_flush,
                         ..FileOpenOptions::new(false, Engine::Threads)
-                    };
-                    let l2_cache_size = match obj.get("l2-cache-size") {
-                        None => None,
-                        Some(v) => Some(v.as_u64().ok_or_else(|| {
-                            Error::InvalidArgument(
-                                "Parameter 'l2-cache-size' expects a non-negative integer".into(),
-                            )
-                        })?),
                     };
                     let r = self
                         .open_format_inner(

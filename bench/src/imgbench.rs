@@ -96,6 +96,10 @@ fn create(dir: &Path, format: &str, size: u64) -> Result<PathBuf, String> {
             &size,
         ],
     )?;
+    // The preallocated zeroes went through the page cache: write them back
+    // now, not during the first `-t none` rows (an `O_DIRECT` request
+    // flushes the dirty pages of its range first).
+    run_tool("sync", &["-f", path])?;
     Ok(img)
 }
 

@@ -110,7 +110,9 @@ impl FilterDriver {
             let (st, n) = child.block_status(off, end - off).await?;
             let n = n.clamp(1, end - off);
             if !st.allocated && self.below_allocated(off, n).await? {
-                let buf = child.read(off, vec![0; n as usize]).await?;
+                // Aligned: on an `O_DIRECT` file it goes through unbounced.
+                let buf = Buffer::aligned(n as usize).map_err(|e| Error::io(&self.filename, e))?;
+                let buf = child.read(off, buf).await?;
                 child.write_unchanged(off, buf).await?;
             }
             off += n;

@@ -277,3 +277,33 @@ fn a_reaped_ring_leaves_the_loop_idle() {
         }
     });
 }
+
+#[test]
+fn every_fd_monitor_is_woken_by_the_ring_fd() {
+    // The ring's fd is the engine's only wake-up: epoll, ppoll and the
+    // io_uring monitor must all see it become readable, with 8 direct
+    // reads in flight from a loop that blocks between completions.
+    let file = disk_file("backends");
+    let p = file.0.clone();
+    within_a_minute(move || {
+        for backend in aio::Backend::ALL {
+            let ctx = util::ctx(backend);
+            let f = open(&p, true);
+            let handles: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let g = f.clone();
+                    ctx.spawn(async move {
+                        for i in 0..25u64 {
+                            let b = (t * 31 + i * 7) % BLOCKS;
+                            expect_block(&g, b, stamp(b)).await;
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                ctx.block_on(h)
+                    .unwrap_or_else(|e| panic!("{backend:?}: {e}"));
+            }
+        }
+    });
+}

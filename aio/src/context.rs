@@ -348,6 +348,9 @@ pub(crate) struct Inner {
     /// Set by the io_uring engine's completion handler: the outermost poll
     /// resumes the woken tasks right after dispatching, in this iteration.
     pub(crate) resume_after_dispatch: AtomicBool,
+    /// Set once the io_uring file engine exists: every poll then checks
+    /// its ring after the wait ([`crate::uring_file::reap_ready`]).
+    pub(crate) uring_peek: AtomicBool,
 }
 
 impl Inner {
@@ -514,6 +517,7 @@ impl AioContext {
             has_children: AtomicBool::new(false),
             uring_io: Mutex::new(None),
             resume_after_dispatch: AtomicBool::new(false),
+            uring_peek: AtomicBool::new(false),
             shuffle: AtomicU64::new(opts.dispatch_seed.map_or(0, |s| s | 1)),
         });
         vclock.attach(Arc::downgrade(&inner));
@@ -1002,6 +1006,9 @@ impl AioContext {
             progress |= self.dispatch(ev, seq, block_ns, params);
         }
         return_event_buffer(events);
+        if inner.uring_peek.load(Ordering::Relaxed) {
+            progress |= crate::uring_file::reap_ready(self);
+        }
         if outermost && inner.resume_after_dispatch.swap(false, Ordering::Relaxed) {
             // The notification raised by waking those tasks is left
             // pending: the runner (cancelled) is still queued, and a bottom

@@ -49,7 +49,8 @@ pub enum Engine {
     Threads,
     /// io_uring (QEMU's `aio=io_uring`): requests go to a ring of the
     /// context the calling task runs on, submitted from its home thread at
-    /// the future's first poll and reaped by the loop through an eventfd.
+    /// the future's first poll and reaped by the loop (which watches the
+    /// ring's fd).
     /// Requests must be awaited inside a task or `block_on` of a context
     /// (otherwise they fail with [`Error::NotInTask`]).
     IoUring,

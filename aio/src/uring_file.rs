@@ -1,6 +1,6 @@
 //! The io_uring file engine: requests are submitted from the home thread of
 //! the context the calling task runs on, and completions are reaped by an
-//! fd handler on that context's eventfd — no thread of its own.
+//! fd handler on the ring's own fd — no thread of its own.
 //!
 //! Submission adapts to the queue: while the device has few requests
 //! ([`SUBMIT_NOW_BELOW`]), a new request is handed to the kernel at once, so
@@ -9,15 +9,17 @@
 //! hands every queued SQE over in one `io_uring_enter`, so a burst of
 //! requests issued by tasks in one iteration costs one syscall.
 //!
-//! Completions resume their tasks in the same loop iteration: the eventfd
-//! handler reaps the ring and wakes the tasks, and the outermost poll runs
-//! this context's queued tasks right after its fd handlers (not one
-//! iteration later from the runner bottom half); the requests they issue
-//! are queued and handed to the kernel in one `io_uring_enter` when they
-//! are done. A device that completes part of a batch so gets the follow-up
-//! requests without waiting for two more loop iterations (runner, submit
-//! bottom half), and a completion costs one wait, one eventfd read and one
-//! submission.
+//! Completions resume their tasks in the same loop iteration: the ring fd's
+//! handler (or the check every poll makes after its wait, [`reap_ready`])
+//! reaps the ring and wakes the tasks, and the outermost poll runs this
+//! context's queued tasks right after its fd handlers (not one iteration
+//! later from the runner bottom half); the requests they issue are queued
+//! and handed to the kernel in one `io_uring_enter` when they are done,
+//! and what completed meanwhile is reaped right after it
+//! ([`resume_tasks`]). A device that completes part of a batch so gets the
+//! follow-up requests without waiting for more loop iterations, and a
+//! wake-up costs one wait and one submission (no eventfd read: the ring fd
+//! is polled, and it stops being readable once the ring is reaped).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,6 +38,8 @@ use crate::AioContext;
 const RING_ENTRIES: u32 = 256;
 /// Submit at once while fewer requests than this are with the kernel.
 pub(crate) const SUBMIT_NOW_BELOW: usize = 8;
+/// Most rounds of resume, submit, reap that one loop iteration runs.
+const RESUME_ROUNDS: usize = 4;
 
 /// One context's file-I/O ring.
 pub(crate) struct UringEngine {
@@ -48,7 +52,7 @@ pub(crate) struct UringEngine {
 }
 
 impl UringEngine {
-    /// The engine of `ctx`, created (and its eventfd handler registered) on
+    /// The engine of `ctx`, created (and its ring fd handler registered) on
     /// first use. Home thread only.
     pub(crate) fn of(ctx: &AioContext) -> Result<Arc<UringEngine>> {
         let slot = ctx.inner().uring_io.lock();
@@ -61,7 +65,7 @@ impl UringEngine {
                 ctx.name()
             )
         })?;
-        let fd = ring.eventfd();
+        let fd = ring.poll_fd();
         let engine = Arc::new_cyclic(|weak: &Weak<UringEngine>| {
             let w = weak.clone();
             UringEngine {
@@ -85,61 +89,110 @@ impl UringEngine {
             })),
         )?;
         *ctx.inner().uring_io.lock() = Some(engine.clone());
+        ctx.inner().uring_peek.store(true, Ordering::Relaxed);
         Ok(engine)
     }
 
+    /// Hands what is queued to the kernel, then wakes the tasks of
+    /// completions that a full completion queue made it reap.
     fn submit(&self) {
-        let mut ring = self.ring.lock();
-        if ring.has_queued() {
-            if let Err(e) = ring.submit() {
-                log::error!("io_uring submit: {e}");
+        let unwoken = {
+            let mut ring = self.ring.lock();
+            if ring.has_queued() {
+                if let Err(e) = ring.submit() {
+                    log::error!("io_uring submit: {e}");
+                }
             }
-        }
+            ring.take_unwoken()
+        };
+        wake_all(unwoken);
     }
 
-    /// The eventfd handler: reaps completions and wakes their tasks; the
-    /// outermost poll then resumes them in this iteration
-    /// ([`resume_tasks`]), once no handler is on the stack, so a resumed
-    /// task may still `block_on` a request of its own.
-    fn complete(&self, ctx: &AioContext) {
+    /// Reaps whatever completed and wakes those tasks; returns whether it
+    /// woke any. Checks the ring's shared memory first, so with nothing to
+    /// reap it costs no syscall.
+    fn reap_and_wake(&self) -> bool {
         let wakers = {
             let mut ring = self.ring.lock();
-            if let Err(e) = ring.clear_eventfd() {
-                log::error!("io_uring eventfd: {e}");
+            if !ring.has_completions() {
+                return false;
             }
             ring.reap()
         };
-        if wakers.is_empty() {
-            return;
-        }
-        for w in wakers {
-            w.wake();
+        let woke = !wakers.is_empty();
+        wake_all(wakers);
+        woke
+    }
+
+    /// The ring fd's handler, and the check after every wait
+    /// ([`reap_ready`]): reaps completions and wakes their tasks; the
+    /// outermost poll then resumes them in this iteration
+    /// ([`resume_tasks`]), once no handler is on the stack, so a resumed
+    /// task may still `block_on` a request of its own.
+    fn complete(&self, ctx: &AioContext) -> bool {
+        if !self.reap_and_wake() {
+            return false;
         }
         if ctx.poll_depth() == 1 {
             ctx.inner()
                 .resume_after_dispatch
                 .store(true, Ordering::Relaxed);
         }
+        true
     }
+}
+
+fn wake_all(wakers: Vec<std::task::Waker>) {
+    for w in wakers {
+        w.wake();
+    }
+}
+
+/// Called by every poll of a context that has a ring, after its fd
+/// handlers: reaps completions that are in the ring but that the wait did
+/// not report. The common case is a wait cut short by `EINTR`: completions
+/// of `O_DIRECT` requests are posted by task work, which interrupts the
+/// sleeping thread and runs on its way back to user space, so when the
+/// wait returns (with no events) they are already in the ring. Reaping
+/// them here saves the second wait that would report the ring fd.
+/// Nothing is lost by reaping without being told: the ring fd is
+/// level-triggered on the ring's contents, so a wait reports it exactly
+/// while something is left to reap. Returns whether tasks were woken.
+pub(crate) fn reap_ready(ctx: &AioContext) -> bool {
+    let engine = ctx.inner().uring_io.lock().clone();
+    engine.is_some_and(|e| e.complete(ctx))
 }
 
 /// Runs the tasks the completion handler woke (and whatever else is queued
 /// on `ctx`) now, then hands every request they issued to the kernel in one
 /// `io_uring_enter`. Called by the outermost poll after its fd handlers.
+///
+/// Completions that arrived meanwhile are usually in the ring when that
+/// `io_uring_enter` returns (their task work runs on its way back), so they
+/// are reaped and their tasks resumed at once, up to [`RESUME_ROUNDS`]
+/// rounds: a device that completes requests one by one is fed one by one,
+/// without a wait per round. The bound keeps other fds, bottom halves and
+/// timers from starving behind a ring that never runs dry (tmpfs reads
+/// complete inside the submission).
 pub(crate) fn resume_tasks(ctx: &AioContext) {
     let engine = ctx.inner().uring_io.lock().clone();
     let Some(engine) = engine else {
         ctx.run_tasks_now();
         return;
     };
-    engine.deferring.store(true, Ordering::Relaxed);
-    ctx.run_tasks_now();
-    engine.deferring.store(false, Ordering::Relaxed);
-    // The submit bottom half (scheduled by each deferred request, so a
-    // nested poll in a resumed task submits before it waits) has nothing
-    // left to do after this.
-    engine.submit_bh.cancel();
-    engine.submit();
+    for round in 1..=RESUME_ROUNDS {
+        engine.deferring.store(true, Ordering::Relaxed);
+        ctx.run_tasks_now();
+        engine.deferring.store(false, Ordering::Relaxed);
+        // The submit bottom half (scheduled by each deferred request, so a
+        // nested poll in a resumed task submits before it waits) has
+        // nothing left to do after this.
+        engine.submit_bh.cancel();
+        engine.submit();
+        if round == RESUME_ROUNDS || !engine.reap_and_wake() {
+            break;
+        }
+    }
 }
 
 enum State {
@@ -182,9 +235,9 @@ impl Future for UringOp {
                 // scheduled, so a nested poll (`block_on` in a resumed task)
                 // submits it before it waits.
                 let deferred = engine.deferring.load(Ordering::Relaxed);
-                let pushed = {
+                let (pushed, unwoken) = {
                     let mut ring = engine.ring.lock();
-                    ring.push(op, cx.waker().clone()).map(|key| {
+                    let pushed = ring.push(op, cx.waker().clone()).map(|key| {
                         let now = !deferred && ring.submitted_in_flight() < SUBMIT_NOW_BELOW;
                         if now {
                             if let Err(e) = ring.submit() {
@@ -192,8 +245,10 @@ impl Future for UringOp {
                             }
                         }
                         (key, now)
-                    })
+                    });
+                    (pushed, ring.take_unwoken())
                 };
+                wake_all(unwoken);
                 match pushed {
                     Ok((key, submitted)) => {
                         if !submitted {

@@ -6,12 +6,11 @@
 mod util;
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use aio::file::{Engine, File, OpenOptions};
 use aio::AioContext;
+use util::deadline::within_a_minute;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 256; // 1 MiB
@@ -52,24 +51,6 @@ async fn expect_block(f: &File, b: u64, want: u8) {
         .await
         .unwrap();
     assert!(buf.iter().all(|&x| x == want), "block {b}: want {want}");
-}
-
-/// Runs `f` on its own thread and fails (instead of hanging) if it takes
-/// more than a minute: a lost wake-up shows as a failure.
-fn within_a_minute(f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    let th = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(()) => th.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            // The thread panicked: surface its panic.
-            th.join().unwrap();
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("the loop never woke: lost wake-up"),
-    }
 }
 
 /// Runs `body` on a fresh context and a stamped file opened with the
@@ -189,17 +170,8 @@ fn a_wake_from_another_thread_between_completions_is_not_lost() {
     // another thread (a task on another context finishing): that wake-up
     // must not be lost, though the resume left the runner queued.
     with_file("cross", |ctx, f| {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let s = stop.clone();
-        let th = std::thread::spawn(move || {
-            let other = AioContext::new().unwrap();
-            tx.send(other.clone()).unwrap();
-            other.poll_while(|| !s.load(Ordering::Acquire));
-        });
-        let other = rx.recv().unwrap();
-        let o = other.clone();
+        let other = util::other_loop::OtherLoop::start();
+        let o = other.ctx();
         let waiter = ctx.spawn(async move {
             for i in 0..200i64 {
                 // Resumed by its completion, then it waits for a wake-up
@@ -215,9 +187,7 @@ fn a_wake_from_another_thread_between_completions_is_not_lost() {
             }
         });
         ctx.block_on(waiter).unwrap();
-        stop.store(true, Ordering::Release);
-        other.notify();
-        th.join().unwrap();
+        other.stop();
     });
 }
 

@@ -15,7 +15,6 @@ use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use super::alignedbuf::RawAlignedBuf;
-use super::eventfd::EventFd;
 
 /// A heap buffer whose address does not change when the value moves.
 pub(crate) enum OwnedBuf {
@@ -134,16 +133,21 @@ pub(crate) struct Completion {
     pub(crate) bufs: Vec<OwnedBuf>,
 }
 
-/// The ring, its table of requests in flight and the eventfd that signals
-/// completions.
+/// The ring and its table of requests in flight.
+///
+/// The ring's own fd is what a loop watches: it polls readable exactly
+/// while the completion queue holds entries the caller has not reaped (or
+/// completions wait in the kernel's overflow list), so reaping everything
+/// is also what clears it. Unlike an eventfd registered with the ring,
+/// this needs no `read` per wake-up, and a caller that reaped without being
+/// told (see [`IoRing::has_completions`]) leaves no stale readiness behind.
 pub(crate) struct IoRing {
     ring: IoUring,
     ops: Slab<InFlight>,
-    eventfd: EventFd,
     queued: usize,
-    /// Wakers of requests reaped while submitting (CQ full), for the next
-    /// [`IoRing::reap`] to return: before, they were dropped, and their
-    /// tasks never resumed.
+    /// Wakers of requests reaped while submitting (CQ full), for the caller
+    /// to wake once it has let go of the ring ([`IoRing::take_unwoken`]),
+    /// or for the next [`IoRing::reap`] to return.
     unwoken: Vec<Waker>,
 }
 
@@ -180,8 +184,7 @@ fn iovecs(bufs: &mut [OwnedBuf], mut skip: usize) -> Vec<libc::iovec> {
 }
 
 impl IoRing {
-    /// Creates a ring with `entries` slots and an eventfd registered for its
-    /// completions.
+    /// Creates a ring with `entries` slots.
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
         // COOP_TASKRUN (5.19+): completions are not signalled by
         // interrupting the task, so a wait in epoll is not cut short with
@@ -196,25 +199,35 @@ impl IoRing {
                 .setup_cqsize(entries.saturating_mul(4))
                 .build(entries)?,
         };
-        let eventfd = EventFd::new()?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Self {
             ring,
             ops: Slab::new(),
-            eventfd,
             queued: 0,
             unwoken: Vec::new(),
         })
     }
 
-    /// The eventfd that becomes readable when completions arrive.
-    pub(crate) fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    /// The ring's fd: readable while completions wait to be reaped.
+    pub(crate) fn poll_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
-    /// Clears the eventfd.
-    pub(crate) fn clear_eventfd(&self) -> io::Result<bool> {
-        self.eventfd.read()
+    /// Whether a [`reap`](IoRing::reap) would find something: completions
+    /// in the ring, wakers kept from a submission, or completions the
+    /// kernel holds in its overflow list. Two loads of shared memory and no
+    /// syscall; completions that interrupted a wait (task work run on the
+    /// way back to user space) are visible here before the fd is polled.
+    pub(crate) fn has_completions(&mut self) -> bool {
+        !self.unwoken.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.ring.submission().cq_overflow()
+    }
+
+    /// The wakers of requests reaped by a submission that found the
+    /// completion queue full: the caller wakes them once it no longer holds
+    /// the ring (their completions no longer make the fd readable).
+    pub(crate) fn take_unwoken(&mut self) -> Vec<Waker> {
+        std::mem::take(&mut self.unwoken)
     }
 
     /// Whether requests are queued but not yet handed to the kernel.
@@ -347,9 +360,9 @@ impl IoRing {
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => continue,
                 // The CQ is full: reap, and leave the SQEs queued for the
-                // next submission. The wakers are kept for the eventfd
-                // handler's reap (the completions reaped here signalled
-                // the eventfd), not woken here under the caller's lock.
+                // next submission. The wakers are kept for the caller to
+                // wake ([`IoRing::take_unwoken`]), not woken here under the
+                // caller's lock.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
                     let woken = self.reap();
                     self.unwoken.extend(woken);
@@ -364,10 +377,10 @@ impl IoRing {
     /// the entries of abandoned requests.
     ///
     /// Completions that overflowed the CQ ring wait in the kernel until an
-    /// `io_uring_enter(GETEVENTS)` moves them into the ring, and nothing
-    /// signals the eventfd for them again: so while the kernel flags an
-    /// overflow, the ring is drained and flushed (that enter also submits
-    /// whatever is queued) until it does not.
+    /// `io_uring_enter(GETEVENTS)` moves them into the ring, and no wake-up
+    /// announces them when they do: so while the kernel flags an overflow,
+    /// the ring is drained and flushed (that enter also submits whatever is
+    /// queued) until it does not.
     pub(crate) fn reap(&mut self) -> Vec<Waker> {
         let mut wakers = std::mem::take(&mut self.unwoken);
         let mut done: Vec<(u64, i32)> = Vec::new();

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use aio::{AioContext, Backend, ContextOptions};
 
+pub mod deadline;
+pub mod other_loop;
 pub mod park;
 
 /// A context on `backend`, home thread = the caller.

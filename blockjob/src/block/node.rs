@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, Check, DirtyBitmap};
+use super::file::FileDriver;
 use super::perm::PermUser;
+use super::raw::RawDriver;
 use super::{
     BlockDriver, BlockStatus, BoxFuture, Buffer, CheckOptions, CheckReport, ImageInfo, Perm,
     PermGuard, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
@@ -37,8 +39,11 @@ pub struct BlockNode {
     options: Mutex<serde_json::Map<String, serde_json::Value>>,
     /// Requests running through this node's methods.
     in_flight: AtomicUsize,
-    /// Woken when `in_flight` drops to 0.
+    /// Woken when `in_flight` drops to 0 while someone waits.
     idle: aio::CoQueue,
+    /// [`wait_idle`](Self::wait_idle) calls waiting: a request ending
+    /// with nobody waiting does not touch `idle`.
+    idle_waiters: AtomicUsize,
     /// Drained sections this node is in (see `super::drain`).
     quiesce: AtomicUsize,
     /// Added by a top-level `blockdev-add`: only `blockdev-del` removes it.
@@ -91,9 +96,23 @@ struct InFlight<'a>(&'a BlockNode);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Pairs with the increment and the load in `wait_idle`: with both
+        // sides sequentially consistent, either the waiter sees the count
+        // at 0 or this sees the waiter (already queued on `idle`).
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.idle_waiters.load(Ordering::SeqCst) > 0
+        {
             self.0.idle.notify_all();
         }
+    }
+}
+
+/// One [`BlockNode::wait_idle`] caller counted in `idle_waiters`.
+struct IdleWaiter<'a>(&'a BlockNode);
+
+impl Drop for IdleWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.idle_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -309,6 +328,7 @@ impl BlockNode {
             options: Mutex::new(serde_json::Map::new()),
             in_flight: AtomicUsize::new(0),
             idle: aio::CoQueue::new(),
+            idle_waiters: AtomicUsize::new(0),
             quiesce: AtomicUsize::new(0),
             by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
@@ -335,7 +355,7 @@ impl BlockNode {
     }
 
     fn enter(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self)
     }
 
@@ -351,11 +371,13 @@ impl BlockNode {
 
     /// Waits until no request runs through this node.
     pub(crate) async fn wait_idle(&self) {
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let _counted = IdleWaiter(self);
         loop {
             // Queue first, then look: a request ending in between still
             // wakes this waiter.
             let w = self.idle.wait();
-            if self.in_flight() == 0 {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             w.await;
@@ -653,7 +675,56 @@ impl BlockNode {
         if buf.is_empty() {
             return Ok(buf);
         }
-        self.driver.read(offset, buf).await
+        match self.raw() {
+            Some(raw) => raw.f().read_leaf(offset, buf).await,
+            None => self.driver_read(offset, buf).await,
+        }
+    }
+
+    /// [`read`](Self::read) one level down from a `raw` node: the same
+    /// checks, and no further `raw` shortcut (so the future type is not
+    /// recursive).
+    async fn read_leaf(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
+        let _req = self.enter();
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        self.driver_read(offset, buf).await
+    }
+
+    /// The driver, if it is this crate's `raw` driver: its requests go
+    /// straight to its `file` child (what `RawDriver` does, unboxed).
+    fn raw(&self) -> Option<&RawDriver> {
+        self.driver.as_any()?.downcast_ref::<RawDriver>()
+    }
+
+    /// The driver, if it is this crate's `file` driver.
+    fn file_driver(&self) -> Option<&FileDriver> {
+        self.driver.as_any()?.downcast_ref::<FileDriver>()
+    }
+
+    /// The driver's read: the `file` driver's future inline, any other
+    /// driver's boxed.
+    async fn driver_read(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
+        match self.file_driver() {
+            Some(f) => f.read_unboxed(offset, buf).await,
+            None => self.driver.read(offset, buf).await,
+        }
+    }
+
+    /// The driver's write; `keep`: hand the buffer back. The `file`
+    /// driver's future inline, any other driver's boxed.
+    async fn driver_write(&self, offset: u64, buf: Buffer, keep: bool) -> Result<Option<Buffer>> {
+        if let Some(f) = self.file_driver() {
+            let buf = f.write_keep_unboxed(offset, buf).await?;
+            return Ok(keep.then_some(buf));
+        }
+        if keep {
+            self.driver.write_keep(offset, buf).await.map(Some)
+        } else {
+            self.driver.write(offset, buf).await.map(|()| None)
+        }
     }
 
     /// Writes `buf` at `offset` (with `detect-zeroes`, a buffer of zeroes
@@ -679,6 +750,40 @@ impl BlockNode {
         buf: Buffer,
         give_back: bool,
     ) -> Result<Option<Buffer>> {
+        let raw = self.raw();
+        self.write_with(offset, buf, give_back, |buf, keep| async move {
+            match raw {
+                Some(raw) => raw.f().write_leaf(offset, buf, keep).await,
+                None => self.driver_write(offset, buf, keep).await,
+            }
+        })
+        .await
+    }
+
+    /// [`write_inner`](Self::write_inner) one level down from a `raw`
+    /// node (no further `raw` shortcut, so the future type is not
+    /// recursive).
+    async fn write_leaf(&self, offset: u64, buf: Buffer, keep: bool) -> Result<Option<Buffer>> {
+        self.write_with(offset, buf, keep, |buf, keep| {
+            self.driver_write(offset, buf, keep)
+        })
+        .await
+    }
+
+    /// A write's checks, zero detection and hooks around `send(buf,
+    /// keep)`, which writes to the driver (handing the buffer back with
+    /// `keep`).
+    async fn write_with<F, Fut>(
+        &self,
+        offset: u64,
+        buf: Buffer,
+        give_back: bool,
+        send: F,
+    ) -> Result<Option<Buffer>>
+    where
+        F: FnOnce(Buffer, bool) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Buffer>>>,
+    {
         let _req = self.enter();
         self.check_writable()?;
         if !self.driver.grows_on_write() {
@@ -694,11 +799,7 @@ impl BlockNode {
         let len = buf.len() as u64;
         let hooks = self.before_write(offset, len).await?;
         let wants_data = hooks.iter().any(|h| h.wants_data());
-        let r = if give_back || wants_data {
-            self.driver.write_keep(offset, buf).await.map(Some)
-        } else {
-            self.driver.write(offset, buf).await.map(|()| None)
-        };
+        let r = send(buf, give_back || wants_data).await;
         after_write(&hooks, offset, len);
         if let (Ok(Some(data)), true) = (&r, wants_data) {
             for h in hooks.iter().filter(|h| h.wants_data()) {
@@ -724,7 +825,9 @@ impl BlockNode {
             self.driver.write_zeroes(offset, buf.len() as u64).await?;
             return Ok(buf);
         }
-        self.driver.write_keep(offset, buf).await
+        self.driver_write(offset, buf, true)
+            .await
+            .map(Option::unwrap_or_default)
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.

@@ -127,16 +127,6 @@ impl FileDriver {
         Ok(())
     }
 
-    async fn read_raw(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
-        let (n, mut buf) = self
-            .file()
-            .read_at(buf, offset)
-            .await
-            .map_err(|e| Error::io(&self.name, e))?;
-        buf[n..].fill(0);
-        Ok(buf)
-    }
-
     /// A read through an aligned bounce buffer.
     async fn read_bounced(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         self.bounced.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +157,7 @@ impl FileDriver {
         if self.align.fits(offset, len, &buf) {
             return self.write_raw_keep(offset, buf).await;
         }
-        // Boxed: the common, aligned path's future stays small.
+        // Boxed: the aligned path's future stays small.
         Box::pin(self.write_bounced(offset, buf, (start, end))).await
     }
 
@@ -225,11 +215,16 @@ impl FileDriver {
     /// A read as [`BlockDriver::read`] does it, without boxing the common
     /// path (the node calls this directly on its request path).
     pub(crate) async fn read_unboxed(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
-        if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
-            self.read_raw(offset, buf).await
-        } else {
-            Box::pin(self.read_bounced(offset, buf)).await
+        if !self.align.is_trivial() && !self.align.fits(offset, buf.len() as u64, &buf) {
+            return Box::pin(self.read_bounced(offset, buf)).await;
         }
+        let (n, mut buf) = self
+            .file()
+            .read_at(buf, offset)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        buf[n..].fill(0);
+        Ok(buf)
     }
 
     /// A write as [`BlockDriver::write_keep`] does it, without boxing (the
@@ -238,7 +233,10 @@ impl FileDriver {
         if self.align.is_trivial() {
             self.write_raw_keep(offset, buf).await
         } else {
-            self.write_direct(offset, buf).await
+            // Boxed: the range lock makes this future twice the size of
+            // the buffered one, and an `O_DIRECT` write waits for the
+            // disk anyway.
+            Box::pin(self.write_direct(offset, buf)).await
         }
     }
 

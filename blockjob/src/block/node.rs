@@ -41,6 +41,9 @@ pub struct BlockNode {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to 0 while someone waits.
     idle: aio::CoQueue,
+    /// Set once a write hook or a dirty bitmap is added: until then a
+    /// write takes neither lock to find it has none to tell.
+    may_hook: AtomicBool,
     /// [`wait_idle`](Self::wait_idle) calls waiting: a request ending
     /// with nobody waiting does not touch `idle`.
     idle_waiters: AtomicUsize,
@@ -105,6 +108,18 @@ impl Drop for InFlight<'_> {
             self.0.idle.notify_all();
         }
     }
+}
+
+/// How a node's reads and writes reach its driver: this crate's `file`
+/// and `raw` drivers without boxed futures, any other through the
+/// [`BlockDriver`] methods.
+enum Route<'a> {
+    /// Await the `file` driver's future inline.
+    File(&'a FileDriver),
+    /// Send the request to the `raw` driver's `file` child.
+    Raw(&'a RawDriver),
+    /// The boxed trait methods.
+    Driver,
 }
 
 /// One [`BlockNode::wait_idle`] caller counted in `idle_waiters`.
@@ -314,6 +329,7 @@ impl BlockNode {
             .rev()
             .map(Arc::new)
             .collect();
+        let has_stored = !stored.is_empty();
         let node = Arc::new(BlockNode {
             name,
             driver,
@@ -329,6 +345,7 @@ impl BlockNode {
             in_flight: AtomicUsize::new(0),
             idle: aio::CoQueue::new(),
             idle_waiters: AtomicUsize::new(0),
+            may_hook: AtomicBool::new(has_stored),
             quiesce: AtomicUsize::new(0),
             by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
@@ -675,51 +692,33 @@ impl BlockNode {
         if buf.is_empty() {
             return Ok(buf);
         }
-        match self.raw() {
-            Some(raw) => raw.f().read_leaf(offset, buf).await,
-            None => self.driver_read(offset, buf).await,
+        match self.route() {
+            Route::File(f) => f.read_unboxed(offset, buf).await,
+            // What `RawDriver::read` does; boxed, because this future
+            // holds its child node's (and inline, every node's read
+            // future, the `file` node's under qcow2 too, would be the
+            // larger to build and move).
+            Route::Raw(raw) => Box::pin(raw.f().read(offset, buf)).await,
+            Route::Driver => self.driver.read(offset, buf).await,
         }
     }
 
-    /// [`read`](Self::read) one level down from a `raw` node: the same
-    /// checks, and no further `raw` shortcut (so the future type is not
-    /// recursive).
-    async fn read_leaf(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
-        let _req = self.enter();
-        self.check_range(offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(buf);
-        }
-        self.driver_read(offset, buf).await
-    }
-
-    /// The driver, if it is this crate's `raw` driver: its requests go
-    /// straight to its `file` child (what `RawDriver` does, unboxed).
-    fn raw(&self) -> Option<&RawDriver> {
-        self.driver.as_any()?.downcast_ref::<RawDriver>()
-    }
-
-    /// The driver, if it is this crate's `file` driver.
-    fn file_driver(&self) -> Option<&FileDriver> {
-        self.driver.as_any()?.downcast_ref::<FileDriver>()
-    }
-
-    /// The driver's read: the `file` driver's future inline, any other
-    /// driver's boxed.
-    async fn driver_read(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
-        match self.file_driver() {
-            Some(f) => f.read_unboxed(offset, buf).await,
-            None => self.driver.read(offset, buf).await,
+    /// How this node's reads and writes reach its driver.
+    fn route(&self) -> Route<'_> {
+        let Some(any) = self.driver.as_any() else {
+            return Route::Driver;
+        };
+        if let Some(f) = any.downcast_ref::<FileDriver>() {
+            Route::File(f)
+        } else if let Some(r) = any.downcast_ref::<RawDriver>() {
+            Route::Raw(r)
+        } else {
+            Route::Driver
         }
     }
 
-    /// The driver's write; `keep`: hand the buffer back. The `file`
-    /// driver's future inline, any other driver's boxed.
+    /// The driver's write; `keep`: hand the buffer back.
     async fn driver_write(&self, offset: u64, buf: Buffer, keep: bool) -> Result<Option<Buffer>> {
-        if let Some(f) = self.file_driver() {
-            let buf = f.write_keep_unboxed(offset, buf).await?;
-            return Ok(keep.then_some(buf));
-        }
         if keep {
             self.driver.write_keep(offset, buf).await.map(Some)
         } else {
@@ -742,7 +741,8 @@ impl BlockNode {
             .map(Option::unwrap_or_default)
     }
 
-    /// A write; with `give_back` (or a hook wanting the data) the driver
+    /// A write: checks, zero detection and hooks around the driver's
+    /// write; with `give_back` (or a hook wanting the data) the driver
     /// hands the buffer back.
     async fn write_inner(
         &self,
@@ -750,40 +750,6 @@ impl BlockNode {
         buf: Buffer,
         give_back: bool,
     ) -> Result<Option<Buffer>> {
-        let raw = self.raw();
-        self.write_with(offset, buf, give_back, |buf, keep| async move {
-            match raw {
-                Some(raw) => raw.f().write_leaf(offset, buf, keep).await,
-                None => self.driver_write(offset, buf, keep).await,
-            }
-        })
-        .await
-    }
-
-    /// [`write_inner`](Self::write_inner) one level down from a `raw`
-    /// node (no further `raw` shortcut, so the future type is not
-    /// recursive).
-    async fn write_leaf(&self, offset: u64, buf: Buffer, keep: bool) -> Result<Option<Buffer>> {
-        self.write_with(offset, buf, keep, |buf, keep| {
-            self.driver_write(offset, buf, keep)
-        })
-        .await
-    }
-
-    /// A write's checks, zero detection and hooks around `send(buf,
-    /// keep)`, which writes to the driver (handing the buffer back with
-    /// `keep`).
-    async fn write_with<F, Fut>(
-        &self,
-        offset: u64,
-        buf: Buffer,
-        give_back: bool,
-        send: F,
-    ) -> Result<Option<Buffer>>
-    where
-        F: FnOnce(Buffer, bool) -> Fut,
-        Fut: std::future::Future<Output = Result<Option<Buffer>>>,
-    {
         let _req = self.enter();
         self.check_writable()?;
         if !self.driver.grows_on_write() {
@@ -793,13 +759,27 @@ impl BlockNode {
             return Ok(Some(buf));
         }
         if self.request_policy().detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
-            self.write_zeroes(offset, buf.len() as u64).await?;
+            // Boxed: a rare path whose future would make every write's
+            // future larger to build and move.
+            Box::pin(self.write_zeroes(offset, buf.len() as u64)).await?;
             return Ok(Some(buf));
         }
         let len = buf.len() as u64;
-        let hooks = self.before_write(offset, len).await?;
+        let hooks = self.write_hooks();
+        for h in &hooks {
+            h.before_write(self, offset, len).await?;
+        }
         let wants_data = hooks.iter().any(|h| h.wants_data());
-        let r = send(buf, give_back || wants_data).await;
+        let keep = give_back || wants_data;
+        let r = match self.route() {
+            Route::File(f) => f
+                .write_keep_unboxed(offset, buf)
+                .await
+                .map(|b| keep.then_some(b)),
+            // What `RawDriver::write{,_keep}` does; boxed as in `read`.
+            Route::Raw(raw) => Box::pin(raw.f().write_inner(offset, buf, keep)).await,
+            Route::Driver => self.driver_write(offset, buf, keep).await,
+        };
         after_write(&hooks, offset, len);
         if let (Ok(Some(data)), true) = (&r, wants_data) {
             for h in hooks.iter().filter(|h| h.wants_data()) {
@@ -825,9 +805,10 @@ impl BlockNode {
             self.driver.write_zeroes(offset, buf.len() as u64).await?;
             return Ok(buf);
         }
-        self.driver_write(offset, buf, true)
-            .await
-            .map(Option::unwrap_or_default)
+        match self.route() {
+            Route::File(f) => f.write_keep_unboxed(offset, buf).await,
+            _ => self.driver.write_keep(offset, buf).await,
+        }
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -862,6 +843,21 @@ impl BlockNode {
     }
 
     async fn before_write(&self, offset: u64, len: u64) -> Result<Vec<Arc<dyn WriteHook>>> {
+        let hooks = self.write_hooks();
+        for h in &hooks {
+            h.before_write(self, offset, len).await?;
+        }
+        Ok(hooks)
+    }
+
+    /// The write hooks and dirty bitmaps a write must tell, in order.
+    fn write_hooks(&self) -> Vec<Arc<dyn WriteHook>> {
+        // Pairs with the stores in `add_write_hook`, `add_bitmap` and
+        // `restore_bitmap`, made before the hook is in its list: a write
+        // ordered after an addition sees the flag.
+        if !self.may_hook.load(Ordering::Acquire) {
+            return Vec::new();
+        }
         let mut hooks: Vec<Arc<dyn WriteHook>> = {
             let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
             h.iter().map(|(_, h)| h.clone()).collect()
@@ -873,10 +869,7 @@ impl BlockNode {
                 .iter()
                 .map(|b| b.clone() as Arc<dyn WriteHook>),
         );
-        for h in &hooks {
-            h.before_write(self, offset, len).await?;
-        }
-        Ok(hooks)
+        hooks
     }
 
     fn bitmaps_locked(&self) -> std::sync::MutexGuard<'_, Vec<Arc<DirtyBitmap>>> {
@@ -929,6 +922,7 @@ impl BlockNode {
         if name.len() > 1023 {
             return Err(Error::InvalidArgument("Bitmap name is too long".into()));
         }
+        self.may_hook.store(true, Ordering::Release);
         let mut list = self.bitmaps_locked();
         if list.iter().any(|b| b.name() == name) {
             return Err(Error::InvalidArgument(format!(
@@ -1015,6 +1009,7 @@ impl BlockNode {
     /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at
     /// its place (a `transaction` undoing a remove).
     pub fn restore_bitmap(&self, at: usize, b: Arc<DirtyBitmap>) {
+        self.may_hook.store(true, Ordering::Release);
         let mut list = self.bitmaps_locked();
         let at = at.min(list.len());
         list.insert(at, b);
@@ -1092,6 +1087,7 @@ impl BlockNode {
     /// Registers a hook on writes through this node.
     pub fn add_write_hook(self: &Arc<Self>, hook: Arc<dyn WriteHook>) -> WriteHookGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.may_hook.store(true, Ordering::Release);
         self.hooks
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -51,6 +51,9 @@ const DONE: u8 = 4;
 /// Per-context executor state.
 pub(crate) struct Executor {
     queue: Mutex<VecDeque<Arc<Task>>>,
+    /// An empty queue with capacity, swapped with `queue` by each run of
+    /// the runner, so that queueing a task does not allocate.
+    spare: Mutex<VecDeque<Arc<Task>>>,
     runner: Bh,
     /// Every live task, so that dropping the context drops their futures.
     live: Mutex<Slab<Arc<Task>>>,
@@ -65,6 +68,7 @@ impl Executor {
         ));
         Self {
             queue: Mutex::new(VecDeque::new()),
+            spare: Mutex::new(VecDeque::new()),
             runner,
             live: Mutex::new(Slab::new()),
         }
@@ -496,10 +500,15 @@ impl AioContext {
     /// Runs the queued tasks (the runner bottom half). Tasks woken while
     /// these run are queued for the next iteration.
     pub(crate) fn run_tasks(&self) {
-        let batch: VecDeque<Arc<Task>> = std::mem::take(&mut *self.inner().executor.queue.lock());
-        for task in batch {
+        let exec = &self.inner().executor;
+        // A nested run (a task polling the context) finds no spare and
+        // starts from an empty queue; the outer run puts its own back.
+        let mut batch = std::mem::take(&mut *exec.spare.lock());
+        std::mem::swap(&mut batch, &mut *exec.queue.lock());
+        while let Some(task) = batch.pop_front() {
             task.run(self);
         }
+        *exec.spare.lock() = batch;
     }
 }
 

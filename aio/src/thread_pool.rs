@@ -150,7 +150,7 @@ struct Shared {
 struct State {
     /// Jobs not yet taken by a worker, by submission id (so FIFO, and a
     /// cancelled job is removed in O(log n)).
-    queue: BTreeMap<u64, Box<dyn Job>>,
+    queue: BTreeMap<u64, Arc<dyn Job>>,
     next_job: u64,
     next_worker: u64,
     live: usize,
@@ -171,19 +171,38 @@ struct State {
 /// A worker calls `call` and then `finish`, and bumps the pool's counters
 /// in between, so a future that has completed is always in
 /// [`PoolStats::completed`].
-trait Job: Send {
+trait Job: Send + Sync {
     /// Runs the closure and keeps its result. Returns whether it panicked.
-    fn call(&mut self, pool: &str) -> bool;
+    fn call(&self, pool: &str) -> bool;
     /// Completes the future with the kept result (waking it).
-    fn finish(self: Box<Self>);
+    fn finish(&self);
     /// Completes the future with `err` without running the closure.
-    fn abort(self: Box<Self>, err: Error);
+    fn abort(&self, err: Error);
+    /// Drops the closure without running it (its future was dropped).
+    fn discard(&self);
 }
 
+/// The result slot of a job, as its [`RunFuture`] sees it.
+trait HasSlot<R>: Send + Sync {
+    fn slot(&self) -> &Slot<R>;
+}
+
+/// A job: the closure, its result and the slot its future reads, in one
+/// allocation shared by the queue (then the worker) and the future.
 struct JobImpl<F, R> {
-    f: Option<F>,
-    out: Option<Result<R>>,
-    slot: Arc<Slot<R>>,
+    f: Mutex<Option<F>>,
+    out: Mutex<Option<Result<R>>>,
+    slot: Slot<R>,
+}
+
+impl<F, R> HasSlot<R> for JobImpl<F, R>
+where
+    F: Send,
+    R: Send,
+{
+    fn slot(&self) -> &Slot<R> {
+        &self.slot
+    }
 }
 
 impl<F, R> Job for JobImpl<F, R>
@@ -191,13 +210,13 @@ where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    fn call(&mut self, pool: &str) -> bool {
-        let Some(f) = self.f.take() else {
+    fn call(&self, pool: &str) -> bool {
+        let Some(f) = self.f.lock().take() else {
             return false;
         };
         match panic::catch_unwind(AssertUnwindSafe(f)) {
             Ok(r) => {
-                self.out = Some(Ok(r));
+                *self.out.lock() = Some(Ok(r));
                 false
             }
             Err(payload) => {
@@ -206,7 +225,7 @@ where
                 // the worker either.
                 let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
                 log::warn!("job on thread pool {pool:?} panicked: {message}");
-                self.out = Some(Err(Error::JobPanicked {
+                *self.out.lock() = Some(Err(Error::JobPanicked {
                     pool: pool.to_string(),
                     message,
                 }));
@@ -215,18 +234,24 @@ where
         }
     }
 
-    fn finish(self: Box<Self>) {
-        let JobImpl { f, out, slot } = *self;
+    fn finish(&self) {
+        let f = self.f.lock().take();
         drop(f);
+        let out = self.out.lock().take();
         if let Some(out) = out {
-            slot.complete(out);
+            self.slot.complete(out);
         }
     }
 
-    fn abort(self: Box<Self>, err: Error) {
-        let JobImpl { f, out, slot } = *self;
+    fn abort(&self, err: Error) {
+        self.discard();
+        self.slot.complete(Err(err));
+    }
+
+    fn discard(&self) {
+        let f = self.f.lock().take();
+        let out = self.out.lock().take();
         drop((f, out));
-        slot.complete(Err(err));
     }
 }
 
@@ -334,12 +359,12 @@ impl ThreadPool {
         R: Send + 'static,
     {
         let shared = &self.handle.shared;
-        let slot = Arc::new(Slot::new());
-        let job = Box::new(JobImpl {
-            f: Some(f),
-            out: None,
-            slot: slot.clone(),
+        let job = Arc::new(JobImpl {
+            f: Mutex::new(Some(f)),
+            out: Mutex::new(None),
+            slot: Slot::new(),
         });
+        let slot: Arc<dyn HasSlot<R>> = job.clone();
         let (id, spawn) = {
             let mut st = shared.state.lock();
             let id = st.next_job;
@@ -443,7 +468,7 @@ fn worker(shared: &Shared) {
     let mut st = shared.state.lock();
     // Invariant: at the top of the loop this worker is counted in `idle`.
     loop {
-        if let Some((_, mut job)) = st.queue.pop_first() {
+        if let Some((_, job)) = st.queue.pop_first() {
             st.idle -= 1;
             let panicked = MutexGuard::unlocked(&mut st, || job.call(&shared.name));
             st.completed += 1;
@@ -477,7 +502,7 @@ fn worker(shared: &Shared) {
 /// future, which runs the executor's waker code: a panic there is the
 /// executor's bug, but it must not kill the worker and leave the pool's
 /// counts wrong.
-fn finish_job(job: Box<dyn Job>, pool: &str) {
+fn finish_job(job: Arc<dyn Job>, pool: &str) {
     if panic::catch_unwind(AssertUnwindSafe(move || job.finish())).is_err() {
         log::error!("thread pool {pool:?}: completing a job's future panicked");
     }
@@ -491,7 +516,7 @@ fn finish_job(job: Box<dyn Job>, pool: &str) {
 /// panics.
 #[must_use = "dropping a RunFuture cancels its job if it has not started"]
 pub struct RunFuture<R> {
-    slot: Arc<Slot<R>>,
+    slot: Arc<dyn HasSlot<R>>,
     shared: Arc<Shared>,
     id: u64,
     finished: bool,
@@ -502,7 +527,7 @@ impl<R> Future for RunFuture<R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         let this = self.get_mut();
-        let mut st = this.slot.state.lock();
+        let mut st = this.slot.slot().state.lock();
         match mem::replace(&mut *st, SlotState::Consumed) {
             SlotState::Done(res) => {
                 drop(st);
@@ -539,17 +564,17 @@ impl<R> Drop for RunFuture<R> {
             job
         };
         // Drop the closure (user code) with no lock held.
-        if job.is_some() {
+        if let Some(job) = job {
             log::trace!(
                 "thread pool {:?}: job {} cancelled",
                 self.shared.name,
                 self.id
             );
-            drop(job);
+            job.discard();
             return;
         }
         // Running or finished: whatever result there is gets discarded.
-        let old = mem::replace(&mut *self.slot.state.lock(), SlotState::Abandoned);
+        let old = mem::replace(&mut *self.slot.slot().state.lock(), SlotState::Abandoned);
         drop(old);
     }
 }

@@ -127,16 +127,6 @@ impl FileDriver {
         Ok(())
     }
 
-    async fn read_raw(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
-        let (n, mut buf) = self
-            .file()
-            .read_at(buf, offset)
-            .await
-            .map_err(|e| Error::io(&self.name, e))?;
-        buf[n..].fill(0);
-        Ok(buf)
-    }
-
     /// A read through an aligned bounce buffer.
     async fn read_bounced(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         self.bounced.fetch_add(1, Ordering::Relaxed);
@@ -167,6 +157,15 @@ impl FileDriver {
         if self.align.fits(offset, len, &buf) {
             return self.write_raw_keep(offset, buf).await;
         }
+        // Boxed: the aligned path's future stays small.
+        Box::pin(self.write_bounced(offset, buf, (start, end))).await
+    }
+
+    /// The read-modify-write of an unaligned write on an `O_DIRECT` file,
+    /// `cover` its aligned range (held by the caller).
+    async fn write_bounced(&self, offset: u64, buf: Buffer, cover: (u64, u64)) -> Result<Buffer> {
+        let (start, end) = cover;
+        let len = buf.len() as u64;
         self.bounced.fetch_add(1, Ordering::Relaxed);
         let mut bounce = self
             .align
@@ -201,10 +200,6 @@ impl FileDriver {
         Ok(buf)
     }
 
-    async fn write_raw(&self, offset: u64, buf: Buffer) -> Result<()> {
-        self.write_raw_keep(offset, buf).await.map(drop)
-    }
-
     /// A write as it is; the buffer comes back.
     async fn write_raw_keep(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
         let end = offset + buf.len() as u64;
@@ -215,6 +210,34 @@ impl FileDriver {
             .map_err(|e| Error::io(&self.name, e))?;
         self.len.fetch_max(end, Ordering::AcqRel);
         Ok(buf)
+    }
+
+    /// A read as [`BlockDriver::read`] does it, without boxing the common
+    /// path (the node calls this directly on its request path).
+    pub(crate) async fn read_unboxed(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
+        if !self.align.is_trivial() && !self.align.fits(offset, buf.len() as u64, &buf) {
+            return Box::pin(self.read_bounced(offset, buf)).await;
+        }
+        let (n, mut buf) = self
+            .file()
+            .read_at(buf, offset)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        buf[n..].fill(0);
+        Ok(buf)
+    }
+
+    /// A write as [`BlockDriver::write_keep`] does it, without boxing (the
+    /// node calls this directly on its request path).
+    pub(crate) async fn write_keep_unboxed(&self, offset: u64, buf: Buffer) -> Result<Buffer> {
+        if self.align.is_trivial() {
+            self.write_raw_keep(offset, buf).await
+        } else {
+            // Boxed: the range lock makes this future twice the size of
+            // the buffered one, and an `O_DIRECT` write waits for the
+            // disk anyway.
+            Box::pin(self.write_direct(offset, buf)).await
+        }
     }
 
     /// Zeroes an unaligned head or tail on an `O_DIRECT` file.
@@ -268,27 +291,17 @@ impl BlockDriver for FileDriver {
     fn grows_on_write(&self) -> bool {
         true
     }
-    // Each path boxes only its own future: the common one (no `O_DIRECT`,
-    // or an aligned read) stays small to move.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
-        if self.align.is_trivial() || self.align.fits(offset, buf.len() as u64, &buf) {
-            Box::pin(self.read_raw(offset, buf))
-        } else {
-            Box::pin(self.read_bounced(offset, buf))
-        }
+        Box::pin(self.read_unboxed(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<()>> {
-        if self.align.is_trivial() {
-            Box::pin(self.write_raw(offset, buf))
-        } else {
-            Box::pin(async move { self.write_direct(offset, buf).await.map(drop) })
-        }
+        Box::pin(async move { self.write_keep_unboxed(offset, buf).await.map(drop) })
     }
     fn write_keep<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
-        if self.align.is_trivial() {
-            return Box::pin(self.write_raw_keep(offset, buf));
-        }
-        Box::pin(self.write_direct(offset, buf))
+        Box::pin(self.write_keep_unboxed(offset, buf))
     }
     fn write_zeroes<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {

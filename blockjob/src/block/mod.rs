@@ -141,6 +141,13 @@ pub trait BlockDriver: Send + Sync {
     fn backing(&self) -> Option<std::sync::Arc<BlockNode>> {
         None
     }
+    /// The driver as [`Any`](std::any::Any), so that [`BlockNode`] can
+    /// run the requests of this crate's `file` and `raw` drivers without
+    /// boxing their futures. The default (`None`) always goes through the
+    /// boxed methods below.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>>;
     /// Writes `buf` at `offset`.

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::bitmap::{self, BitmapAddOptions, BitmapUndo, Check, DirtyBitmap};
+use super::file::FileDriver;
 use super::perm::PermUser;
+use super::raw::RawDriver;
 use super::{
     BlockDriver, BlockStatus, BoxFuture, Buffer, CheckOptions, CheckReport, ImageInfo, Perm,
     PermGuard, SnapshotCreateOptions, SnapshotInfo, SnapshotRef,
@@ -37,8 +39,14 @@ pub struct BlockNode {
     options: Mutex<serde_json::Map<String, serde_json::Value>>,
     /// Requests running through this node's methods.
     in_flight: AtomicUsize,
-    /// Woken when `in_flight` drops to 0.
+    /// Woken when `in_flight` drops to 0 while someone waits.
     idle: aio::CoQueue,
+    /// Set once a write hook or a dirty bitmap is added: until then a
+    /// write takes neither lock to find it has none to tell.
+    may_hook: AtomicBool,
+    /// [`wait_idle`](Self::wait_idle) calls waiting: a request ending
+    /// with nobody waiting does not touch `idle`.
+    idle_waiters: AtomicUsize,
     /// Drained sections this node is in (see `super::drain`).
     quiesce: AtomicUsize,
     /// Added by a top-level `blockdev-add`: only `blockdev-del` removes it.
@@ -91,9 +99,35 @@ struct InFlight<'a>(&'a BlockNode);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Pairs with the increment and the load in `wait_idle`: with both
+        // sides sequentially consistent, either the waiter sees the count
+        // at 0 or this sees the waiter (already queued on `idle`).
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.idle_waiters.load(Ordering::SeqCst) > 0
+        {
             self.0.idle.notify_all();
         }
+    }
+}
+
+/// How a node's reads and writes reach its driver: this crate's `file`
+/// and `raw` drivers without boxed futures, any other through the
+/// [`BlockDriver`] methods.
+enum Route<'a> {
+    /// Await the `file` driver's future inline.
+    File(&'a FileDriver),
+    /// Send the request to the `raw` driver's `file` child.
+    Raw(&'a RawDriver),
+    /// The boxed trait methods.
+    Driver,
+}
+
+/// One [`BlockNode::wait_idle`] caller counted in `idle_waiters`.
+struct IdleWaiter<'a>(&'a BlockNode);
+
+impl Drop for IdleWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.idle_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -295,6 +329,7 @@ impl BlockNode {
             .rev()
             .map(Arc::new)
             .collect();
+        let has_stored = !stored.is_empty();
         let node = Arc::new(BlockNode {
             name,
             driver,
@@ -309,6 +344,8 @@ impl BlockNode {
             options: Mutex::new(serde_json::Map::new()),
             in_flight: AtomicUsize::new(0),
             idle: aio::CoQueue::new(),
+            idle_waiters: AtomicUsize::new(0),
+            may_hook: AtomicBool::new(has_stored),
             quiesce: AtomicUsize::new(0),
             by_user: AtomicBool::new(false),
             drain_listeners: Mutex::new(Vec::new()),
@@ -335,7 +372,7 @@ impl BlockNode {
     }
 
     fn enter(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self)
     }
 
@@ -351,11 +388,13 @@ impl BlockNode {
 
     /// Waits until no request runs through this node.
     pub(crate) async fn wait_idle(&self) {
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let _counted = IdleWaiter(self);
         loop {
             // Queue first, then look: a request ending in between still
             // wakes this waiter.
             let w = self.idle.wait();
-            if self.in_flight() == 0 {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             w.await;
@@ -653,7 +692,38 @@ impl BlockNode {
         if buf.is_empty() {
             return Ok(buf);
         }
-        self.driver.read(offset, buf).await
+        match self.route() {
+            Route::File(f) => f.read_unboxed(offset, buf).await,
+            // What `RawDriver::read` does; boxed, because this future
+            // holds its child node's (and inline, every node's read
+            // future, the `file` node's under qcow2 too, would be the
+            // larger to build and move).
+            Route::Raw(raw) => Box::pin(raw.f().read(offset, buf)).await,
+            Route::Driver => self.driver.read(offset, buf).await,
+        }
+    }
+
+    /// How this node's reads and writes reach its driver.
+    fn route(&self) -> Route<'_> {
+        let Some(any) = self.driver.as_any() else {
+            return Route::Driver;
+        };
+        if let Some(f) = any.downcast_ref::<FileDriver>() {
+            Route::File(f)
+        } else if let Some(r) = any.downcast_ref::<RawDriver>() {
+            Route::Raw(r)
+        } else {
+            Route::Driver
+        }
+    }
+
+    /// The driver's write; `keep`: hand the buffer back.
+    async fn driver_write(&self, offset: u64, buf: Buffer, keep: bool) -> Result<Option<Buffer>> {
+        if keep {
+            self.driver.write_keep(offset, buf).await.map(Some)
+        } else {
+            self.driver.write(offset, buf).await.map(|()| None)
+        }
     }
 
     /// Writes `buf` at `offset` (with `detect-zeroes`, a buffer of zeroes
@@ -671,7 +741,8 @@ impl BlockNode {
             .map(Option::unwrap_or_default)
     }
 
-    /// A write; with `give_back` (or a hook wanting the data) the driver
+    /// A write: checks, zero detection and hooks around the driver's
+    /// write; with `give_back` (or a hook wanting the data) the driver
     /// hands the buffer back.
     async fn write_inner(
         &self,
@@ -688,16 +759,26 @@ impl BlockNode {
             return Ok(Some(buf));
         }
         if self.request_policy().detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
-            self.write_zeroes(offset, buf.len() as u64).await?;
+            // Boxed: a rare path whose future would make every write's
+            // future larger to build and move.
+            Box::pin(self.write_zeroes(offset, buf.len() as u64)).await?;
             return Ok(Some(buf));
         }
         let len = buf.len() as u64;
-        let hooks = self.before_write(offset, len).await?;
+        let hooks = self.write_hooks();
+        for h in &hooks {
+            h.before_write(self, offset, len).await?;
+        }
         let wants_data = hooks.iter().any(|h| h.wants_data());
-        let r = if give_back || wants_data {
-            self.driver.write_keep(offset, buf).await.map(Some)
-        } else {
-            self.driver.write(offset, buf).await.map(|()| None)
+        let keep = give_back || wants_data;
+        let r = match self.route() {
+            Route::File(f) => f
+                .write_keep_unboxed(offset, buf)
+                .await
+                .map(|b| keep.then_some(b)),
+            // What `RawDriver::write{,_keep}` does; boxed as in `read`.
+            Route::Raw(raw) => Box::pin(raw.f().write_inner(offset, buf, keep)).await,
+            Route::Driver => self.driver_write(offset, buf, keep).await,
         };
         after_write(&hooks, offset, len);
         if let (Ok(Some(data)), true) = (&r, wants_data) {
@@ -724,7 +805,10 @@ impl BlockNode {
             self.driver.write_zeroes(offset, buf.len() as u64).await?;
             return Ok(buf);
         }
-        self.driver.write_keep(offset, buf).await
+        match self.route() {
+            Route::File(f) => f.write_keep_unboxed(offset, buf).await,
+            _ => self.driver.write_keep(offset, buf).await,
+        }
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -759,6 +843,21 @@ impl BlockNode {
     }
 
     async fn before_write(&self, offset: u64, len: u64) -> Result<Vec<Arc<dyn WriteHook>>> {
+        let hooks = self.write_hooks();
+        for h in &hooks {
+            h.before_write(self, offset, len).await?;
+        }
+        Ok(hooks)
+    }
+
+    /// The write hooks and dirty bitmaps a write must tell, in order.
+    fn write_hooks(&self) -> Vec<Arc<dyn WriteHook>> {
+        // Pairs with the stores in `add_write_hook`, `add_bitmap` and
+        // `restore_bitmap`, made before the hook is in its list: a write
+        // ordered after an addition sees the flag.
+        if !self.may_hook.load(Ordering::Acquire) {
+            return Vec::new();
+        }
         let mut hooks: Vec<Arc<dyn WriteHook>> = {
             let h = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
             h.iter().map(|(_, h)| h.clone()).collect()
@@ -770,10 +869,7 @@ impl BlockNode {
                 .iter()
                 .map(|b| b.clone() as Arc<dyn WriteHook>),
         );
-        for h in &hooks {
-            h.before_write(self, offset, len).await?;
-        }
-        Ok(hooks)
+        hooks
     }
 
     fn bitmaps_locked(&self) -> std::sync::MutexGuard<'_, Vec<Arc<DirtyBitmap>>> {
@@ -826,6 +922,7 @@ impl BlockNode {
         if name.len() > 1023 {
             return Err(Error::InvalidArgument("Bitmap name is too long".into()));
         }
+        self.may_hook.store(true, Ordering::Release);
         let mut list = self.bitmaps_locked();
         if list.iter().any(|b| b.name() == name) {
             return Err(Error::InvalidArgument(format!(
@@ -912,6 +1009,7 @@ impl BlockNode {
     /// Puts back a bitmap taken by [`take_bitmap`](Self::take_bitmap) at
     /// its place (a `transaction` undoing a remove).
     pub fn restore_bitmap(&self, at: usize, b: Arc<DirtyBitmap>) {
+        self.may_hook.store(true, Ordering::Release);
         let mut list = self.bitmaps_locked();
         let at = at.min(list.len());
         list.insert(at, b);
@@ -989,6 +1087,7 @@ impl BlockNode {
     /// Registers a hook on writes through this node.
     pub fn add_write_hook(self: &Arc<Self>, hook: Arc<dyn WriteHook>) -> WriteHookGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.may_hook.store(true, Ordering::Release);
         self.hooks
             .lock()
             .unwrap_or_else(|e| e.into_inner())

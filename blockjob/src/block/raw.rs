@@ -15,7 +15,8 @@ impl RawDriver {
     pub(crate) fn new(file: PermGuard) -> RawDriver {
         RawDriver { file }
     }
-    fn f(&self) -> &Arc<BlockNode> {
+    /// The `file` child every request goes to.
+    pub(crate) fn f(&self) -> &Arc<BlockNode> {
         self.file.node()
     }
 }
@@ -32,6 +33,9 @@ impl BlockDriver for RawDriver {
     }
     fn file_child(&self) -> Option<Arc<BlockNode>> {
         Some(self.f().clone())
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
     fn read<'a>(&'a self, offset: u64, buf: Buffer) -> BoxFuture<'a, Result<Buffer>> {
         Box::pin(self.f().read(offset, buf))

@@ -51,8 +51,20 @@ impl Plan {
         if self.image_size <= self.size {
             return 0;
         }
-        let span = u128::from(self.image_size - self.size);
-        ((u128::from(self.offset) + u128::from(self.step) * u128::from(i)) % span) as u64
+        let span = self.image_size - self.size;
+        // 64-bit arithmetic when it cannot overflow (a 128-bit `%` is a
+        // library call, on every request).
+        match self
+            .step
+            .checked_mul(i)
+            .and_then(|x| x.checked_add(self.offset))
+        {
+            Some(x) => x % span,
+            None => {
+                let x = u128::from(self.offset) + u128::from(self.step) * u128::from(i);
+                (x % u128::from(span)) as u64
+            }
+        }
     }
 }
 
@@ -232,6 +244,20 @@ mod tests {
         assert_eq!(p.offset(1), 4096);
         // 60 KiB is where the last whole request fits; wrap there.
         assert!((0..100).all(|i| p.offset(i) + 4096 <= 64 << 10));
+    }
+
+    #[test]
+    fn offset_when_step_times_index_overflows_then_wraps_like_128_bit() {
+        let p = plan(1 << 30, 4096, u64::MAX / 3, 12345);
+        let span = u128::from((1u64 << 30) - 4096);
+        for i in [0u64, 1, 2, 3, 4, 1000] {
+            let want = if i == 0 {
+                12345
+            } else {
+                ((12345u128 + u128::from(u64::MAX / 3) * u128::from(i)) % span) as u64
+            };
+            assert_eq!(p.offset(i), want, "request {i}");
+        }
     }
 
     #[test]

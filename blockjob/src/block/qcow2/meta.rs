@@ -370,10 +370,16 @@ impl Meta {
         }
         let ext = g.extended_l2;
         // A cached table is read without building `l2_table`'s future
-        // (the common case on the request path).
+        // (the common case on the request path). The miss path is boxed:
+        // inline, its future (a read, maybe an eviction's write-back)
+        // would make every request's future bigger.
         let e = match self.l2_cache.get(l2_off) {
             Some(t) => entry_at(t, l2i as usize, ext),
-            None => entry_at(self.l2_table(g, l1i, l2_off).await?, l2i as usize, ext),
+            None => entry_at(
+                Box::pin(self.l2_table(g, l1i, l2_off)).await?,
+                l2i as usize,
+                ext,
+            ),
         };
         Ok((e, l2_off))
     }

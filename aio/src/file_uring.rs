@@ -3,7 +3,7 @@
 //! retried, errors naming the operation, offset and file), on the current
 //! context's io_uring.
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -12,21 +12,26 @@ use crate::file::{AlignedBuf, Buffer, FileInner, IoBuf};
 use crate::sys::uring_io::{IoOp, OwnedBuf};
 use crate::uring_file::UringOp;
 
-/// Moves a caller's buffer into the form the ring owns.
+/// Moves a caller's buffer into the form the ring owns. The type is
+/// found through `Any` on an `Option` slot on the stack, so nothing is
+/// allocated (a `Box<dyn Any>` per conversion was two allocations per
+/// request).
 pub(crate) fn to_owned_buf<B: IoBuf>(b: B) -> OwnedBuf {
-    let mut any: Box<dyn Any> = Box::new(b);
-    if let Some(buf) = any.downcast_mut::<Buffer>() {
-        any = match std::mem::take(buf).into_repr() {
-            Ok(v) => Box::new(v),
-            Err(a) => Box::new(a),
-        };
-    }
-    match any.downcast::<Vec<u8>>() {
-        Ok(v) => OwnedBuf::Vec(*v),
-        Err(any) => match any.downcast::<AlignedBuf>() {
-            Ok(a) => OwnedBuf::Aligned(a.into_raw()),
-            Err(_) => unreachable!("IoBuf is sealed to Vec<u8>, AlignedBuf and Buffer"),
-        },
+    let mut slot = Some(b);
+    let any: &mut dyn Any = &mut slot;
+    let repr = if let Some(buf) = any.downcast_mut::<Option<Buffer>>() {
+        buf.take().map(Buffer::into_repr)
+    } else if let Some(v) = any.downcast_mut::<Option<Vec<u8>>>() {
+        v.take().map(Ok)
+    } else if let Some(a) = any.downcast_mut::<Option<AlignedBuf>>() {
+        a.take().map(Err)
+    } else {
+        None
+    };
+    match repr {
+        Some(Ok(v)) => OwnedBuf::Vec(v),
+        Some(Err(a)) => OwnedBuf::Aligned(a.into_raw()),
+        None => unreachable!("IoBuf is sealed to Vec<u8>, AlignedBuf and Buffer"),
     }
 }
 
@@ -36,17 +41,18 @@ pub(crate) fn from_owned_buf<B: IoBuf>(o: OwnedBuf) -> B {
         OwnedBuf::Vec(v) => Ok(v),
         OwnedBuf::Aligned(a) => Err(AlignedBuf::from_raw(a)),
     };
-    let any: Box<dyn Any> = if TypeId::of::<B>() == TypeId::of::<Buffer>() {
-        Box::new(Buffer::from_repr(r))
-    } else {
-        match r {
-            Ok(v) => Box::new(v),
-            Err(a) => Box::new(a),
-        }
-    };
-    match any.downcast::<B>() {
-        Ok(b) => *b,
-        Err(_) => unreachable!("a buffer comes back as the type it went in as"),
+    let mut out: Option<B> = None;
+    let any: &mut dyn Any = &mut out;
+    if let Some(slot) = any.downcast_mut::<Option<Buffer>>() {
+        *slot = Some(Buffer::from_repr(r));
+    } else if let Some(slot) = any.downcast_mut::<Option<Vec<u8>>>() {
+        *slot = r.ok();
+    } else if let Some(slot) = any.downcast_mut::<Option<AlignedBuf>>() {
+        *slot = r.err();
+    }
+    match out {
+        Some(b) => b,
+        None => unreachable!("a buffer comes back as the type it went in as"),
     }
 }
 

@@ -249,7 +249,7 @@ fn qcow2_l2_cache_size_is_taken_and_checked() {
     }
     ctx.block_on(n.write(0, data[..7 << 10].to_vec())).unwrap();
     ctx.block_on(g.close_all()).unwrap();
-    qemu_img(&["check", p(&img)]);
+    assert_check(&img);
     let raw = path(&d, "c.raw");
     std::fs::write(&raw, &data).unwrap();
     qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&raw), p(&img)]);

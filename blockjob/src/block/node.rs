@@ -765,10 +765,7 @@ impl BlockNode {
             return Ok(Some(buf));
         }
         let len = buf.len() as u64;
-        let hooks = self.write_hooks();
-        for h in &hooks {
-            h.before_write(self, offset, len).await?;
-        }
+        let hooks = self.before_write(offset, len).await?;
         let wants_data = hooks.iter().any(|h| h.wants_data());
         let keep = give_back || wants_data;
         let r = match self.route() {

@@ -126,9 +126,9 @@ pub(crate) struct Meta {
     pub(crate) l1_offset: u64,
     l2_cache: Lru<Vec<u64>>,
     /// Cached L2 tables changed since they were last written: table
-    /// offset → bitset of its [`ENTRY_BLOCK`] pieces that changed. A dirty
-    /// table is always in `l2_cache` (eviction writes it first).
-    l2_dirty: BTreeMap<u64, Vec<u64>>,
+    /// offset → which of its [`ENTRY_BLOCK`] pieces changed. A dirty table
+    /// is always in `l2_cache` (eviction writes it first).
+    l2_dirty: BTreeMap<u64, Vec<bool>>,
     /// An L2 entry changed since the last write-back's flush: the data and
     /// refcounts it depends on may not be durable, so flush before
     /// writing any L2 piece.
@@ -250,14 +250,8 @@ impl Meta {
         t: Vec<u64>,
     ) -> Result<()> {
         self.insert_l2(g, l2_offset, t).await?;
-        let pieces = l2_pieces(g);
-        let mut bits = vec![u64::MAX; pieces.div_ceil(64) as usize];
-        if pieces % 64 != 0 {
-            if let Some(last) = bits.last_mut() {
-                *last = (1 << (pieces % 64)) - 1;
-            }
-        }
-        self.l2_dirty.insert(l2_offset, bits);
+        self.l2_dirty
+            .insert(l2_offset, vec![true; l2_pieces(g) as usize]);
         self.l2_flush_first = true;
         Ok(())
     }
@@ -280,12 +274,12 @@ impl Meta {
     pub(crate) fn mark_l2_dirty(&mut self, g: &Geom, l2_offset: u64, word: u64) {
         let pieces = l2_pieces(g);
         let p = word / (g.cs() / 8 / pieces);
-        let bits = self
+        let dirty = self
             .l2_dirty
             .entry(l2_offset)
-            .or_insert_with(|| vec![0; pieces.div_ceil(64) as usize]);
-        if let Some(w) = bits.get_mut((p / 64) as usize) {
-            *w |= 1 << (p % 64);
+            .or_insert_with(|| vec![false; pieces as usize]);
+        if let Some(d) = dirty.get_mut(p as usize) {
+            *d = true;
         }
         self.l2_flush_first = true;
     }
@@ -305,34 +299,32 @@ impl Meta {
     /// block costs a read first and, on ext4, waits for every write in
     /// flight to the file; whole pieces do not.
     async fn write_back_l2_table(&mut self, g: &Geom, off: u64) -> Result<()> {
-        let Some(bits) = self.l2_dirty.get(&off).cloned() else {
+        let Some(dirty) = self.l2_dirty.get(&off).cloned() else {
             return Ok(());
         };
         if self.l2_flush_first {
             g.flush().await?;
             self.l2_flush_first = false;
         }
-        let pieces = l2_pieces(g);
-        let piece_words = g.cs() / 8 / pieces;
-        let dirty = |p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let pieces = dirty.len();
+        let piece_words = (g.cs() / 8) as usize / pieces;
         let mut p = 0;
         while p < pieces {
-            if !dirty(p) {
+            if !dirty[p] {
                 p += 1;
                 continue;
             }
             let first = p;
             let mut end = p + 1;
-            while end < pieces && (dirty(end) || (end + 1 < pieces && dirty(end + 1))) {
+            while end < pieces && (dirty[end] || (end + 1 < pieces && dirty[end + 1])) {
                 end += 1;
             }
             let bytes = match self.l2_cache.peek(off) {
-                Some(t) => {
-                    to_bytes(&t[(first * piece_words) as usize..(end * piece_words) as usize])
-                }
+                Some(t) => to_bytes(&t[first * piece_words..end * piece_words]),
                 None => return Err(g.corrupt(format!("dirty L2 table {off:#x} left the cache"))),
             };
-            g.write_file(off + first * piece_words * 8, bytes).await?;
+            g.write_file(off + (first * piece_words * 8) as u64, bytes)
+                .await?;
             p = end;
         }
         self.l2_dirty.remove(&off);
@@ -348,11 +340,16 @@ impl Meta {
             if (self.l2_cache.contains(off) || self.l2_dirty.contains_key(&off))
                 && self.refcount(g, c).await? == 0
             {
-                self.l2_cache.remove(off);
-                self.l2_dirty.remove(&off);
+                self.forget_l2(off);
             }
         }
         Ok(())
+    }
+
+    /// Drops the table at `off` from the cache, changes and all.
+    fn forget_l2(&mut self, off: u64) {
+        self.l2_cache.remove(off);
+        self.l2_dirty.remove(&off);
     }
 
     /// The L2 entry for guest cluster `ci`, with its L2 table offset (0 if
@@ -588,8 +585,7 @@ impl Meta {
             let bytes = b.clone();
             for c in unused {
                 // A table no longer used: see `forget_freed_l2`.
-                self.l2_cache.remove(c * g.cs());
-                self.l2_dirty.remove(&(c * g.cs()));
+                self.forget_l2(c * g.cs());
             }
             g.write_file(off, bytes).await?;
             if let Some(c) = lowest_free {

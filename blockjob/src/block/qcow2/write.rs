@@ -204,7 +204,8 @@ impl Qcow2 {
     /// Completes a batch whose entries are set in the cache. Changed
     /// entries of existing tables stay in the write-back cache. New tables
     /// and replaced clusters need them on disk first: the dirty L2 pieces
-    /// are written (a flush first when some entry needs it), flush, then
+    /// are written (after a flush, when entries changed since the last
+    /// one), flush, then
     /// the L1 entries of new tables, then the replaced clusters are freed.
     async fn commit(&self, m: &mut Meta, b: Batch) -> Result<()> {
         let g = &self.g;
@@ -457,9 +458,8 @@ impl Qcow2 {
 
     /// Maps every queued run of newly written clusters (this request's
     /// and those of requests still waiting for the lock) in one batch;
-    /// the entries go to the write-back L2 cache (a flush before they are
-    /// written unless every cluster comes from a flushed reserve over
-    /// zeroes). What a run's clusters mapped before is read now,
+    /// the entries go to the write-back L2 cache (which flushes before it
+    /// writes them). What a run's clusters mapped before is read now,
     /// under the lock, and freed: a request that changed them while the
     /// data was written came first.
     async fn map_pending(&self, m: &mut Meta) -> Result<()> {

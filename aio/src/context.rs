@@ -224,6 +224,9 @@ pub struct Stats {
     pub polled_events: u64,
     /// Handler callbacks run because the kernel reported the fd ready.
     pub waited_events: u64,
+    /// `io_uring_enter` calls that handed file requests of the io_uring
+    /// engine to the kernel (each hands over one request or a batch).
+    pub uring_submits: u64,
 }
 
 #[derive(Default)]
@@ -581,6 +584,12 @@ impl AioContext {
             poll_hits: l(&c.poll_hits),
             polled_events: l(&c.polled_events),
             waited_events: l(&c.waited_events),
+            uring_submits: self
+                .inner
+                .uring_io
+                .lock()
+                .as_ref()
+                .map_or(0, |e| e.submits()),
         }
     }
 

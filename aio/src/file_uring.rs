@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use crate::error::{Error, Result};
 use crate::file::{AlignedBuf, Buffer, FileInner, IoBuf};
 use crate::sys::uring_io::{IoOp, OwnedBuf};
-use crate::uring_file::UringOp;
+use crate::uring_file::{Submit, UringOp};
 
 /// Moves a caller's buffer into the form the ring owns. The type is
 /// found through `Any` on an `Option` slot on the stack, so nothing is
@@ -69,6 +69,15 @@ fn retryable(res: i32) -> bool {
 
 fn fd(inner: &FileInner) -> RawFd {
     inner.file.as_raw_fd()
+}
+
+/// `O_DIRECT` requests go to the device at once; buffered ones batch.
+fn submit_mode(inner: &FileInner) -> Submit {
+    if inner.direct_mem_align().is_some() {
+        Submit::Now
+    } else {
+        Submit::Batch
+    }
 }
 
 fn one(bufs: Vec<OwnedBuf>) -> OwnedBuf {
@@ -132,7 +141,7 @@ async fn transfer(
                 offset: pos,
             },
         };
-        let c = UringOp::new(op).await?;
+        let c = UringOp::new(op, submit_mode(inner)).await?;
         bufs = c.bufs;
         match c.result {
             0 if dir == Dir::Read => break,
@@ -203,7 +212,7 @@ pub(crate) async fn writev<B: IoBuf>(
 /// `fdatasync`.
 pub(crate) async fn flush(inner: &FileInner) -> Result<()> {
     loop {
-        let c = UringOp::new(IoOp::Fdatasync { fd: fd(inner) }).await?;
+        let c = UringOp::new(IoOp::Fdatasync { fd: fd(inner) }, submit_mode(inner)).await?;
         match c.result {
             r if r >= 0 => return Ok(()),
             r if retryable(r) => {}
@@ -226,12 +235,15 @@ pub(crate) async fn fallocate(
     len: u64,
 ) -> Result<bool> {
     loop {
-        let c = UringOp::new(IoOp::Fallocate {
-            fd: fd(inner),
-            mode,
-            offset,
-            len,
-        })
+        let c = UringOp::new(
+            IoOp::Fallocate {
+                fd: fd(inner),
+                mode,
+                offset,
+                len,
+            },
+            submit_mode(inner),
+        )
         .await?;
         match c.result {
             r if r >= 0 => return Ok(true),

@@ -213,3 +213,67 @@ fn a_burst_larger_than_both_rings_completes_and_reads_the_right_blocks() {
         }
     });
 }
+
+/// 16 tasks started in one iteration, each reading one block: returns how
+/// many `io_uring_enter` calls handed their requests over, or `None` when
+/// the file cannot be opened that way (no `O_DIRECT` on its filesystem).
+fn submits_for_16_reads(path: PathBuf, direct: bool) -> Option<u64> {
+    let o = OpenOptions::new()
+        .read(true)
+        .direct(direct)
+        .engine(Engine::IoUring);
+    let f = match File::open(&path, &o) {
+        Ok(f) => Arc::new(f),
+        Err(e) if direct => {
+            eprintln!("skipping the O_DIRECT half: {e}");
+            return None;
+        }
+        Err(e) => panic!("opening {}: {e}", path.display()),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    within_a_minute(move || {
+        let ctx = AioContext::new().unwrap();
+        let read = |f: Arc<File>, b: u64| async move {
+            let buf = aio::file::AlignedBuf::new(BLOCK, BLOCK).unwrap();
+            let buf = f.read_exact_at(buf, b * BLOCK as u64).await.unwrap();
+            assert!(buf.iter().all(|&x| x == stamp(b)), "block {b}");
+        };
+        // Warm up: the ring exists and its handler is registered.
+        ctx.block_on(read(f.clone(), 0));
+        let before = ctx.stats().uring_submits;
+        let handles: Vec<_> = (0..16u64).map(|b| ctx.spawn(read(f.clone(), b))).collect();
+        for h in handles {
+            ctx.block_on(h).unwrap();
+        }
+        tx.send(ctx.stats().uring_submits - before).unwrap();
+    });
+    Some(rx.recv().unwrap())
+}
+
+#[test]
+fn o_direct_requests_go_to_the_kernel_one_by_one_and_buffered_ones_batch() {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    // Buffered: the first few are handed over at once, the rest of the
+    // tasks' requests in one batch.
+    let shm = Remove(stamped_file("batch"));
+    let n = submits_for_16_reads(shm.0.clone(), false).unwrap();
+    assert!(n < 16, "{n} submissions for 16 buffered requests");
+
+    // O_DIRECT (a disk, not tmpfs): every request at once, as issued.
+    let disk = Remove(
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("aio-uring-resume-direct-{}", std::process::id())),
+    );
+    let data: Vec<u8> = (0..BLOCKS)
+        .flat_map(|b| std::iter::repeat_n(stamp(b), BLOCK))
+        .collect();
+    std::fs::write(&disk.0, data).unwrap();
+    if let Some(n) = submits_for_16_reads(disk.0.clone(), true) {
+        assert!(n >= 16, "{n} submissions for 16 O_DIRECT requests");
+    }
+}

@@ -145,6 +145,8 @@ pub(crate) struct IoRing {
     ring: IoUring,
     ops: Slab<InFlight>,
     queued: usize,
+    /// Successful submissions (`io_uring_enter` calls) so far.
+    submits: u64,
     /// Wakers of requests reaped while submitting (CQ full), for the caller
     /// to wake once it has let go of the ring ([`IoRing::take_unwoken`]),
     /// or for the next [`IoRing::reap`] to return.
@@ -203,6 +205,7 @@ impl IoRing {
             ring,
             ops: Slab::new(),
             queued: 0,
+            submits: 0,
             unwoken: Vec::new(),
         })
     }
@@ -233,6 +236,11 @@ impl IoRing {
     /// Whether requests are queued but not yet handed to the kernel.
     pub(crate) fn has_queued(&self) -> bool {
         self.queued > 0
+    }
+
+    /// Successful submissions (`io_uring_enter` calls) so far.
+    pub(crate) fn submits(&self) -> u64 {
+        self.submits
     }
 
     /// Requests the kernel has and has not completed yet.
@@ -356,6 +364,7 @@ impl IoRing {
             match self.ring.submit() {
                 Ok(_) => {
                     self.queued = 0;
+                    self.submits += 1;
                     return Ok(());
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => continue,

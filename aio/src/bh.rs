@@ -103,15 +103,35 @@ impl BhInner {
     /// Sets `flags | PENDING | SCHEDULED`; queues and notifies if it was not
     /// already queued. Wait-free apart from the queue push.
     pub(crate) fn schedule(self: &Arc<Self>, extra: u32) {
+        self.schedule_with(extra, true);
+    }
+
+    /// [`schedule`](BhInner::schedule), notifying the context only if
+    /// `notify`. Without it, only the home thread may call this, and it
+    /// must poll before it blocks (a scheduled bottom half makes that
+    /// poll's timeout zero).
+    pub(crate) fn schedule_with(self: &Arc<Self>, extra: u32, notify: bool) {
         let old = self
             .flags
             .fetch_or(PENDING | SCHEDULED | extra, Ordering::AcqRel);
-        if old & DELETED != 0 || old & PENDING != 0 {
+        if old & DELETED != 0 {
+            return;
+        }
+        if old & PENDING != 0 {
+            // Still queued. If it had been cancelled, a poller may have
+            // looked at it then and decided to block: tell it otherwise.
+            if old & SCHEDULED == 0 && notify {
+                if let Some(ctx) = self.ctx.upgrade() {
+                    notify_inner(&ctx);
+                }
+            }
             return;
         }
         if let Some(ctx) = self.ctx.upgrade() {
             ctx.bhs.push(self.clone());
-            notify_inner(&ctx);
+            if notify {
+                notify_inner(&ctx);
+            }
         }
     }
 
@@ -183,6 +203,12 @@ impl Bh {
     /// Schedules the bottom half. Callable from any thread.
     pub fn schedule(&self) {
         self.inner.schedule(0);
+    }
+
+    /// Schedules without notifying the context: for its home thread only,
+    /// which is running and sees the bottom half when it next polls.
+    pub(crate) fn schedule_quiet(&self) {
+        self.inner.schedule_with(0, false);
     }
 
     /// Schedules the bottom half as idle work: it runs on the next iteration

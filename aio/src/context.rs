@@ -36,7 +36,7 @@ static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A small per-thread id, cheaper to read than a `gettid` syscall.
-fn thread_id() -> u64 {
+pub(crate) fn thread_id() -> u64 {
     THREAD_ID.with(|c| {
         let id = c.get();
         if id != 0 {
@@ -320,7 +320,7 @@ fn token_key(token: u64) -> usize {
 pub(crate) struct Inner {
     id: u64,
     name: String,
-    home: u64,
+    pub(crate) home: u64,
     monitor: Box<dyn FdMonitor>,
     notifier: EventFd,
     notify: NotifyState,
@@ -1019,11 +1019,11 @@ impl AioContext {
             progress |= crate::uring_file::reap_ready(self);
         }
         if outermost && inner.resume_after_dispatch.swap(false, Ordering::Relaxed) {
-            // The notification raised by waking those tasks is left
-            // pending: the runner (cancelled) is still queued, and a bottom
-            // half that is queued relies on it so that no wait blocks
-            // before the queue is taken (another thread scheduling it again
-            // does not notify). So the next wait does not block.
+            // Those tasks were woken without a notification, so the next
+            // wait may block at once. The runner, cancelled here, stays
+            // queued until the next poll takes it; another thread that
+            // schedules it again meanwhile notifies (a cancelled bottom
+            // half scheduled again always does).
             crate::uring_file::resume_tasks(self);
         }
 

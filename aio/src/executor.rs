@@ -55,6 +55,12 @@ pub(crate) struct Executor {
     /// the runner, so that queueing a task does not allocate.
     spare: Mutex<VecDeque<Arc<Task>>>,
     runner: Bh,
+    /// Set by the home thread while it wakes tasks that it runs itself
+    /// before it next polls (the io_uring engine's completions, see
+    /// [`crate::uring_file`]): their wake-ups schedule the runner without
+    /// notifying, so no notification is left over to make that next poll's
+    /// wait return at once. Wake-ups from other threads still notify.
+    quiet_wakes: AtomicBool,
     /// Every live task, so that dropping the context drops their futures.
     live: Mutex<Slab<Arc<Task>>>,
 }
@@ -70,13 +76,35 @@ impl Executor {
             queue: Mutex::new(VecDeque::new()),
             spare: Mutex::new(VecDeque::new()),
             runner,
+            quiet_wakes: AtomicBool::new(false),
             live: Mutex::new(Slab::new()),
         }
     }
 
-    fn push(&self, task: Arc<Task>) {
+    /// Queues `task` of the context whose home thread is `home`.
+    fn push(&self, task: Arc<Task>, home: u64) {
         self.queue.lock().push_back(task);
-        self.runner.schedule();
+        if self.quiet_wakes.load(Ordering::Relaxed) && home == crate::context::thread_id() {
+            self.runner.schedule_quiet();
+        } else {
+            self.runner.schedule();
+        }
+    }
+
+    /// Runs `f` (home thread only), in which waking this context's tasks
+    /// does not notify the context (see `quiet_wakes`). The caller runs
+    /// the woken tasks, or polls, before the home thread next blocks.
+    pub(crate) fn waking_quietly<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Clears the flag however `f` ends.
+        struct Reset<'a>(&'a AtomicBool);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        self.quiet_wakes.store(true, Ordering::Relaxed);
+        let _reset = Reset(&self.quiet_wakes);
+        f()
     }
 
     /// Drops every task's future (the context is going away, or the
@@ -141,7 +169,7 @@ impl Task {
     fn enqueue(self: &Arc<Self>) {
         let ctx = self.ctx.lock().upgrade();
         match ctx {
-            Some(inner) => inner.executor.push(self.clone()),
+            Some(inner) => inner.executor.push(self.clone(), inner.home),
             None => {
                 self.state.store(DONE, Ordering::Release);
                 let fut = self.future.lock().take();
@@ -421,7 +449,7 @@ impl AioContext {
             task.key.store(key, Ordering::Release);
         }
         let weak = Arc::downgrade(&task);
-        exec.push(task);
+        exec.push(task, self.inner().home);
         JoinHandle { state, task: weak }
     }
 

@@ -124,7 +124,12 @@ impl UringEngine {
     /// Reaps whatever completed and wakes those tasks; returns whether it
     /// woke any. Checks the ring's shared memory first, so with nothing to
     /// reap it costs no syscall.
-    fn reap_and_wake(&self) -> bool {
+    ///
+    /// The tasks are woken without notifying `ctx` (home thread only): they
+    /// run before the home thread next blocks, from [`resume_tasks`] or
+    /// from the runner bottom half that the next poll sees scheduled, so a
+    /// notification would only make that poll's wait return at once.
+    fn reap_and_wake(&self, ctx: &AioContext) -> bool {
         let wakers = {
             let mut ring = self.ring.lock();
             if !ring.has_completions() {
@@ -133,7 +138,7 @@ impl UringEngine {
             ring.reap()
         };
         let woke = !wakers.is_empty();
-        wake_all(wakers);
+        ctx.inner().executor.waking_quietly(|| wake_all(wakers));
         woke
     }
 
@@ -143,7 +148,7 @@ impl UringEngine {
     /// ([`resume_tasks`]), once no handler is on the stack, so a resumed
     /// task may still `block_on` a request of its own.
     fn complete(&self, ctx: &AioContext) -> bool {
-        if !self.reap_and_wake() {
+        if !self.reap_and_wake(ctx) {
             return false;
         }
         if ctx.poll_depth() == 1 {
@@ -202,7 +207,7 @@ pub(crate) fn resume_tasks(ctx: &AioContext) {
         // nothing left to do after this.
         engine.submit_bh.cancel();
         engine.submit();
-        if round == RESUME_ROUNDS || !engine.reap_and_wake() {
+        if round == RESUME_ROUNDS || !engine.reap_and_wake(ctx) {
             break;
         }
     }
@@ -279,7 +284,11 @@ impl Future for UringOp {
                 match pushed {
                     Ok((key, submitted)) => {
                         if !submitted {
-                            engine.submit_bh.schedule();
+                            // Quietly: this is the home thread, which sees
+                            // the bottom half before it blocks (or submits
+                            // and cancels it in `resume_tasks`), and a
+                            // notification would only cost an empty wait.
+                            engine.submit_bh.schedule_quiet();
                         }
                         self.state = State::Waiting { engine, key };
                         Poll::Pending

@@ -9,7 +9,8 @@
 //! 1 MiB + 4 KiB, so consecutive requests land in different clusters and
 //! L2 ranges and the walk covers the image in strides. Each row reports
 //! the median IOPS of each tool over the rounds (from the time the tools
-//! print, "Run completed in X seconds.") and ours/QEMU.
+//! print, "Run completed in X seconds.") and ours/QEMU as the median of
+//! the rounds' ratios; which tool goes first alternates by round.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,10 @@ pub struct Row {
     pub ours: f64,
     /// Median IOPS, qemu-img.
     pub qemu: f64,
+    /// Ours/QEMU: the median of the rounds' ratios (each round runs both
+    /// tools back to back, so drift of the machine or the disk between
+    /// rounds cancels out of its ratio).
+    pub ratio: f64,
 }
 
 /// The seconds a bench printed ("Run completed in X seconds.").
@@ -134,10 +139,21 @@ pub fn run(o: &ImgBenchOptions) -> Result<Vec<Row>, String> {
                         }
                         args.push(&path);
                         let (mut ours, mut qemu) = (Vec::new(), Vec::new());
-                        for _ in 0..o.rounds {
-                            ours.push(n / seconds(&run_tool(aio_img, &args)?)?);
-                            qemu.push(n / seconds(&run_tool("qemu-img", &args)?)?);
+                        for round in 0..o.rounds {
+                            // Alternate which tool goes first.
+                            let run = |tool: &str| -> Result<f64, String> {
+                                Ok(n / seconds(&run_tool(tool, &args)?)?)
+                            };
+                            if round % 2 == 0 {
+                                ours.push(run(aio_img)?);
+                                qemu.push(run("qemu-img")?);
+                            } else {
+                                qemu.push(run("qemu-img")?);
+                                ours.push(run(aio_img)?);
+                            }
                         }
+                        let mut ratios: Vec<f64> =
+                            ours.iter().zip(&qemu).map(|(a, q)| a / q).collect();
                         let row = Row {
                             medium,
                             format,
@@ -146,6 +162,7 @@ pub fn run(o: &ImgBenchOptions) -> Result<Vec<Row>, String> {
                             depth,
                             ours: median(&mut ours),
                             qemu: median(&mut qemu),
+                            ratio: median(&mut ratios),
                         };
                         eprintln!("{}", line(&row));
                         rows.push(row);
@@ -168,7 +185,7 @@ fn line(r: &Row) -> String {
         r.depth,
         r.ours,
         r.qemu,
-        r.ours / r.qemu
+        r.ratio
     )
 }
 

@@ -24,6 +24,9 @@ use serde_json::{json, Value};
 use crate::nbd::{aiod_path, wait_for_socket};
 use crate::{median_in_place as median, run_tool};
 
+/// Where [`JobTarget::Disk`] images go unless told.
+const DEFAULT_DISK_DIR: &str = "/var/tmp";
+
 /// Options of `aio-bench jobs`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -377,7 +380,7 @@ fn run_target(
         JobTarget::Disk => opts
             .disk_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("/var/tmp")),
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DISK_DIR)),
     };
     let dir = tempfile::Builder::new()
         .prefix("aio-bench-jobs")
@@ -455,6 +458,39 @@ fn run_target(
     Ok(rows)
 }
 
+/// What the disk itself allows a copy job: fio reading and writing
+/// 512 KiB `O_DIRECT` requests at the same time (`--rw=rw`, depth 8, the
+/// chunk size and about the requests in flight of stream and commit) on a
+/// file of the images' size in `dir`, for 5 s. A job reads and writes each
+/// byte once, so neither daemon can copy faster than the smaller of the two
+/// figures for long. `(read, write)` in MiB/s, or `None` without fio (or
+/// when it fails: the ceiling is context, not a result).
+fn device_ceiling(dir: &Path, mib: u64) -> Option<(f64, f64)> {
+    let fio = crate::io::fio_path()?;
+    let file = dir.join("fio-ceiling.dat");
+    let out = Command::new(fio)
+        .args([
+            "--name=ceiling".to_string(),
+            format!("--filename={}", file.display()),
+            format!("--size={}M", mib),
+            "--rw=rw".to_string(),
+            "--bs=512k".to_string(),
+            "--iodepth=8".to_string(),
+            "--ioengine=io_uring".to_string(),
+            "--direct=1".to_string(),
+            "--time_based".to_string(),
+            "--runtime=5s".to_string(),
+            "--output-format=json".to_string(),
+        ])
+        .output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.ok().filter(|o| o.status.success())?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let job = v.get("jobs")?.get(0)?;
+    let bw = |dir: &str| Some(job.get(dir)?.get("bw")?.as_f64()? / 1024.0);
+    Some((bw("read")?, bw("write")?))
+}
+
 /// Runs the benchmark; the table (or JSON lines) goes to stdout.
 ///
 /// # Errors
@@ -472,12 +508,31 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
     };
     let mut tables = Vec::new();
     for target in targets {
-        tables.push((target, run_target(opts, &aiod, target, mib, rounds)?));
+        let rows = run_target(opts, &aiod, target, mib, rounds)?;
+        let ceiling = if target == JobTarget::Disk {
+            let dir = opts
+                .disk_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DISK_DIR));
+            eprintln!("jobs: measuring the disk's read+write ceiling with fio (5 s)");
+            device_ceiling(&dir, mib)
+        } else {
+            None
+        };
+        if let (true, Some((r, w))) = (opts.json, ceiling) {
+            println!(
+                "{}",
+                json!({"bench": "jobs-ceiling", "target": target.label(),
+                    "tool": "fio", "bs": 512 * 1024, "depth": 8,
+                    "read_mib_per_s": r.round(), "write_mib_per_s": w.round()})
+            );
+        }
+        tables.push((target, rows, ceiling));
     }
     if opts.json {
         return Ok(());
     }
-    for (target, rows) in tables {
+    for (target, rows, ceiling) in tables {
         let on = match target {
             JobTarget::Shm => "/dev/shm",
             JobTarget::Disk => "disk, cache.direct=on",
@@ -499,6 +554,12 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
                 r.ratio,
                 r.aiod_rss >> 10,
                 r.qsd_rss >> 10
+            );
+        }
+        if let Some((r, w)) = ceiling {
+            println!(
+                "disk ceiling (fio, 512 KiB O_DIRECT reads and writes at once, depth 8): \
+                 read {r:.0} + write {w:.0} MiB/s"
             );
         }
     }

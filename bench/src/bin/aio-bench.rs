@@ -79,7 +79,8 @@ commands:
           [--disk-dir DIR]     default /var/tmp, cache.direct=on), no
                                speed limit, in aiod and in qemu-storage-daemon,
                                alternating; MiB/s and ratios (needs a release
-                               aiod next to this binary)
+                               aiod next to this binary); on disk also fio's
+                               read+write ceiling of the device
   nbd     [--quick] [--json]   qemu-img bench over a unix socket (4 KiB strided
           [--rounds N] [--aiod PATH]
                                read and write at depth 16, 1 MiB sequential

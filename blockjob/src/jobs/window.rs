@@ -202,8 +202,15 @@ pub(crate) trait ChunkCopy {
 }
 
 /// Requests of one chunk (QEMU's 512 KiB) that stream and commit keep in
-/// flight.
-pub(crate) const CHUNKS_IN_FLIGHT: usize = 8;
+/// flight: a read and a write overlap, where QEMU copies one chunk at a
+/// time. More did not help. With 8 (before stop 17), 1 GiB 5-round runs
+/// against qemu-storage-daemon gave stream 2.13x and commit 1.29x on
+/// tmpfs, and 1.24x and 1.07x on disk. With 2: 2.66x and 1.58x, 1.46x and
+/// 1.07x. On tmpfs the CPU is the limit, and 8 concurrent 512 KiB copies
+/// on two cores got in each other's way. With 1, nothing overlaps
+/// (1.59x / 1.18x on tmpfs). docs/benchmarks.md, "Chunks in flight
+/// (stop 17)".
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// The loop of stream and commit over `[0, len)`: plans chunk by chunk in
 /// offset order, keeps up to [`CHUNKS_IN_FLIGHT`] copies in flight, counts

@@ -214,7 +214,7 @@ pub(crate) fn resume_tasks(ctx: &AioContext) {
 }
 
 enum State {
-    Start(IoOp),
+    Start(IoOp, Submit),
     Waiting {
         engine: Arc<UringEngine>,
         key: usize,
@@ -236,14 +236,12 @@ pub(crate) enum Submit {
 /// context's ring.
 pub(crate) struct UringOp {
     state: State,
-    submit: Submit,
 }
 
 impl UringOp {
     pub(crate) fn new(op: IoOp, submit: Submit) -> Self {
         Self {
-            state: State::Start(op),
-            submit,
+            state: State::Start(op, submit),
         }
     }
 }
@@ -251,9 +249,8 @@ impl UringOp {
 impl Future for UringOp {
     type Output = Result<Completion>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Completion>> {
-        let submit = self.submit;
         match std::mem::replace(&mut self.state, State::Done) {
-            State::Start(op) => {
+            State::Start(op, submit) => {
                 let Some(ctx) = AioContext::current() else {
                     return Poll::Ready(Err(Error::NotInTask));
                 };

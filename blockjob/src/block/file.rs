@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use aio::file::{Engine, File, OpenOptions as FileOpen};
+use aio::file::{Engine, File, IoBuf, OpenOptions as FileOpen};
 
 use super::direct::{Alignment, RangeLock};
 use super::{BlockDriver, BlockStatus, BoxFuture, Buffer, ImageInfo};
@@ -127,6 +127,18 @@ impl FileDriver {
         Ok(())
     }
 
+    /// Reads `buf`'s length at `offset`; what lies past the end of the
+    /// file reads as zeroes.
+    async fn read_filled<B: IoBuf>(&self, buf: B, offset: u64) -> Result<B> {
+        let (n, mut buf) = self
+            .file()
+            .read_at(buf, offset)
+            .await
+            .map_err(|e| Error::io(&self.name, e))?;
+        buf.bytes_mut()[n..].fill(0);
+        Ok(buf)
+    }
+
     /// A read through an aligned bounce buffer.
     async fn read_bounced(&self, offset: u64, mut buf: Buffer) -> Result<Buffer> {
         self.bounced.fetch_add(1, Ordering::Relaxed);
@@ -135,12 +147,7 @@ impl FileDriver {
             .align
             .buffer(end - start)
             .map_err(|e| Error::io(&self.name, e))?;
-        let (n, mut bounce) = self
-            .file()
-            .read_at(bounce, start)
-            .await
-            .map_err(|e| Error::io(&self.name, e))?;
-        bounce[n..].fill(0);
+        let bounce = self.read_filled(bounce, start).await?;
         let at = (offset - start) as usize;
         let len = buf.len();
         buf.copy_from_slice(&bounce[at..at + len]);
@@ -172,13 +179,7 @@ impl FileDriver {
             .buffer(end - start)
             .map_err(|e| Error::io(&self.name, e))?;
         if start < offset || end > offset + len {
-            let (n, b) = self
-                .file()
-                .read_at(bounce, start)
-                .await
-                .map_err(|e| Error::io(&self.name, e))?;
-            bounce = b;
-            bounce[n..].fill(0);
+            bounce = self.read_filled(bounce, start).await?;
         }
         let at = (offset - start) as usize;
         bounce[at..at + buf.len()].copy_from_slice(&buf);
@@ -218,13 +219,7 @@ impl FileDriver {
         if !self.align.is_trivial() && !self.align.fits(offset, buf.len() as u64, &buf) {
             return Box::pin(self.read_bounced(offset, buf)).await;
         }
-        let (n, mut buf) = self
-            .file()
-            .read_at(buf, offset)
-            .await
-            .map_err(|e| Error::io(&self.name, e))?;
-        buf[n..].fill(0);
-        Ok(buf)
+        self.read_filled(buf, offset).await
     }
 
     /// A write as [`BlockDriver::write_keep`] does it, without boxing (the

@@ -7,25 +7,17 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use aio::file::{AlignedBuf, Engine, File, OpenOptions};
 use aio::{AioContext, ClientType, FdHandler};
 use util::deadline::within_a_minute;
+use util::Remove;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 256; // 1 MiB
-
-/// Removes a file however the test ends.
-struct Remove(PathBuf);
-
-impl Drop for Remove {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn stamp(block: u64) -> u8 {
     (block as u8).wrapping_mul(13).wrapping_add(1)

@@ -11,25 +11,31 @@ use std::sync::Arc;
 use aio::file::{Engine, File, OpenOptions};
 use aio::AioContext;
 use util::deadline::within_a_minute;
+use util::Remove;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 256; // 1 MiB
 
 /// A file in /dev/shm (reads complete inline, so counts are exact) filled
 /// with `stamp(block)` in every byte of each block.
-fn stamped_file(name: &str) -> PathBuf {
+fn stamped_file(name: &str) -> Remove {
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
     };
+    stamped_file_in(&dir, name)
+}
+
+/// [`stamped_file`] in `dir`.
+fn stamped_file_in(dir: &std::path::Path, name: &str) -> Remove {
     let p = dir.join(format!("aio-uring-resume-{name}-{}", std::process::id()));
     let mut data = Vec::with_capacity(BLOCK * BLOCKS as usize);
     for b in 0..BLOCKS {
         data.extend(std::iter::repeat_n(stamp(b), BLOCK));
     }
     std::fs::write(&p, data).unwrap();
-    p
+    Remove(p)
 }
 
 fn stamp(block: u64) -> u8 {
@@ -57,14 +63,7 @@ async fn expect_block(f: &File, b: u64, want: u8) {
 /// io_uring engine, on a thread of its own (see [`within_a_minute`]);
 /// returns the file's bytes afterwards.
 fn with_file(name: &str, body: impl FnOnce(&AioContext, Arc<File>) + Send + 'static) -> Vec<u8> {
-    /// Removes the file however the test ends.
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let p = Remove(stamped_file(name));
+    let p = stamped_file(name);
     let q = p.0.clone();
     within_a_minute(move || {
         let ctx = AioContext::new().unwrap();
@@ -253,27 +252,14 @@ fn submits_for_16_reads(path: PathBuf, direct: bool) -> Option<u64> {
 
 #[test]
 fn o_direct_requests_go_to_the_kernel_one_by_one_and_buffered_ones_batch() {
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
     // Buffered: the first few are handed over at once, the rest of the
     // tasks' requests in one batch.
-    let shm = Remove(stamped_file("batch"));
+    let shm = stamped_file("batch");
     let n = submits_for_16_reads(shm.0.clone(), false).unwrap();
     assert!(n < 16, "{n} submissions for 16 buffered requests");
 
     // O_DIRECT (a disk, not tmpfs): every request at once, as issued.
-    let disk = Remove(
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("aio-uring-resume-direct-{}", std::process::id())),
-    );
-    let data: Vec<u8> = (0..BLOCKS)
-        .flat_map(|b| std::iter::repeat_n(stamp(b), BLOCK))
-        .collect();
-    std::fs::write(&disk.0, data).unwrap();
+    let disk = stamped_file_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "direct");
     if let Some(n) = submits_for_16_reads(disk.0.clone(), true) {
         assert!(n >= 16, "{n} submissions for 16 O_DIRECT requests");
     }

@@ -12,6 +12,17 @@ pub mod deadline;
 pub mod other_loop;
 pub mod park;
 
+/// A file path removed (if it exists) when the guard is dropped, however
+/// the test ends.
+#[derive(Debug)]
+pub struct Remove(pub std::path::PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A context on `backend`, home thread = the caller.
 pub fn ctx(backend: Backend) -> AioContext {
     AioContext::with_options(ContextOptions::new().backend(backend)).expect("create AioContext")

@@ -361,3 +361,92 @@ fn completion_resumes_the_task_on_its_context() {
     assert_eq!(total, 3 * (0..1000u64).sum::<u64>());
     assert_eq!(pool.stats().completed, 1000);
 }
+
+#[test]
+fn after_a_short_job_the_worker_spins_and_takes_the_next_itself() {
+    // A window far longer than the gap between two jobs, even on a loaded
+    // machine.
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .name("spinner")
+            .spin(Duration::from_millis(200)),
+    );
+    for i in 0..20 {
+        assert_eq!(park_block_on(pool.run(move || i)).unwrap(), i);
+        // The gap a caller takes to come back with the next request (were
+        // it shorter, the next job would be queued before the worker looks).
+        thread::sleep(Duration::from_millis(1));
+    }
+    let s = pool.stats();
+    assert_eq!(s.live_workers, 1, "{s:?}");
+    // The first job finds no spinner; a descheduled test thread may let a
+    // spin run out now and then.
+    assert!(s.spin_hits >= 15, "{s:?}");
+
+    let quiet = ThreadPool::new(PoolOptions::new().name("nospin"));
+    for i in 0..20 {
+        assert_eq!(park_block_on(quiet.run(move || i)).unwrap(), i);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(quiet.stats().spin_hits, 0, "spin is off by default");
+}
+
+#[test]
+fn a_job_longer_than_the_spin_window_does_not_spin() {
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .name("slowjobs")
+            .spin(Duration::from_micros(100)),
+    );
+    for i in 0..5 {
+        let job = move || {
+            thread::sleep(Duration::from_millis(2));
+            i
+        };
+        assert_eq!(park_block_on(pool.run(job)).unwrap(), i);
+    }
+    assert_eq!(pool.stats().spin_hits, 0, "{:?}", pool.stats());
+}
+
+#[test]
+fn no_worker_spins_while_another_is_busy() {
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .name("busyspin")
+            .spin(Duration::from_millis(200)),
+    );
+    let gate = Gate::new();
+    let g = gate.clone();
+    let long = pool.run(move || g.pass());
+    gate.wait_inside(1);
+    // The long job keeps one worker busy: the short ones' worker must
+    // sleep between them, and is woken for each.
+    for i in 0..5 {
+        assert_eq!(park_block_on(pool.run(move || i)).unwrap(), i);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(pool.stats().spin_hits, 0, "{:?}", pool.stats());
+    gate.open();
+    park_block_on(long).unwrap();
+    // Now alone, the worker of a short job spins again.
+    park_block_on(pool.run(|| ())).unwrap();
+    thread::sleep(Duration::from_millis(1));
+    park_block_on(pool.run(|| ())).unwrap();
+    assert!(pool.stats().spin_hits >= 1, "{:?}", pool.stats());
+}
+
+#[test]
+fn dropping_the_pool_while_a_worker_spins_lets_it_exit() {
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .name("dropspin")
+            .spin(Duration::from_millis(50)),
+    );
+    for i in 0..3 {
+        assert_eq!(park_block_on(pool.run(move || i)).unwrap(), i);
+    }
+    drop(pool);
+    wait_until("the spinning worker of a dropped pool to exit", || {
+        threads_named("dropspin-worke") == 0
+    });
+}

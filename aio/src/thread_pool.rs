@@ -62,9 +62,10 @@ pub struct PoolOptions {
     /// those wake-ups. A worker whose job blocked on a device does not
     /// spin: the spin would only take CPU time from the thread preparing
     /// the next job (on a host where the vCPUs are hyperthreads, from the
-    /// same core). Nor does one while other workers are busy: with several
-    /// jobs in flight the next request comes when one of them finishes,
-    /// and spinning for it only slowed depth-32 tmpfs reads. At most one
+    /// same core). Nor does one whose job ran alongside others, or while
+    /// other workers are busy: with several jobs in flight the next request
+    /// comes when one of them finishes, and spinning for it only slowed
+    /// depth-32 tmpfs reads. At most one
     /// worker spins at a time, and a job queued while it spins is left to
     /// it, so neither side makes a futex call.
     pub spin: Duration,
@@ -196,6 +197,10 @@ struct State {
     closed: bool,
     /// A worker is busy-waiting for work (it is also counted in `idle`).
     spinning: bool,
+    /// Workers woken for queued jobs that have not yet come out of their
+    /// wait (it may undercount, never overcount: an undercount only costs
+    /// a spare wake-up).
+    waking: usize,
     spin_hits: u64,
 }
 
@@ -363,6 +368,7 @@ impl ThreadPool {
                 closed: false,
                 spinning: false,
                 spin_hits: 0,
+                waking: 0,
             }),
             queued: AtomicUsize::new(0),
             work: Condvar::new(),
@@ -402,15 +408,22 @@ impl ThreadPool {
             slot: Slot::new(),
         });
         let slot: Arc<dyn HasSlot<R>> = job.clone();
-        let (id, spawn, wake) = {
+        let (id, spawn) = {
             let mut st = shared.state.lock();
             let id = st.next_job;
             st.next_job += 1;
             st.queue.insert(id, job);
             shared.queued.store(st.queue.len(), Ordering::Release);
             st.submitted += 1;
-            // A spinning worker takes the only queued job itself.
-            let wake = !(st.spinning && st.queue.len() == 1);
+            // A spinning worker takes the only queued job itself. A worker
+            // already woken passes the wake-up on when it takes its job and
+            // finds more (see `worker`): the submitter, often the busier
+            // thread, makes one futex call per burst, not one per job.
+            // Notified under the lock, parking_lot moves the waiter onto the
+            // mutex instead of waking it to block on it.
+            if !(st.spinning && st.queue.len() == 1) && st.waking == 0 && shared.work.notify_one() {
+                st.waking += 1;
+            }
             // Every idle worker will take one queued job; start another only
             // if the queue outnumbers them.
             let spawn = if st.queue.len() > st.idle && st.live < shared.max_workers {
@@ -421,11 +434,8 @@ impl ThreadPool {
             } else {
                 None
             };
-            (id, spawn, wake)
+            (id, spawn)
         };
-        if wake {
-            shared.work.notify_one();
-        }
         if let Some(n) = spawn {
             spawn_worker(shared, n);
         }
@@ -510,15 +520,23 @@ fn spawn_worker(shared: &Arc<Shared>, n: u64) {
 /// for more, exit on timeout or when the pool is closed and drained.
 fn worker(shared: &Shared) {
     let mut st = shared.state.lock();
-    // Whether the last pass round the loop ran a short job: only then may
-    // the worker spin, so an idle pool sleeps.
+    // Whether the last pass round the loop ran a short job alone: only
+    // then may the worker spin, so an idle pool sleeps.
     let mut short_job = false;
     // Invariant: at the top of the loop this worker is counted in `idle`.
     loop {
         if let Some((_, job)) = st.queue.pop_first() {
             shared.queued.store(st.queue.len(), Ordering::Release);
+            // Alone: no other job waiting, no other worker running one.
+            let alone = st.queue.is_empty() && st.live == st.idle;
+            // More queued and nobody on the way for it: wake the next
+            // worker, before this one's job, so jobs in a burst start
+            // together.
+            if !st.queue.is_empty() && st.waking == 0 && shared.work.notify_one() {
+                st.waking += 1;
+            }
             st.idle -= 1;
-            let start = (!shared.spin.is_zero()).then(Instant::now);
+            let start = (alone && !shared.spin.is_zero()).then(Instant::now);
             let panicked = MutexGuard::unlocked(&mut st, || job.call(&shared.name));
             short_job = start.is_some_and(|t| t.elapsed() < shared.spin);
             st.completed += 1;
@@ -535,9 +553,11 @@ fn worker(shared: &Shared) {
             log::debug!("thread pool {:?}: closed, worker exits", shared.name);
             break;
         }
-        // Spin only when no other worker is busy: with several jobs in
-        // flight, one of them finishing brings the next request, and the
-        // sleepers are there to take it.
+        // Spin only when no other worker is busy, now or when the job was
+        // taken: with several jobs in flight, one of them finishing brings
+        // the next request, the sleepers are there to take it, and the
+        // submitter, with a batch of completions to handle, needs the CPU
+        // more.
         if mem::take(&mut short_job) && !st.spinning && st.live == st.idle {
             st.spinning = true;
             let found = MutexGuard::unlocked(&mut st, || spin_for_work(shared));
@@ -551,6 +571,7 @@ fn worker(shared: &Shared) {
             .work
             .wait_for(&mut st, shared.idle_timeout)
             .timed_out();
+        st.waking = st.waking.saturating_sub(1);
         if timed_out && st.queue.is_empty() && !st.closed {
             log::debug!("thread pool {:?}: idle worker exits", shared.name);
             break;

@@ -450,3 +450,57 @@ fn dropping_the_pool_while_a_worker_spins_lets_it_exit() {
         threads_named("dropspin-worke") == 0
     });
 }
+
+#[test]
+fn a_job_that_ran_alongside_another_does_not_spin_after_it() {
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .name("sidebyside")
+            .spin(Duration::from_millis(200)),
+    );
+    let (first, second) = (Gate::new(), Gate::new());
+    let g = first.clone();
+    let a = pool.run(move || g.pass());
+    first.wait_inside(1);
+    let g = second.clone();
+    let b = pool.run(move || g.pass());
+    second.wait_inside(1);
+    // `a` ends first: when `b` ends, its worker is the only busy one, but
+    // `b` did not run alone, so the worker sleeps.
+    first.open();
+    park_block_on(a).unwrap();
+    second.open();
+    park_block_on(b).unwrap();
+    thread::sleep(Duration::from_millis(1));
+    park_block_on(pool.run(|| ())).unwrap();
+    assert_eq!(pool.stats().spin_hits, 0, "{:?}", pool.stats());
+}
+
+#[test]
+fn a_burst_queued_to_sleeping_workers_starts_together() {
+    const N: usize = 8;
+    let pool = ThreadPool::new(PoolOptions::new().max_workers(N).name("burst"));
+    // Start N workers, then let them all go to sleep.
+    for _ in 0..2 {
+        let gate = Gate::new();
+        let futs: Vec<_> = (0..N)
+            .map(|_| {
+                let g = gate.clone();
+                pool.run(move || g.pass())
+            })
+            .collect();
+        // Every job of the burst runs at once: the submitter woke at most
+        // one sleeper, and each woken worker woke the next.
+        gate.wait_inside(N);
+        gate.open();
+        for f in futs {
+            park_block_on(f).unwrap();
+        }
+        wait_until("the workers to go idle", || pool.stats().idle_workers == N);
+    }
+    let s = pool.stats();
+    assert_eq!(
+        s.live_workers, N,
+        "the second burst reused the workers: {s:?}"
+    );
+}

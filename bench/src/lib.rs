@@ -608,10 +608,17 @@ impl LatenessSummary {
 }
 
 /// The median of `v` (sorted in place; NaN if empty), for the
-/// subcommands that report a median of a few rounds.
+/// subcommands that report a median of a few rounds. An even count takes
+/// the mean of the two middle values, so neither side of a ratio is
+/// favoured.
 pub(crate) fn median_in_place(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Runs a tool (`qemu-img`, `qemu-io`) to completion; its stdout, or the

@@ -504,3 +504,60 @@ fn a_burst_queued_to_sleeping_workers_starts_together() {
         "the second burst reused the workers: {s:?}"
     );
 }
+
+#[test]
+fn many_submitters_with_mixed_job_lengths_lose_no_wake_up() {
+    // Several threads submit at once into a small pool that spins and
+    // hands wake-ups on; a lost wake-up leaves a future pending forever,
+    // which the deadline turns into a failure.
+    let pool = ThreadPool::new(
+        PoolOptions::new()
+            .max_workers(4)
+            .name("mixed")
+            .spin(Duration::from_micros(20)),
+    );
+    let submitters: Vec<_> = (0..4u64)
+        .map(|t| {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for round in 0..50u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Bursts of 1 to 8 jobs, some of them longer than the
+                    // spin window.
+                    let burst = 1 + (x % 8);
+                    let futs: Vec<_> = (0..burst)
+                        .map(|i| {
+                            let us = if (x >> i) & 3 == 0 { 200 } else { 0 };
+                            pool.run(move || {
+                                if us > 0 {
+                                    thread::sleep(Duration::from_micros(us));
+                                }
+                                round * 100 + i
+                            })
+                        })
+                        .collect();
+                    for (i, f) in futs.into_iter().enumerate() {
+                        assert_eq!(park_block_on(f).unwrap(), round * 100 + i as u64);
+                    }
+                    // Now and then a pause past the spin window, so that
+                    // workers go to sleep and must be woken.
+                    if x % 4 == 0 {
+                        thread::sleep(Duration::from_micros(300));
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until("every submitter to finish", || {
+        submitters.iter().all(|s| s.is_finished())
+    });
+    for s in submitters {
+        s.join().unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!(s.submitted, s.completed, "{s:?}");
+    assert!(s.live_workers <= 4, "{s:?}");
+}

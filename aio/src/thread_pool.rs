@@ -65,9 +65,9 @@ pub struct PoolOptions {
     /// same core). Nor does one whose job ran alongside others, or while
     /// other workers are busy: with several jobs in flight the next request
     /// comes when one of them finishes, and spinning for it only slowed
-    /// depth-32 tmpfs reads. At most one
-    /// worker spins at a time, and a job queued while it spins is left to
-    /// it, so neither side makes a futex call.
+    /// depth-32 tmpfs reads. At most one worker spins at a time, and a job
+    /// queued while it spins is left to it, so neither side makes a futex
+    /// call.
     pub spin: Duration,
 }
 
@@ -202,6 +202,31 @@ struct State {
     /// a spare wake-up).
     waking: usize,
     spin_hits: u64,
+}
+
+impl State {
+    /// No worker is running a job.
+    fn none_busy(&self) -> bool {
+        self.live == self.idle
+    }
+}
+
+impl Shared {
+    /// Stores the queue's length for a spinning worker to read; called
+    /// under the lock after every change to the queue.
+    fn publish_queued(&self, st: &State) {
+        self.queued.store(st.queue.len(), Ordering::Release);
+    }
+
+    /// Wakes one sleeping worker for the queue, unless a woken one is
+    /// still on its way (it passes the wake-up on, see `worker`). Called
+    /// under the lock, where parking_lot moves the waiter onto the mutex
+    /// instead of waking it to block on it.
+    fn wake_one(&self, st: &mut State) {
+        if st.waking == 0 && self.work.notify_one() {
+            st.waking += 1;
+        }
+    }
 }
 
 /// A queued closure with its result slot, type-erased.
@@ -413,16 +438,13 @@ impl ThreadPool {
             let id = st.next_job;
             st.next_job += 1;
             st.queue.insert(id, job);
-            shared.queued.store(st.queue.len(), Ordering::Release);
+            shared.publish_queued(&st);
             st.submitted += 1;
-            // A spinning worker takes the only queued job itself. A worker
-            // already woken passes the wake-up on when it takes its job and
-            // finds more (see `worker`): the submitter, often the busier
+            // A spinning worker takes the only queued job itself. Otherwise
+            // one wake-up per burst: the submitter, often the busier
             // thread, makes one futex call per burst, not one per job.
-            // Notified under the lock, parking_lot moves the waiter onto the
-            // mutex instead of waking it to block on it.
-            if !(st.spinning && st.queue.len() == 1) && st.waking == 0 && shared.work.notify_one() {
-                st.waking += 1;
+            if !(st.spinning && st.queue.len() == 1) {
+                shared.wake_one(&mut st);
             }
             // Every idle worker will take one queued job; start another only
             // if the queue outnumbers them.
@@ -501,7 +523,7 @@ fn spawn_worker(shared: &Arc<Shared>, n: u64) {
             // Nobody will ever run what is queued: fail it rather than let
             // the futures hang.
             let orphans = mem::take(&mut st.queue);
-            shared.queued.store(0, Ordering::Release);
+            shared.publish_queued(&st);
             st.completed += orphans.len() as u64;
             orphans
         } else {
@@ -526,14 +548,13 @@ fn worker(shared: &Shared) {
     // Invariant: at the top of the loop this worker is counted in `idle`.
     loop {
         if let Some((_, job)) = st.queue.pop_first() {
-            shared.queued.store(st.queue.len(), Ordering::Release);
+            shared.publish_queued(&st);
             // Alone: no other job waiting, no other worker running one.
-            let alone = st.queue.is_empty() && st.live == st.idle;
-            // More queued and nobody on the way for it: wake the next
-            // worker, before this one's job, so jobs in a burst start
-            // together.
-            if !st.queue.is_empty() && st.waking == 0 && shared.work.notify_one() {
-                st.waking += 1;
+            let alone = st.queue.is_empty() && st.none_busy();
+            // More queued: pass the wake-up on, before this one's job, so
+            // jobs in a burst start together.
+            if !st.queue.is_empty() {
+                shared.wake_one(&mut st);
             }
             st.idle -= 1;
             let start = (alone && !shared.spin.is_zero()).then(Instant::now);
@@ -558,7 +579,7 @@ fn worker(shared: &Shared) {
         // the next request, the sleepers are there to take it, and the
         // submitter, with a batch of completions to handle, needs the CPU
         // more.
-        if mem::take(&mut short_job) && !st.spinning && st.live == st.idle {
+        if mem::take(&mut short_job) && !st.spinning && st.none_busy() {
             st.spinning = true;
             let found = MutexGuard::unlocked(&mut st, || spin_for_work(shared));
             // Cleared under the lock: a job queued from here on wakes a
@@ -658,7 +679,7 @@ impl<R> Drop for RunFuture<R> {
         let job = {
             let mut st = self.shared.state.lock();
             let job = st.queue.remove(&self.id);
-            self.shared.queued.store(st.queue.len(), Ordering::Release);
+            self.shared.publish_queued(&st);
             if job.is_some() {
                 st.cancelled += 1;
             }

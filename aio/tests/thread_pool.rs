@@ -362,15 +362,16 @@ fn completion_resumes_the_task_on_its_context() {
     assert_eq!(pool.stats().completed, 1000);
 }
 
+/// A pool named `name` whose workers spin for `spin` after a short job.
+fn spinning_pool(name: &str, spin: Duration) -> ThreadPool {
+    ThreadPool::new(PoolOptions::new().name(name).spin(spin))
+}
+
 #[test]
 fn after_a_short_job_the_worker_spins_and_takes_the_next_itself() {
     // A window far longer than the gap between two jobs, even on a loaded
     // machine.
-    let pool = ThreadPool::new(
-        PoolOptions::new()
-            .name("spinner")
-            .spin(Duration::from_millis(200)),
-    );
+    let pool = spinning_pool("spinner", Duration::from_millis(200));
     for i in 0..20 {
         assert_eq!(park_block_on(pool.run(move || i)).unwrap(), i);
         // The gap a caller takes to come back with the next request (were
@@ -393,11 +394,7 @@ fn after_a_short_job_the_worker_spins_and_takes_the_next_itself() {
 
 #[test]
 fn a_job_longer_than_the_spin_window_does_not_spin() {
-    let pool = ThreadPool::new(
-        PoolOptions::new()
-            .name("slowjobs")
-            .spin(Duration::from_micros(100)),
-    );
+    let pool = spinning_pool("slowjobs", Duration::from_micros(100));
     for i in 0..5 {
         let job = move || {
             thread::sleep(Duration::from_millis(2));
@@ -410,11 +407,7 @@ fn a_job_longer_than_the_spin_window_does_not_spin() {
 
 #[test]
 fn no_worker_spins_while_another_is_busy() {
-    let pool = ThreadPool::new(
-        PoolOptions::new()
-            .name("busyspin")
-            .spin(Duration::from_millis(200)),
-    );
+    let pool = spinning_pool("busyspin", Duration::from_millis(200));
     let gate = Gate::new();
     let g = gate.clone();
     let long = pool.run(move || g.pass());
@@ -437,11 +430,7 @@ fn no_worker_spins_while_another_is_busy() {
 
 #[test]
 fn dropping_the_pool_while_a_worker_spins_lets_it_exit() {
-    let pool = ThreadPool::new(
-        PoolOptions::new()
-            .name("dropspin")
-            .spin(Duration::from_millis(50)),
-    );
+    let pool = spinning_pool("dropspin", Duration::from_millis(50));
     for i in 0..3 {
         assert_eq!(park_block_on(pool.run(move || i)).unwrap(), i);
     }
@@ -453,11 +442,7 @@ fn dropping_the_pool_while_a_worker_spins_lets_it_exit() {
 
 #[test]
 fn a_job_that_ran_alongside_another_does_not_spin_after_it() {
-    let pool = ThreadPool::new(
-        PoolOptions::new()
-            .name("sidebyside")
-            .spin(Duration::from_millis(200)),
-    );
+    let pool = spinning_pool("sidebyside", Duration::from_millis(200));
     let (first, second) = (Gate::new(), Gate::new());
     let g = first.clone();
     let a = pool.run(move || g.pass());

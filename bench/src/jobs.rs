@@ -55,6 +55,13 @@ impl JobsOpts {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// The directory of [`JobTarget::Disk`]: `disk_dir`, or /var/tmp.
+    fn disk_dir(&self) -> PathBuf {
+        self.disk_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DISK_DIR))
+    }
 }
 
 /// Where `aio-bench jobs` puts its images.
@@ -377,10 +384,7 @@ fn run_target(
     let base = match target {
         JobTarget::Shm if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
         JobTarget::Shm => std::env::temp_dir(),
-        JobTarget::Disk => opts
-            .disk_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DISK_DIR)),
+        JobTarget::Disk => opts.disk_dir(),
     };
     let dir = tempfile::Builder::new()
         .prefix("aio-bench-jobs")
@@ -510,12 +514,8 @@ pub fn run(opts: &JobsOpts) -> Result<(), String> {
     for target in targets {
         let rows = run_target(opts, &aiod, target, mib, rounds)?;
         let ceiling = if target == JobTarget::Disk {
-            let dir = opts
-                .disk_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DISK_DIR));
             eprintln!("jobs: measuring the disk's read+write ceiling with fio (5 s)");
-            device_ceiling(&dir, mib)
+            device_ceiling(&opts.disk_dir(), mib)
         } else {
             None
         };
